@@ -1,0 +1,30 @@
+# Set-up and everyday commands. `make test` and `make demo` install everything they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU build on these machines' disk: a bare `torch` requirement
+# would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/rayinfer demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

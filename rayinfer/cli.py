@@ -1,0 +1,137 @@
+"""The command line: a thin Click layer over ``rayinfer.api``.
+
+Nothing here imports torch, transformers or ray at module level: ``rayinfer --help`` and
+``rayinfer tasks`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from rayinfer.errors import RayInferError
+
+
+class _Group(click.Group):
+    """Prints user errors as one line without a traceback, with the error's exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RayInferError as exc:
+            click.echo(f"rayinfer: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("rayinfer: interrupted. Committed parts are kept; rerun with --resume to finish.", err=True)
+            ctx.exit(130)
+
+
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a spec key, e.g. --set runtime.batch_size=32 (repeatable).",
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rayinfer")
+def main() -> None:
+    """Offline batch inference with Hugging Face models on Ray."""
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--address", default=None, help="Join a running Ray cluster (auto, ray://HOST:10001, ...).")
+@click.option("--resume", is_flag=True, help="Keep committed parts and process only the rows they lack.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def run(job: str, overrides: tuple[str, ...], address: str | None, resume: bool, quiet: bool) -> None:
+    """Run the job spec JOB (validated first; embedded Ray unless --address)."""
+    from rayinfer.api import run_job
+
+    manifest = run_job(job, list(overrides), address=address, resume=resume, progress=not quiet)
+    _print_report(manifest)
+
+
+def _print_report(m: dict[str, Any]) -> None:
+    click.echo(
+        f"rayinfer: {m['task']} on {m['model']}: {m['rows']} rows ({m['rows_this_run']} this run, "
+        f"{m['rows_resumed']} resumed), {m['errors']} with errors, in {m['duration_s']:.1f}s "
+        f"({m['rows_per_s'] or 0:.1f} rows/s; first part committed after {m['cold_start_s'] or 0:.1f}s)"
+    )
+    if m["errors_this_run_by_kind"]:
+        click.echo(f"rayinfer: errors by kind: {m['errors_this_run_by_kind']}")
+    click.echo(f"rayinfer: output: {m['spec']['output']['path']} ({len(m['parts'])} parts + _manifest.json)")
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@set_option
+def validate(job: str, overrides: tuple[str, ...]) -> None:
+    """Check JOB without starting Ray or loading weights."""
+    from rayinfer.api import plan_job
+
+    plan = plan_job(job, list(overrides))
+    click.echo(f"ok: task {plan.task_cls.name!r} (plugin {plan.plugin}), model {plan.spec.model!r} ({plan.model.kind})")
+    click.echo(f"ok: input {len(plan.files)} file(s), {plan.total_rows} rows; reads {', '.join(plan.read_columns)}")
+    click.echo(f"ok: output {plan.spec.output.path} (mode {plan.spec.output.mode}): {', '.join(plan.output_schema.names)}")
+    for w in plan.warnings:
+        click.echo(f"note: {w}")
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def tasks(ctx: click.Context) -> None:
+    """List the tasks the installed plugins provide."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rayinfer.plugins import load_registry
+
+    reg = load_registry()
+    width = max((len(n) for n in reg.tasks), default=4)
+    for name in sorted(reg.tasks):
+        cls = reg.tasks[name]
+        click.echo(f"{name:<{width}}  {cls.description}  [{reg.task_plugin[name]}]")
+
+
+@tasks.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def tasks_show(name: str, as_json: bool) -> None:
+    """Show a task's inputs, options and output columns."""
+    from rayinfer.plugins import load_registry
+
+    info = load_registry().get(name).describe()
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"{info['name']}: {info['description']}\n\ninputs (map with input.columns):")
+    for k, v in info["inputs"].items():
+        click.echo(f"  {k} ({v['dtype']}): {v['description']}")
+    click.echo("\noptions:")
+    for o in info["options"]:
+        default = "required" if o["required"] else f"default {o['default']!r}"
+        click.echo(f"  {o['name']} ({o['type']}, {default}): {o['description']}")
+    click.echo("\noutput columns (plus the id column and input.keep columns):")
+    for o in info["outputs"]:
+        click.echo(f"  {o['name']}: {o['type']}")
+
+
+@main.command()
+def plugins() -> None:
+    """List the loaded plugins: distribution, version, tasks (and load errors)."""
+    from rayinfer.plugins import load_registry
+
+    for p in load_registry().plugins:
+        where = f"{p.distribution} {p.version}" if p.distribution else "(not from a distribution)"
+        status = f"FAILED: {p.error}" if p.error else ", ".join(p.tasks) or "(no tasks)"
+        click.echo(f"{p.name}  {where}  {p.module}  -> {status}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Errors a user can cause. The CLI prints these without a traceback and exits non-zero."""
+
+from __future__ import annotations
+
+
+class RayInferError(Exception):
+    """Base of every error a user can fix (bad spec, unknown task, missing model, ...)."""
+
+    exit_code = 2
+
+
+class SpecError(RayInferError):
+    """The job spec is malformed or inconsistent."""
+
+
+class PluginError(RayInferError):
+    """A plugin failed to load or registered something invalid."""
+
+
+class UnknownTaskError(RayInferError):
+    """The spec names a task no loaded plugin provides."""
+
+
+class InputError(RayInferError):
+    """The input dataset is missing, unreadable or lacks a named column."""
+
+
+class ModelError(RayInferError):
+    """The model (or adapter) cannot be found or does not fit the task."""
+
+
+class OutputError(RayInferError):
+    """The output location exists, cannot be written, or holds something else."""
+
+
+class RunError(RayInferError):
+    """The run was aborted (error rate over the limit, no GPUs, ...)."""
+
+    exit_code = 3
+
+
+class RowError(Exception):
+    """Raised or returned by a task for one row it cannot process.
+
+    The row gets ``message`` in its ``error`` column and null outputs; the run goes on.
+    ``kind`` groups errors in the run report (e.g. ``empty_input``, ``too_long``).
+    """
+
+    def __init__(self, message: str, kind: str = "row") -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"RowError({self.message!r}, kind={self.kind!r})"

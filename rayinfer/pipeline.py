@@ -1,0 +1,319 @@
+"""The Ray Data graph: work units -> read tasks -> actor pool (load once, run, commit) -> driver.
+
+    from_items(units) --map_batches(read_units, tasks)--> rows with (file, row) coordinates
+                      --map_batches(TaskActor, ActorPoolStrategy)--> one summary row per part
+                      --iter_batches on the driver--> progress, error-rate guard, manifest
+
+Actors commit their own parts (see ``rayinfer.output``), so only small summaries travel back
+to the driver: memory stays bounded however large the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayinfer import __version__
+from rayinfer.api import Plan
+from rayinfer.errors import RunError
+from rayinfer.inputs import FILE_COL, ROW_COL, make_units, merge_ranges, read_unit
+from rayinfer.output import PartWriter, committed_coverage, list_parts, part_coverage, prepare, write_manifest
+from rayinfer.runner import ERROR_COL, BatchStats, TaskRunner
+from rayinfer.task import LoadContext, Task
+
+log = logging.getLogger("rayinfer")
+
+READ_TASK_CPUS = 0.25  # reading Parquet is light; a full CPU per read task starves small machines
+
+
+class TaskActor:
+    """One model replica: loads the task once, then runs and commits batches."""
+
+    def __init__(
+        self,
+        task_cls: type[Task],
+        options: dict[str, Any],
+        context: LoadContext,
+        column_map: dict[str, str],
+        id_column: str,
+        keep: list[str],
+        max_batch_tokens: int,
+        out_dir: str,
+        schema: pa.Schema,
+        provenance: dict[str, Any],
+    ) -> None:
+        import ray
+
+        self.task = task_cls(task_cls.Options.model_validate(options), context)
+        self.task.load()
+        self.runner = TaskRunner(
+            self.task, column_map=column_map, id_column=id_column, keep=keep, max_batch_tokens=max_batch_tokens
+        )
+        self.schema = schema
+        self.writer = PartWriter(out_dir, schema, provenance)
+        self.where = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        stats = BatchStats()
+        out = self.runner.run_table(batch, self.schema, stats)
+        files = batch.column(FILE_COL).to_pylist()
+        rows = batch.column(ROW_COL).to_pylist()
+        name = self.writer.commit(out, files, rows)
+        return pa.table(
+            {
+                "part": [name],
+                "rows": [stats.rows],
+                "errors": [stats.errors],
+                "error_kinds": [json.dumps(dict(stats.error_kinds))],
+                "tokens": [stats.tokens],
+                "padded_tokens": [stats.padded_tokens],
+                "compute_s": [time.perf_counter() - started],
+                "actor": [self.where],
+                "committed_at": [time.time()],
+            }
+        )
+
+
+def _read_units(batch: pa.Table, columns: list[str]) -> Iterator[pa.Table]:
+    for unit in batch.to_pylist():
+        yield from read_unit(unit, columns)
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        ray.init(
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+
+
+def pool_size(plan: Plan, cluster: dict[str, float]) -> tuple[int, int]:
+    """The actor pool's (min, max): from the spec, or what the cluster's resources can hold."""
+    rt = plan.spec.runtime
+    if isinstance(rt.actors, int):
+        return rt.actors, rt.actors
+    if rt.actors is not None:
+        return rt.actors.min, rt.actors.max
+    if rt.num_gpus > 0:
+        fit = int(cluster.get("GPU", 0) // rt.num_gpus)
+    else:
+        # leave room for the read tasks, or a small machine deadlocks
+        fit = int((cluster.get("CPU", 1) - READ_TASK_CPUS) // rt.num_cpus)
+    return 1, max(1, fit)
+
+
+def check_resources(plan: Plan, cluster: dict[str, float]) -> None:
+    rt = plan.spec.runtime
+    if rt.num_gpus > 0 and cluster.get("GPU", 0) < rt.num_gpus:
+        raise RunError(
+            f"runtime.num_gpus is {rt.num_gpus} but the Ray cluster has {cluster.get('GPU', 0):g} GPUs. "
+            "Set runtime.num_gpus: 0 to run on CPUs, or join a cluster with GPUs (--address)."
+        )
+    if rt.num_cpus + READ_TASK_CPUS > cluster.get("CPU", 0):
+        raise RunError(
+            f"runtime.num_cpus is {rt.num_cpus} but the Ray cluster has {cluster.get('CPU', 0):g} CPUs; "
+            f"one actor plus its read tasks needs {rt.num_cpus + READ_TASK_CPUS:g}"
+        )
+    for name, amount in rt.resources.items():
+        if cluster.get(name, 0) < amount:
+            raise RunError(f"runtime.resources asks for {amount:g} {name!r} but the cluster has {cluster.get(name, 0):g}")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "rayinfer": __version__}
+    for pkg in ("ray", "torch", "transformers", "peft", "pyarrow", "pluggy", "pydantic"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def execute(plan: Plan, address: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Run a planned job and return its manifest (also written to ``output.path``)."""
+    spec = plan.spec
+    rt = spec.runtime
+    out_dir = os.path.abspath(os.path.expanduser(spec.output.path))
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+    started_at = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+
+    prepare(out_dir, spec.output.mode)
+    coverage, resumed_rows = committed_coverage(out_dir) if spec.output.mode == "resume" else ({}, 0)
+    units = make_units(plan.files, coverage)
+    todo = sum(u["todo"] for u in units)
+
+    totals = BatchStats()
+    actors: Counter = Counter()
+    cold_start_s = None
+    if units:
+        import ray
+        import ray.data
+
+        init_ray(address)
+        cluster = ray.cluster_resources()
+        check_resources(plan, cluster)
+        lo, hi = pool_size(plan, cluster)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+        threads = None if rt.num_gpus > 0 else max(1, math.ceil(rt.num_cpus))
+        ds = ray.data.from_items(units, override_num_blocks=len(units))
+        ds = ds.map_batches(
+            _read_units,
+            fn_kwargs={"columns": plan.read_columns},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=READ_TASK_CPUS,
+        )
+        ds = ds.map_batches(
+            TaskActor,
+            fn_constructor_kwargs=dict(
+                task_cls=plan.task_cls,
+                options=plan.options.model_dump(mode="json"),
+                context=plan.load_context(num_threads=threads),
+                column_map=plan.column_map,
+                id_column=spec.input.id_column,
+                keep=[k for k in spec.input.keep if k != spec.input.id_column],
+                max_batch_tokens=rt.max_batch_tokens,
+                out_dir=out_dir,
+                schema=plan.output_schema,
+                provenance=plan.provenance(run_id),
+            ),
+            batch_size=rt.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+            num_cpus=rt.num_cpus,
+            num_gpus=rt.num_gpus or None,
+            resources=rt.resources or None,
+        )
+        last_report = 0.0
+        for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in summary.to_pylist():
+                if cold_start_s is None:
+                    cold_start_s = time.perf_counter() - t0
+                totals.rows += row["rows"]
+                totals.errors += row["errors"]
+                totals.tokens += row["tokens"]
+                totals.padded_tokens += row["padded_tokens"]
+                totals.error_kinds.update(json.loads(row["error_kinds"]))
+                actors[row["actor"]] += row["rows"]
+            if rt.max_error_rate is not None and totals.rows >= min(todo, 100):
+                rate = totals.errors / max(1, totals.rows)
+                if rate > rt.max_error_rate:
+                    raise RunError(
+                        f"aborted: {totals.errors} of {totals.rows} rows failed ({rate:.1%}), over "
+                        f"runtime.max_error_rate {rt.max_error_rate:.1%}. Errors by kind: {dict(totals.error_kinds)}. "
+                        f"Committed parts stay in {out_dir}; fix the input and rerun with --resume."
+                    )
+            if progress and time.perf_counter() - last_report > 2:
+                last_report = time.perf_counter()
+                elapsed = time.perf_counter() - t0
+                print(
+                    f"rayinfer: {totals.rows}/{todo} rows ({totals.rows / max(1, todo):.0%}), "
+                    f"{totals.errors} errors, {totals.rows / elapsed:.1f} rows/s",
+                    file=sys.stderr,
+                )
+
+    duration = time.perf_counter() - t0
+    return finish(plan, out_dir, run_id, started_at, duration, cold_start_s, totals, resumed_rows, actors)
+
+
+def _count_errors(path: Any, md: pq.FileMetaData) -> int:
+    """Rows with an error, from the Parquet footer's null counts (no data read)."""
+    leaf = next(j for j in range(md.num_columns) if md.row_group(0).column(j).path_in_schema == ERROR_COL) if md.num_row_groups else None
+    count = 0
+    for rg in range(md.num_row_groups):
+        stats = md.row_group(rg).column(leaf).statistics
+        if stats is None or not stats.has_null_count:  # a writer without statistics: read the column
+            return pq.read_table(path, columns=[ERROR_COL]).column(ERROR_COL).drop_null().__len__()
+        count += md.row_group(rg).num_rows - stats.null_count
+    return count
+
+
+def finish(
+    plan: Plan,
+    out_dir: str,
+    run_id: str,
+    started_at: datetime,
+    duration: float,
+    cold_start_s: float | None,
+    totals: BatchStats,
+    resumed_rows: int,
+    actors: Counter,
+) -> dict[str, Any]:
+    """Check that the committed parts cover every input row exactly once, then write the manifest."""
+    parts = list_parts(out_dir)
+    cover: dict[str, list[tuple[int, int]]] = {}
+    out_rows = 0
+    errors = 0
+    for p in parts:
+        md = pq.read_metadata(p)
+        out_rows += md.num_rows
+        errors += _count_errors(p, md)
+        for f, ranges in part_coverage(p).items():
+            cover.setdefault(f, []).extend(ranges)
+    in_rows = plan.total_rows
+    for f in plan.files:
+        merged = merge_ranges(cover.get(f.path, []))
+        if merged != ([(0, f.num_rows)] if f.num_rows else []) or sum(b - a for a, b in cover.get(f.path, [])) != f.num_rows:
+            raise RunError(
+                f"output check failed: the parts in {out_dir} cover rows {merged} of {f.path} "
+                f"({f.num_rows} rows). This is a bug; please report it with the manifest."
+            )
+    if out_rows != in_rows:
+        raise RunError(f"output check failed: {out_rows} output rows for {in_rows} input rows")
+
+    spec = plan.spec
+    manifest = {
+        "run_id": run_id,
+        "status": "complete",
+        "task": plan.task_cls.name,
+        "plugin": plan.plugin,
+        "model": spec.model,
+        "adapter": spec.adapter,
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "duration_s": round(duration, 3),
+        "cold_start_s": round(cold_start_s, 3) if cold_start_s is not None else None,
+        "input": {"path": spec.input.path, "files": len(plan.files), "rows": in_rows},
+        "rows": out_rows,
+        "rows_this_run": totals.rows,
+        "rows_resumed": resumed_rows,
+        "errors": errors,
+        "errors_this_run_by_kind": dict(totals.error_kinds),
+        "rows_per_s": round(totals.rows / duration, 2) if duration > 0 else None,
+        "tokens": totals.tokens,
+        "padded_tokens": totals.padded_tokens,
+        "actors": dict(actors),
+        "parts": [p.name for p in parts],
+        "output_columns": plan.output_schema.names,
+        "spec": spec.to_dict(),
+        "versions": versions(),
+    }
+    write_manifest(out_dir, manifest)
+    return manifest

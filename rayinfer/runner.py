@@ -1,0 +1,207 @@
+"""Running a task over one batch, without Ray: the same code serves actors, tests and plugin authors.
+
+What the runner guarantees for a batch of n rows:
+- exactly n output rows, in input order;
+- a row with a null or empty input, or one the task rejects, gets a message in ``error`` and
+  null outputs, while the other rows of its batch are still processed: a failing call is
+  split in halves until the failing rows are found (so one bad row costs ~2 log2(n) calls);
+- rows are sorted by token length and cut into micro-batches under a token budget
+  (rows x longest row <= ``max_batch_tokens``), so short rows are not padded to long ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+
+from rayinfer.errors import RowError
+from rayinfer.task import Batch, Task
+
+log = logging.getLogger("rayinfer")
+
+ERROR_COL = "error"
+
+
+@dataclass
+class BatchStats:
+    rows: int = 0
+    errors: int = 0
+    error_kinds: Counter = field(default_factory=Counter)
+    tokens: int = 0  # real tokens of the rows that reached forward
+    padded_tokens: int = 0  # tokens forward computed, padding included
+    forward_calls: int = 0
+
+
+def output_schema(task_cls: type[Task], options: Any, input_schema: pa.Schema, id_column: str, keep: Sequence[str]) -> pa.Schema:
+    """The schema of every output part: id, keep columns, the task's outputs, error."""
+    fields = [input_schema.field(id_column)] + [input_schema.field(k) for k in keep if k != id_column]
+    task_fields = list(task_cls.output_schema(options))
+    taken = {f.name for f in fields}
+    clash = [f.name for f in task_fields if f.name in taken or f.name == ERROR_COL]
+    if clash:
+        from rayinfer.errors import SpecError
+
+        raise SpecError(
+            f"input.keep/id_column {clash} clash with the {task_cls.name!r} task's output columns; rename them"
+        )
+    return pa.schema(fields + task_fields + [pa.field(ERROR_COL, pa.string())])
+
+
+def micro_batches(order: list[int], lengths: dict[int, int], max_tokens: int) -> list[list[int]]:
+    """Cut rows (already sorted longest first) into chunks with len(chunk) * longest <= max_tokens.
+
+    A single row longer than the budget still gets a chunk of its own.
+    """
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        n = max(1, lengths[i])
+        if current and (len(current) + 1) * max(longest, n) > max_tokens:
+            chunks.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+class TaskRunner:
+    """Runs a loaded task on batches of task inputs (``run``) or of dataset rows (``run_table``)."""
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        column_map: dict[str, str] | None = None,
+        id_column: str = "id",
+        keep: Sequence[str] = (),
+        max_batch_tokens: int = 16384,
+    ) -> None:
+        self.task = task
+        self.column_map = {name: (column_map or {}).get(name, name) for name in task.inputs}
+        self.id_column = id_column
+        self.keep = [k for k in keep if k != id_column]
+        self.max_batch_tokens = max_batch_tokens
+        self.task_schema = type(task).output_schema(task.options)
+
+    # -- the core: task inputs in, output columns + errors out ------------------------------
+
+    def run(self, batch: Batch, stats: BatchStats | None = None) -> tuple[dict[str, list[Any]], list[RowError | None]]:
+        with _inference_mode():
+            return self._run(batch, stats if stats is not None else BatchStats())
+
+    def _run(self, batch: Batch, stats: BatchStats) -> tuple[dict[str, list[Any]], list[RowError | None]]:
+        n = len(next(iter(batch.values()))) if batch else 0
+        errors: list[RowError | None] = [None] * n
+        self._check_inputs(batch, errors)
+
+        valid = [i for i in range(n) if errors[i] is None]
+        encoded: dict[int, Any] = {}
+        for i, item in self._isolate(lambda idx: self.task.preprocess(_take(batch, idx)), valid, errors, "preprocess"):
+            if isinstance(item, RowError):
+                errors[i] = item
+            else:
+                encoded[i] = item
+
+        lengths = {i: int(self.task.length(item)) for i, item in encoded.items()}
+        order = sorted(encoded, key=lambda i: -lengths[i])
+        outputs: dict[int, Any] = {}
+        for chunk in micro_batches(order, lengths, self.max_batch_tokens):
+            stats.forward_calls += 1
+            stats.tokens += sum(lengths[i] for i in chunk)
+            stats.padded_tokens += len(chunk) * max(lengths[i] for i in chunk)
+            for i, out in self._isolate(lambda idx: self.task.forward([encoded[j] for j in idx]), chunk, errors, "forward"):
+                outputs[i] = out
+
+        done = sorted(outputs)
+
+        def post(idx: list[int]) -> list[dict[str, Any]]:
+            cols = self.task.postprocess([outputs[j] for j in idx], _take(batch, idx))
+            missing = [f.name for f in self.task_schema if f.name not in cols]
+            if missing:
+                raise TypeError(f"task {self.task.name!r} postprocess returned no column(s) {missing}")
+            return [{name: cols[name][k] for name in cols} for k in range(len(idx))]
+
+        rows: dict[int, dict[str, Any]] = dict(self._isolate(post, done, errors, "postprocess"))
+        columns = {f.name: [rows[i][f.name] if i in rows else None for i in range(n)] for f in self.task_schema}
+
+        stats.rows += n
+        for e in errors:
+            if e is not None:
+                stats.errors += 1
+                stats.error_kinds[e.kind] += 1
+        return columns, errors
+
+    def _check_inputs(self, batch: Batch, errors: list[RowError | None]) -> None:
+        for name, spec in self.task.inputs.items():
+            values = batch[name]
+            column = self.column_map.get(name, name)
+            label = f"input {name!r}" + (f" (column {column!r})" if column != name else "")
+            for i, v in enumerate(values):
+                if errors[i] is not None:
+                    continue
+                if v is None:
+                    errors[i] = RowError(f"{label} is null", "null_input")
+                elif isinstance(v, str) and not spec.allow_empty and not v.strip():
+                    errors[i] = RowError(f"{label} is empty", "empty_input")
+
+    def _isolate(
+        self,
+        fn: Callable[[list[int]], Sequence[Any]],
+        idx: list[int],
+        errors: list[RowError | None],
+        stage: str,
+    ) -> list[tuple[int, Any]]:
+        """Call ``fn`` on rows ``idx``; on failure split in halves until the bad rows are found."""
+        if not idx:
+            return []
+        try:
+            result = fn(idx)
+        except Exception as exc:
+            if len(idx) == 1:
+                if isinstance(exc, RowError):
+                    errors[idx[0]] = exc
+                else:
+                    log.warning("rayinfer: %s failed on one row: %s", stage, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                    errors[idx[0]] = RowError(f"{stage} failed: {type(exc).__name__}: {exc}", stage)
+                return []
+            mid = len(idx) // 2
+            return self._isolate(fn, idx[:mid], errors, stage) + self._isolate(fn, idx[mid:], errors, stage)
+        if len(result) != len(idx):
+            raise RuntimeError(
+                f"task {self.task.name!r} {stage} returned {len(result)} items for {len(idx)} rows"
+            )
+        return list(zip(idx, result))
+
+    # -- dataset rows in, output table out --------------------------------------------------
+
+    def run_table(self, table: pa.Table, schema: pa.Schema, stats: BatchStats | None = None) -> pa.Table:
+        """Map dataset columns to task inputs, run, and build the output table in ``schema``."""
+        batch = {name: table.column(col).to_pylist() for name, col in self.column_map.items()}
+        columns, errors = self.run(batch, stats)
+        data: dict[str, Any] = {self.id_column: table.column(self.id_column)}
+        for k in self.keep:
+            data[k] = table.column(k)
+        for f in self.task_schema:
+            data[f.name] = pa.array(columns[f.name], type=f.type)
+        data[ERROR_COL] = pa.array([e.message if e else None for e in errors], type=pa.string())
+        return pa.table(data, schema=schema)
+
+
+def _inference_mode() -> Any:
+    """torch.inference_mode when the task uses torch (it has been imported by load()), else nothing."""
+    import contextlib
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.inference_mode() if torch is not None else contextlib.nullcontext()
+
+
+def _take(batch: Batch, idx: list[int]) -> Batch:
+    return {k: [v[i] for i in idx] for k, v in batch.items()}

@@ -1,0 +1,202 @@
+"""The job spec: a YAML file validated by pydantic before anything heavy starts.
+
+Relative paths in a spec are relative to the working directory the job runs in (as with
+``ray job submit``'s working_dir), so the same spec works locally and on a cluster.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rayinfer.errors import SpecError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    path: str = Field(description="A Parquet file, a folder of Parquet files, or a glob.")
+    id_column: str = Field("id", description="The column that identifies a row; copied to the output.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Task input name -> dataset column, e.g. {text: sentence}. Unmapped inputs use their own name.",
+    )
+    keep: list[str] = Field(default_factory=list, description="Columns passed through to the output unchanged.")
+
+
+class OutputSpec(_Strict):
+    path: str = Field(description="The output folder (Parquet part files plus _manifest.json).")
+    mode: Literal["error", "overwrite", "resume"] = Field(
+        "error",
+        description="error: refuse an existing non-empty folder; overwrite: replace earlier output; "
+        "resume: keep committed parts and process only the rows they do not cover.",
+    )
+
+
+class ActorRange(_Strict):
+    min: int = Field(1, ge=1, description="Actors started up front.")
+    max: int = Field(description="Most actors the pool may grow to while there is work.")
+
+    @model_validator(mode="after")
+    def _order(self) -> "ActorRange":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class RuntimeSpec(_Strict):
+    batch_size: int = Field(64, gt=0, description="Rows per batch handed to an actor.")
+    max_batch_tokens: int = Field(
+        16384, gt=0, description="Token budget of one forward pass (rows x longest row, padding included)."
+    )
+    actors: Union[int, ActorRange, None] = Field(
+        None, description="Actor pool size: an int, {min, max}, or unset to fit the cluster's CPUs/GPUs."
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor (also its torch thread count).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions share a GPU). 0 on CPU clusters.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPUs, float32 on CPUs."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    max_error_rate: float | None = Field(
+        None, ge=0, le=1, description="Abort when the fraction of rows with an error passes this. Unset: never."
+    )
+
+    @model_validator(mode="after")
+    def _actors(self) -> "RuntimeSpec":
+        if isinstance(self.actors, int) and self.actors < 1:
+            raise ValueError("actors must be >= 1")
+        return self
+
+
+class JobSpec(_Strict):
+    task: str = Field(description="The task name (see `rayinfer tasks`).")
+    model: str = Field(description="A local model folder, a catalog name, or a Hugging Face hub id.")
+    adapter: str | None = Field(None, description="A PEFT adapter folder or hub id, loaded onto the model.")
+    merge_adapter: bool = Field(True, description="Merge the adapter into the weights (faster) or keep it apart.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub to run.")
+    input: InputSpec
+    output: OutputSpec
+    options: dict[str, Any] = Field(default_factory=dict, description="The task's own options.")
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``runtime.batch_size=32`` -> (["runtime", "batch_size"], 32); values are YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {text!r}: expected KEY=VALUE, e.g. --set runtime.batch_size=32")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {text!r}: {k!r} is not a mapping in the spec")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_spec_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"job spec {str(p)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{p}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{p}: not a UTF-8 text file") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{p}: a job spec must be a YAML mapping with keys task, model, input, output, ...")
+    return data
+
+
+def load_spec(
+    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> JobSpec:
+    """Load a spec from a YAML path or a dict, apply ``--set`` overrides, and validate it."""
+    if isinstance(source, dict):
+        data, where = dict(source), "job spec"
+    else:
+        data, where = load_spec_file(source), str(source)
+    data = apply_overrides(data, list(overrides))
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"{where}: " + format_validation_error(exc, JobSpec)) from None
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """One line per problem, naming the field, what was wrong, and a "did you mean" for typos."""
+    lines = []
+    for err in exc.errors():
+        # drop pydantic's union-branch markers such as 'int' or 'ActorRange'
+        loc = [str(p) for p in err["loc"] if not _is_union_marker(str(p))]
+        field = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "spec"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(model, [p for p in err["loc"][:-1]])
+            hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            msg = f"unknown key {field!r}"
+            msg += f" (did you mean {prefix + '.'.join(map(str, err['loc'][:-1] + (hint[0],)))!r}?)" if hint else ""
+            msg += f"; allowed here: {', '.join(sorted(known))}" if known else ""
+            lines.append(msg)
+        elif err["type"] == "missing":
+            lines.append(f"{field}: required but missing")
+        else:
+            got = err.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
+            lines.append(f"{field}: {err['msg']} (got {shown})")
+    unique = list(dict.fromkeys(lines))
+    return "; ".join(unique)
+
+
+def _is_union_marker(part: str) -> bool:
+    return part in {"int", "float", "str", "ActorRange"} or part.startswith("function-")
+
+
+def _known_keys(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,100 @@
+"""`rayinfer validate`: every user error is caught before Ray starts, with a clear message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from rayinfer.cli import main
+
+from helpers import fill_mask_job
+
+
+def validate(job, *args):
+    result = CliRunner().invoke(main, ["validate", str(job), *args])
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_a_good_job_validates(tmp_path, bert_mlm):
+    result = validate(fill_mask_job(tmp_path, bert_mlm))
+    assert result.exit_code == 0, result.output
+    assert "2 file(s), 50 rows" in result.output
+    assert "doc_id, source, predictions, filled, error" in result.output
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["input.columns.text=body"], "column 'body' is not in the input. Columns: doc_id, sentence, source"),
+        (["input.keep=[nope]"], "input.keep: column 'nope' is not in the input"),
+        (["input.id_column=source"], None),  # any column can be the id: valid
+        (["input.columns={text: doc_id}"], "column 'doc_id' must be a string column, but it is int64"),
+        (["task=summarise"], "unknown task 'summarise'. Known tasks: classify, fill-mask"),
+        (["options.top_k=0"], "options.top_k: Input should be greater than or equal to 1 (got 0)"),
+        (["options.topk=3"], "unknown key 'options.topk' (did you mean 'options.top_k'?)"),
+        (["runtime.batchsize=3"], "unknown key 'runtime.batchsize' (did you mean 'runtime.batch_size'?)"),
+        (["runtime.batch_size=lots"], "runtime.batch_size: Input should be a valid integer"),
+        (["runtime.actors={min: 3, max: 1}"], "max (1) must be >= min (3)"),
+        (["model=/no/such/model"], "model folder '/no/such/model' does not exist"),
+        (["input.path=/no/such/data"], "input.path '/no/such/data' does not exist"),
+        (["output.mode=sometimes"], "output.mode: Input should be 'error', 'overwrite' or 'resume'"),
+    ],
+)
+def test_bad_specs_are_rejected_with_clear_messages(tmp_path, bert_mlm, overrides, message):
+    job = fill_mask_job(tmp_path, bert_mlm)
+    result = validate(job, *[a for o in overrides for a in ("--set", o)])
+    if message is None:
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("rayinfer: error: ")
+    assert message in result.output
+
+
+def test_model_folder_without_config_or_weights(tmp_path, bert_mlm):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    result = validate(fill_mask_job(tmp_path, bert_mlm), "--set", f"model={empty}")
+    assert result.exit_code == 2 and "has no config.json" in result.output
+    (empty / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    result = validate(tmp_path / "job.yaml", "--set", f"model={empty}")
+    assert result.exit_code == 2 and "has no weights" in result.output
+
+
+def test_task_checks_the_model_head(tmp_path, bert_mlm):
+    result = validate(fill_mask_job(tmp_path, bert_mlm), "--set", "task=classify")
+    assert result.exit_code == 2
+    assert "classify needs a sequence-classification head, but the model is BertForMaskedLM" in result.output
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, bert_mlm):
+    job = fill_mask_job(tmp_path, bert_mlm)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    result = validate(job)
+    assert result.exit_code == 2 and "is not empty" in result.output
+    result = validate(job, "--set", "output.mode=overwrite")
+    assert result.exit_code == 2 and "holds files rayinfer did not write (notes.txt)" in result.output
+
+
+def test_malformed_yaml_and_missing_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n")
+    result = validate(bad)
+    assert result.exit_code == 2 and "not valid YAML" in result.output
+    bad.write_text("task: fill-mask\n")
+    result = validate(bad)
+    assert result.exit_code == 2
+    assert "model: required but missing" in result.output and "input: required but missing" in result.output
+    assert "validate" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_corrupt_parquet_file_is_named(tmp_path, bert_mlm):
+    job = fill_mask_job(tmp_path, bert_mlm)
+    (tmp_path / "in" / "part-0001.parquet").write_bytes(b"PAR1 this is not parquet")
+    result = validate(job)
+    assert result.exit_code == 2
+    assert "part-0001.parquet" in result.output and "not a readable Parquet file" in result.output
