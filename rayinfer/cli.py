@@ -122,6 +122,33 @@ def tasks_show(name: str, as_json: bool) -> None:
         click.echo(f"  {o['name']}: {o['type']}")
 
 
+@main.group()
+def models() -> None:
+    """The model catalog: real pretrained models installed from package-index packages."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """List catalog models, the tasks they serve, and whether they are fetched."""
+    from rayinfer import catalog
+
+    for e in catalog.ENTRIES.values():
+        state = f"fetched: {catalog.model_dir(e.name)}" if catalog.is_installed(e.name) else "not fetched"
+        click.echo(f"{e.name}  [{', '.join(e.tasks)}]  {e.description} ({e.package}=={e.version}, {e.license}; {state})")
+
+
+@models.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Fetch and convert again even if already there.")
+def models_fetch(names: tuple[str, ...], force: bool) -> None:
+    """Install catalog models NAMES into the model cache (idempotent)."""
+    from rayinfer import catalog
+
+    for name in names:
+        catalog.fetch(name, force=force, say=lambda s: click.echo(f"rayinfer: {s}", err=True))
+        click.echo(str(catalog.model_dir(name)))
+
+
 @main.command()
 def plugins() -> None:
     """List the loaded plugins: distribution, version, tasks (and load errors)."""
