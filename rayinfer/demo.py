@@ -69,7 +69,7 @@ def demo_spec(docs: int, output: str) -> dict[str, Any]:
     return {
         "task": "summarize",
         "model": DEMO_MODEL,
-        "input": {"path": str(corpus_dir() / "sample"), "id_column": "doc_id", "keep": ["title"]},
+        "input": {"path": str(catalog.home() / "data" / "python-docs-sample"), "id_column": "doc_id", "keep": ["title"]},
         "output": {"path": output, "mode": "overwrite"},
         "options": {
             "instruction": "Summarize this passage from the Python documentation in one sentence.\n\n{text}",
@@ -85,7 +85,7 @@ def run_demo(docs: int = 12, output: str = "out/demo-summaries", say: Callable[[
 
     catalog.fetch(DEMO_MODEL, say=lambda s: say(f"rayinfer: {s}"))
     write_corpus()
-    sample = corpus_dir() / "sample"
+    sample = catalog.home() / "data" / "python-docs-sample"
     all_docs = pq.read_table(corpus_dir()).to_pylist()
     # a spread of topics across the alphabet, the same every time
     step = max(1, len(all_docs) // docs)

@@ -163,3 +163,52 @@ def write_dataset(folder: str | Path, columns: dict[str, list[Any]], files: int 
         pq.write_table(table.slice(i * per, per), p, row_group_size=row_group_size)
         paths.append(p)
     return paths
+
+
+def build_causal_lm(path: str | Path, seed: int = 0, hidden_size: int = 32, layers: int = 2, chat: bool = True) -> Path:
+    """A small random Llama with a WordPiece tokenizer (eos = [SEP], no pad token) and a chat template."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    tokenizer = build_wordpiece_tokenizer(model_max_length=256)
+    tokenizer.pad_token = None
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.bos_token = "[CLS]"
+    if chat:
+        tokenizer.chat_template = (
+            "{% for m in messages %}[CLS] {{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
+            "{% if add_generation_prompt %}[CLS] assistant : {% endif %}"
+        )
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    _spread_weights(model, seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_t5(path: str | Path, seed: int = 0, d_model: int = 32, layers: int = 2) -> Path:
+    """A small random T5 (seq2seq) with a WordPiece tokenizer ([PAD] starts decoding, [SEP] ends it)."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    tokenizer = build_wordpiece_tokenizer(model_max_length=256)
+    tokenizer.eos_token = "[SEP]"
+    config = transformers.T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=d_model * 2, num_layers=layers,
+        num_heads=4, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = transformers.T5ForConditionalGeneration(config)
+    _spread_weights(model, seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
