@@ -15,7 +15,7 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from rayinfer import __version__
-from rayinfer.errors import InputError, ModelError, SpecError
+from rayinfer.errors import ModelError, SpecError
 from rayinfer.inputs import InputFile, check_columns, scan
 from rayinfer.models import ModelLocation, locate_model
 from rayinfer.output import prepare

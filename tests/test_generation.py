@@ -98,6 +98,5 @@ def test_causal_summaries_use_the_instruction_and_flag_truncation(llama):
     rows = run_task(SummarizeTask, [{"text": PROMPTS[0]}, {"text": long_doc}], llama,
                     {"max_new_tokens": 6, "max_input_tokens": 64, "chat": False})
     assert [r["truncated"] for r in rows] == [False, True]
-    tok = AutoTokenizer.from_pretrained(llama)
     prompt = "Summarize the following text in one or two sentences.\n\n" + PROMPTS[0]
     assert rows[0]["summary"] == direct_greedy(llama, prompt, 6)[0].strip()
