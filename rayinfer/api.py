@@ -6,6 +6,7 @@ Everything that can be checked without starting Ray or loading weights is checke
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,13 +143,10 @@ def check_adapter_fits(adapter_cfg: dict[str, Any], model_ref: str, model: Model
     base = adapter_cfg.get("base_model_name_or_path")
     if not base or model.config is None:
         return
-    base_cfg = None
-    if os.path.isdir(os.path.join(base, "")) and os.path.isfile(os.path.join(base, "config.json")):
-        import json
-
-        base_cfg = json.loads(Path(base, "config.json").read_text(encoding="utf-8"))
-    if base_cfg is None:
+    base_config = Path(os.path.expanduser(base), "config.json")
+    if not base_config.is_file():  # a hub id: nothing to compare offline
         return
+    base_cfg = json.loads(base_config.read_text(encoding="utf-8"))
     for key in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers"):
         if key in base_cfg and key in model.config and base_cfg[key] != model.config[key]:
             raise ModelError(

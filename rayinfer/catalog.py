@@ -118,13 +118,17 @@ def _sha256(path: Path) -> str:
 
 
 def _load_test(folder: Path) -> None:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    AutoConfig.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder)
+    """Load the architecture the config names (head included) and run one forward pass."""
     import torch
+    import transformers
 
+    config = transformers.AutoConfig.from_pretrained(folder)
+    arch = (config.architectures or ["AutoModel"])[0]
+    model_cls = getattr(transformers, arch)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model, info = model_cls.from_pretrained(folder, output_loading_info=True)
+    if info["missing_keys"]:
+        raise ModelError(f"converted {arch} in {folder} lacks weights: {sorted(info['missing_keys'])[:5]}")
     ids = tokenizer("Hello there. CCO.CC(=O)O>>CCOC(C)=O", return_tensors="pt")
     with torch.inference_mode():
         model(**{k: v for k, v in ids.items() if k in ("input_ids", "attention_mask", "token_type_ids")})

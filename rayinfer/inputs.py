@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -210,8 +211,6 @@ def read_unit(unit: dict[str, Any], columns: list[str]) -> Iterator[pa.Table]:
         table = pa.Table.from_batches([rb])
         offset += n
         if covered:
-            import pyarrow.compute as pc
-
             mask = pa.array([True] * n)
             for a, b in covered:
                 inside = pc.and_(pc.greater_equal(rows, a), pc.less(rows, b))

@@ -12,7 +12,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
-from types import ModuleType
 from typing import Iterable
 
 import pluggy
@@ -63,10 +62,8 @@ def _selected(names: Iterable[str] | None) -> set[str] | None:
     return {n.strip() for n in env.split(",") if n.strip()}
 
 
-def load_registry(
-    only: Iterable[str] | None = None, extra: Iterable[ModuleType | object] = ()
-) -> Registry:
-    """Load plugins (all, or ``only`` the named entry points) plus ``extra`` plugin objects."""
+def load_registry(only: Iterable[str] | None = None) -> Registry:
+    """Load plugins: all, or ``only`` the named entry points (else ``RAYINFER_LOAD_PLUGINS``)."""
     selected = _selected(only)
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
@@ -94,10 +91,6 @@ def load_registry(
         except Exception as exc:  # a broken plugin must not break the others
             info.error = f"{type(exc).__name__}: {exc}"
             print(f"rayinfer: warning: plugin {ep.name!r} failed to load: {info.error}", file=sys.stderr)
-    for plugin in extra:
-        name = getattr(plugin, "__name__", None) or type(plugin).__name__
-        pm.register(plugin, name=name)
-        infos[name] = PluginInfo(name=name, distribution=None, version=None, module=name)
 
     tasks: dict[str, type[Task]] = {}
     owner: dict[str, str] = {}

@@ -84,7 +84,6 @@ def build_bert(
 
     head: ``masked-lm``, ``sequence-classification``, ``next-sentence`` or ``pretraining``.
     """
-    import torch
     import transformers
 
     classes = {
@@ -106,8 +105,15 @@ def build_bert(
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
+    return _save(classes[head], config, tokenizer, path, seed)
+
+
+def _save(model_cls: Any, config: Any, tokenizer: Any, path: Path, seed: int) -> Path:
+    """Instantiate with seeded random weights and save model + tokenizer the way real folders are."""
+    import torch
+
     torch.manual_seed(seed)
-    model = classes[head](config)
+    model = model_cls(config)
     _spread_weights(model, seed)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -167,7 +173,6 @@ def write_dataset(folder: str | Path, columns: dict[str, list[Any]], files: int 
 
 def build_causal_lm(path: str | Path, seed: int = 0, hidden_size: int = 32, layers: int = 2, chat: bool = True) -> Path:
     """A small random Llama with a WordPiece tokenizer (eos = [SEP], no pad token) and a chat template."""
-    import torch
     import transformers
 
     path = Path(path)
@@ -185,17 +190,11 @@ def build_causal_lm(path: str | Path, seed: int = 0, hidden_size: int = 32, laye
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=None,
     )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
-    _spread_weights(model, seed)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save(transformers.LlamaForCausalLM, config, tokenizer, path, seed)
 
 
 def build_t5(path: str | Path, seed: int = 0, d_model: int = 32, layers: int = 2) -> Path:
     """A small random T5 (seq2seq) with a WordPiece tokenizer ([PAD] starts decoding, [SEP] ends it)."""
-    import torch
     import transformers
 
     path = Path(path)
@@ -206,9 +205,4 @@ def build_t5(path: str | Path, seed: int = 0, d_model: int = 32, layers: int = 2
         num_heads=4, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = transformers.T5ForConditionalGeneration(config)
-    _spread_weights(model, seed)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save(transformers.T5ForConditionalGeneration, config, tokenizer, path, seed)

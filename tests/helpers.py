@@ -24,8 +24,11 @@ def write_job(path: Path, **spec: Any) -> Path:
     return path
 
 
-def fill_mask_job(tmp: Path, model: Path, rows: int = 50, files: int = 2, **extra: Any) -> Path:
-    write_dataset(tmp / "in", masked_corpus(rows), files=files)
+def fill_mask_job(
+    tmp: Path, model: Path, rows: int = 50, files: int = 2, corpus: dict[str, list[Any]] | None = None,
+    row_group_size: int | None = None, **extra: Any,
+) -> Path:
+    write_dataset(tmp / "in", corpus or masked_corpus(rows), files=files, row_group_size=row_group_size)
     spec = {
         "task": "fill-mask",
         "model": str(model),

@@ -53,14 +53,10 @@ def test_fill_mask_job_over_many_files(tmp_path, bert_mlm, ray_session):
 
 
 def test_bad_rows_and_resume_and_modes(tmp_path, bert_mlm, ray_session):
-    from rayinfer.testing import write_dataset
-
     corpus = masked_corpus(300)
     for i in range(0, 300, 20):  # 5% poisoned rows
         corpus["sentence"][i] = [None, "", "no mask at all", "\x00\x01 [MASK] \x7f"][i // 20 % 4]
-    write_dataset(tmp_path / "in", corpus, files=3, row_group_size=40)
-    job = fill_mask_job(tmp_path, bert_mlm)  # rewrites in/ with 50 rows: put ours back
-    write_dataset(tmp_path / "in", corpus, files=3, row_group_size=40)
+    job = fill_mask_job(tmp_path, bert_mlm, corpus=corpus, files=3, row_group_size=40)
 
     first = run_job(job)
     assert first["rows"] == 300 and first["errors"] == 12  # null, empty, no-mask rows; control chars are fine

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from rayinfer import Batch, Task, TaskOptions, hookimpl
 from rayinfer.errors import ModelError
@@ -38,6 +38,13 @@ class SummarizeTask(Task):
         )
         system: str | None = Field(None, description="Causal LMs with chat: a system message.")
 
+        @field_validator("instruction")
+        @classmethod
+        def _has_text(cls, value: str) -> str:
+            if "{text}" not in value:
+                raise ValueError("must contain {text}, where the input goes")
+            return value
+
     @classmethod
     def output_schema(cls, options: TaskOptions) -> pa.Schema:
         return pa.schema([pa.field("summary", pa.string()), pa.field("truncated", pa.bool_())])
@@ -50,8 +57,6 @@ class SummarizeTask(Task):
         )
         if archs and not ok:
             raise ModelError(f"summarize needs a seq2seq or causal LM, but the model is {', '.join(archs)}")
-        if "{text}" not in options.instruction:  # type: ignore[attr-defined]
-            raise ModelError("options.instruction must contain {text}, where the input goes")
 
     def load(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
