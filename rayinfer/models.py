@@ -109,9 +109,17 @@ def resolve_dtype(name: str, device: str) -> Any:
     return getattr(torch, name)
 
 
+def register_architectures() -> None:
+    """Architectures rayinfer adds to transformers' Auto classes (NEZHA, dropped by 5.x)."""
+    from rayinfer.nezha import register
+
+    register()
+
+
 def load_tokenizer(ctx: LoadContext, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
 
+    register_architectures()
     try:
         return AutoTokenizer.from_pretrained(ctx.model, trust_remote_code=ctx.trust_remote_code, **kwargs)
     except OSError as exc:
@@ -126,6 +134,7 @@ def load_model(ctx: LoadContext, auto_class: Any, **kwargs: Any) -> Any:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    register_architectures()
     device = resolve_device(ctx.device)
     dtype = resolve_dtype(ctx.dtype, device)
     if ctx.num_threads:

@@ -32,6 +32,21 @@ def bert_classifier(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bert_nsp(models_dir: Path) -> Path:
+    from rayinfer.testing import build_bert
+
+    return build_bert(models_dir / "bert-nsp", head="next-sentence")
+
+
+@pytest.fixture(scope="session")
+def llama(models_dir: Path) -> Path:
+    """A small random Llama with a chat template and no pad token."""
+    from rayinfer.testing import build_causal_lm
+
+    return build_causal_lm(models_dir / "llama")
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One embedded Ray for the whole test session (starting Ray costs seconds)."""
     import ray

@@ -6,16 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from rayinfer.testing import build_causal_lm, build_t5, english_sentences, run_task
+from rayinfer.testing import build_t5, english_sentences, run_task
 from rayinfer_tasks.generate import GenerateTask
 from rayinfer_tasks.summarize import SummarizeTask
 
 PROMPTS = [s for s in english_sentences()[200:260] if len(s) < 160][:7]
-
-
-@pytest.fixture(scope="module")
-def llama(models_dir):
-    return build_causal_lm(models_dir / "llama")
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,18 @@ def max_input_length(tokenizer: Any, model: Any, requested: int | None = None) -
     return min(requested, limit) if requested else limit
 
 
-def encode(tokenizer: Any, texts: list[str], max_length: int, truncate: bool, **kwargs: Any) -> list[Any]:
-    """Tokenize each row once (no padding). A row over ``max_length`` is truncated, or, with
-    ``truncate`` off, becomes a RowError. Each item gets ``truncated``: whether tokens were cut."""
-    enc = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False, **kwargs)
+def encode(
+    tokenizer: Any, texts: list[str], max_length: int, truncate: bool, pairs: list[str] | None = None, **kwargs: Any
+) -> list[Any]:
+    """Tokenize each row once (no padding); ``pairs`` gives a second segment per row (NSP).
+
+    A row over ``max_length`` is truncated, or, with ``truncate`` off, becomes a RowError. A
+    single text keeps its closing special tokens; a pair is cut longest-first, as BERT was
+    trained. Each item gets ``truncated``: whether tokens were cut."""
+    if pairs is None:
+        enc = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False, **kwargs)
+    else:
+        enc = tokenizer(texts, pairs, add_special_tokens=True, truncation=False, verbose=False, **kwargs)
     keys = [k for k in enc.keys() if k in ("input_ids", "token_type_ids", "attention_mask")]
     items: list[Any] = []
     for i in range(len(texts)):
@@ -36,7 +44,13 @@ def encode(tokenizer: Any, texts: list[str], max_length: int, truncate: bool, **
             if not truncate:
                 items.append(RowError(f"input is {n} tokens, over the model's limit of {max_length}", "too_long"))
                 continue
-            item = _truncate(tokenizer, item, max_length)
+            if pairs is None:
+                item = _truncate(tokenizer, item, max_length)
+            else:
+                cut = tokenizer(
+                    texts[i], pairs[i], truncation="longest_first", max_length=max_length, verbose=False, **kwargs
+                )
+                item = {k: cut[k] for k in keys} | {"truncated": True}
         items.append(item)
     return items
 
