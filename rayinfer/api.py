@@ -116,6 +116,12 @@ def plan_job(
         task_cls.check_model_config(model.config, options)
     adapter = locate_model(spec.adapter, what="adapter") if spec.adapter else None
     if adapter is not None and adapter.config is not None:
+        kind, allowed = adapter.config.get("task_type"), task_cls.adapter_task_types(options)
+        if kind and allowed is not None and kind not in allowed:
+            raise ModelError(
+                f"adapter {spec.adapter!r} is a {kind} adapter; task {spec.task!r} with these options takes "
+                f"{' or '.join(sorted(allowed))} adapters"
+            )
         check_adapter_fits(adapter.config, spec.model, model)
 
     prepare(spec.output.path, spec.output.mode, check_only=True)

@@ -88,6 +88,12 @@ class Task(ABC):
         Raise ``rayinfer.errors.ModelError`` with a message that says what fits instead.
         """
 
+    @classmethod
+    def adapter_task_types(cls, options: TaskOptions) -> set[str] | None:
+        """PEFT ``task_type`` values an adapter may have for this task (None: any). An adapter
+        without a task_type always passes."""
+        return None
+
     @abstractmethod
     def load(self) -> None:
         """Load the model and tokenizer once per actor. Heavy imports go here."""

@@ -206,3 +206,50 @@ def build_t5(path: str | Path, seed: int = 0, d_model: int = 32, layers: int = 2
         decoder_start_token_id=tokenizer.pad_token_id,
     )
     return _save(transformers.T5ForConditionalGeneration, config, tokenizer, path, seed)
+
+
+JAPANESE_SENTENCES = (
+    "吾輩は猫である。名前はまだ無い。",
+    "東京は日本の首都で、多くの人が住んでいます。",
+    "今日は天気が良いので、公園を散歩しました。",
+    "この本はとても面白かったです。",
+    "富士山は日本で一番高い山です。",
+    "電車が遅れたので、会議に少し遅刻しました。",
+    "春になると桜の花が咲きます。",
+    "私は毎朝コーヒーを飲みます。",
+)
+
+
+def build_gpt_neox_japanese(path: str | Path, seed: int = 0, hidden_size: int = 32, layers: int = 2) -> Path:
+    """A small random GPT-NeoX-Japanese with its own sub-word tokenizer (vocab.txt + emoji.json):
+    special tokens, the 256 byte fallbacks, and the characters and bigrams of JAPANESE_SENTENCES."""
+    import json
+
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    specials = ["<|endoftext|>", "<|startoftext|>", "<SP>", "<BR>", "<TAB>", "<URL>", "<EMAIL>", "<TEL>",
+                "<DATE>", "<PRICE>", "<BLOCK>", "<KIGOU>", "<U2000U2BFF>", "<|emoji1|>", "<unk>"]
+    pieces: dict[str, None] = {}
+    for sent in JAPANESE_SENTENCES:
+        for i, ch in enumerate(sent):
+            pieces.setdefault(ch, None)
+            if i + 1 < len(sent):
+                pieces.setdefault(sent[i : i + 2], None)
+    vocab = specials + [f"<|byte{i}|>" for i in range(256)] + [p for p in pieces if p != ","]
+    work = path / "_tokenizer_src"
+    work.mkdir(exist_ok=True)
+    (work / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (work / "emoji.json").write_text(json.dumps({"emoji": {}, "emoji_inv": {}}), encoding="utf-8")
+    tokenizer = transformers.GPTNeoXJapaneseTokenizer(str(work / "vocab.txt"), str(work / "emoji.json"))
+    config = transformers.GPTNeoXJapaneseConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, num_attention_heads=4, num_hidden_layers=layers,
+        intermediate_multiple_size=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    out = _save(transformers.GPTNeoXJapaneseForCausalLM, config, tokenizer, path, seed)
+    import shutil
+
+    shutil.rmtree(work)
+    return out

@@ -101,3 +101,23 @@ def test_causal_summaries_use_the_instruction_and_flag_truncation(llama):
     assert [r["truncated"] for r in rows] == [False, True]
     prompt = "Summarize the following text in one or two sentences.\n\n" + PROMPTS[0]
     assert rows[0]["summary"] == direct_greedy(llama, prompt, 6)[0].strip()
+
+
+def test_gpt_neox_japanese_with_its_own_tokenizer(models_dir):
+    """GPT-NeoX-Japanese (sub-word tokenizer with byte fallback, pad = eos): left-padded batches of
+    mixed lengths equal one-by-one greedy generation, and seeded samples do not depend on the batch."""
+    from rayinfer.testing import JAPANESE_SENTENCES, build_gpt_neox_japanese
+
+    path = build_gpt_neox_japanese(models_dir / "neox-ja")
+    prompts = list(JAPANESE_SENTENCES)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert type(tok).__name__ == "GPTNeoXJapaneseTokenizer"
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) > 3  # mixed lengths: real left padding
+    batched = run_task(GenerateTask, [{"prompt": p} for p in prompts], path, {"max_new_tokens": 10})
+    for prompt, row in zip(prompts, batched):
+        assert row["error"] is None
+        assert (row["generated"], row["num_tokens"]) == direct_greedy(path, prompt, 10)
+    opts = {"max_new_tokens": 8, "do_sample": True, "seed": 3}
+    alone = [run_task(GenerateTask, [{"prompt": p}], path, opts)[0]["generated"] for p in prompts[:3]]
+    together = run_task(GenerateTask, [{"prompt": p} for p in prompts[:3]], path, opts)
+    assert alone == [r["generated"] for r in together]

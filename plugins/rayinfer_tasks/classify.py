@@ -104,6 +104,10 @@ class ClassifyTask(Task):
                 f"its head would be random. Use a *ForSequenceClassification checkpoint.{hint}"
             )
 
+    @classmethod
+    def adapter_task_types(cls, options: TaskOptions) -> set[str] | None:
+        return {"CAUSAL_LM"} if getattr(options, "labels", None) else {"SEQ_CLS"}
+
     def load(self) -> None:
         if self.options.labels:
             self.zero_shot: ZeroShot | None = ZeroShot(self.context, self.options)

@@ -45,6 +45,10 @@ class GenerateTask(Task):
     def check_model_config(cls, config: dict[str, Any], options: TaskOptions) -> None:
         check_causal(config, cls.name)
 
+    @classmethod
+    def adapter_task_types(cls, options: TaskOptions) -> set[str] | None:
+        return {"CAUSAL_LM"}
+
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 

@@ -58,6 +58,10 @@ class SummarizeTask(Task):
         if archs and not ok:
             raise ModelError(f"summarize needs a seq2seq or causal LM, but the model is {', '.join(archs)}")
 
+    @classmethod
+    def adapter_task_types(cls, options: TaskOptions) -> set[str] | None:
+        return {"CAUSAL_LM", "SEQ_2_SEQ_LM"}
+
     def load(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
