@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean nezha-reference
 
 setup: $(STAMP)
 
@@ -28,3 +28,10 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Regenerate tests/data/nezha-* with transformers 4.57.6 (the last release with NEZHA), in its
+# own virtualenv: CI only reads the committed files.
+nezha-reference:
+	$(PYTHON) -m venv /tmp/rayinfer-nezha-ref
+	/tmp/rayinfer-nezha-ref/bin/pip install -q torch==2.13.0 transformers==4.57.6
+	/tmp/rayinfer-nezha-ref/bin/python tests/data/make_nezha_reference.py

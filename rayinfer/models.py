@@ -126,10 +126,13 @@ def load_tokenizer(ctx: LoadContext, **kwargs: Any) -> Any:
         raise ModelError(f"cannot load the tokenizer of {ctx.model!r}: {exc}") from None
 
 
-def load_model(ctx: LoadContext, auto_class: Any, **kwargs: Any) -> Any:
+def load_model(ctx: LoadContext, auto_class: Any, head: tuple[str, str] | None = None, **kwargs: Any) -> Any:
     """Load ``auto_class`` from ``ctx.model`` onto the device, in eval mode, with the adapter
     (merged unless ``ctx.merge_adapter`` is false). Safetensors are preferred by transformers;
-    pickle ``.bin`` files load with ``weights_only=True``."""
+    pickle ``.bin`` files load with ``weights_only=True``.
+
+    ``head`` = (weight-name fragment, what it is): refuse a checkpoint without those weights
+    instead of running a randomly initialised head (e.g. an NSP head on a RoBERTa)."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -140,16 +143,26 @@ def load_model(ctx: LoadContext, auto_class: Any, **kwargs: Any) -> Any:
     if ctx.num_threads:
         torch.set_num_threads(ctx.num_threads)
     kwargs.setdefault("attn_implementation", "sdpa")
+    kwargs["output_loading_info"] = True
     try:
-        model = auto_class.from_pretrained(ctx.model, dtype=dtype, trust_remote_code=ctx.trust_remote_code, **kwargs)
+        model, info = auto_class.from_pretrained(ctx.model, dtype=dtype, trust_remote_code=ctx.trust_remote_code, **kwargs)
     except (ValueError, TypeError) as exc:
         if "attn_implementation" in str(exc) or "sdpa" in str(exc).lower():
             kwargs.pop("attn_implementation", None)
-            model = auto_class.from_pretrained(ctx.model, dtype=dtype, trust_remote_code=ctx.trust_remote_code, **kwargs)
+            model, info = auto_class.from_pretrained(
+                ctx.model, dtype=dtype, trust_remote_code=ctx.trust_remote_code, **kwargs
+            )
         else:
             raise ModelError(f"cannot load {ctx.model!r} as {auto_class.__name__}: {exc}") from None
     except OSError as exc:
         raise ModelError(f"cannot load {ctx.model!r}: {exc}") from None
+    if head is not None:
+        missing = [k for k in info.get("missing_keys", ()) if head[0] in k]
+        if missing:
+            raise ModelError(
+                f"{ctx.model!r} has no trained {head[1]} (missing {', '.join(sorted(missing)[:3])}); "
+                "its outputs would be random"
+            )
     if ctx.adapter:
         model = attach_adapter(model, ctx.adapter, merge=ctx.merge_adapter)
     model.to(device)

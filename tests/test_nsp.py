@@ -76,4 +76,20 @@ def test_a_pretraining_checkpoint_serves_nsp(models_dir):
 
 def test_rejects_a_model_without_an_nsp_head():
     with pytest.raises(ModelError, match="next-sentence-prediction head"):
-        NextSentenceTask.check_model_config({"architectures": ["BertForMaskedLM"]}, NextSentenceTask.Options())
+        NextSentenceTask.check_model_config({"architectures": ["BertForSequenceClassification"]}, NextSentenceTask.Options())
+
+
+def test_the_nsp_head_must_be_in_the_weights(bert_mlm, models_dir):
+    """A masked-LM-only checkpoint has no NSP weights: an error, not a random head. A checkpoint
+    named *ForMaskedLM that carries them (like bert-base-uncased) works."""
+    import json
+    import shutil
+
+    with pytest.raises(ModelError, match="has no trained next-sentence head .*seq_relationship"):
+        run_task(NextSentenceTask, [{"text": "a", "text_pair": "b"}], bert_mlm)
+    named = models_dir / "bert-pretraining-named-mlm"
+    shutil.copytree(build_bert(models_dir / "bert-pretraining-2", head="pretraining"), named)
+    cfg = json.loads((named / "config.json").read_text())
+    NextSentenceTask.check_model_config({**cfg, "architectures": ["BertForMaskedLM"]}, NextSentenceTask.Options())
+    (named / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertForMaskedLM"]}))
+    assert run_task(NextSentenceTask, [{"text": "a", "text_pair": "b"}], named)[0]["error"] is None

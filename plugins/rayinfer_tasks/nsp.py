@@ -38,8 +38,11 @@ class NextSentenceTask(Task):
 
     @classmethod
     def check_model_config(cls, config: dict[str, Any], options: TaskOptions) -> None:
+        # Many BERT checkpoints (bert-base-uncased: "BertForMaskedLM") carry the NSP head's weights
+        # under another architecture name; load() checks the weights themselves.
         archs = config.get("architectures") or []
-        if archs and not any(a.endswith(("ForNextSentencePrediction", "ForPreTraining")) for a in archs):
+        heads = ("ForNextSentencePrediction", "ForPreTraining", "ForMaskedLM", "Model")
+        if archs and not any(a.endswith(heads) for a in archs):
             raise ModelError(
                 f"nsp needs a next-sentence-prediction head, but the model is {', '.join(archs)}; "
                 "its head would be random. Use a *ForNextSentencePrediction or *ForPreTraining checkpoint."
@@ -51,7 +54,9 @@ class NextSentenceTask(Task):
         from rayinfer.models import load_model, load_tokenizer
 
         self.tokenizer = load_tokenizer(self.context)
-        self.model = load_model(self.context, AutoModelForNextSentencePrediction)
+        self.model = load_model(
+            self.context, AutoModelForNextSentencePrediction, head=("seq_relationship", "next-sentence head")
+        )
         self.max_length = max_input_length(self.tokenizer, self.model, self.options.max_length)
 
     def preprocess(self, batch: Batch) -> list[Any]:
