@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo clean nezha-reference
+.PHONY: setup test demo jobs clean nezha-reference
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/rayinfer demo
+
+# Every job in jobs/, as written, with its output checked (fetches the catalog models once).
+jobs: setup
+	$(PY) jobs/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -6,6 +6,7 @@ Relative paths in a spec are relative to the working directory the job runs in (
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -104,6 +105,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with the ``--set`` overrides applied (the caller's dict is untouched)."""
+    data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -153,7 +156,10 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
     lines = []
     for err in exc.errors():
         # drop pydantic's union-branch markers such as 'int' or 'ActorRange'
-        loc = [str(p) for p in err["loc"] if not _is_union_marker(str(p))]
+        # (the last part of an unknown-key error is the user's key, whatever it is called)
+        parts = [str(p) for p in err["loc"]]
+        keep_last = err["type"] == "extra_forbidden" and parts
+        loc = [p for p in (parts[:-1] if keep_last else parts) if not _is_union_marker(p)] + (parts[-1:] if keep_last else [])
         field = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "spec"
         if err["type"] == "extra_forbidden":
             known = _known_keys(model, [p for p in err["loc"][:-1]])

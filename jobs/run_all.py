@@ -1,0 +1,137 @@
+"""Run every job in jobs/ as written and check what it wrote (run: make jobs).
+
+For each job: fetch the catalog model it names (once), run it on the embedded Ray, then check
+that the output has exactly one row per input id, no row errors and non-empty predictions, and
+print a quality number where the data has an answer key:
+
+- fill-mask (reaction BERT): top-1 recovery of the masked product atom, against the
+  most-common-answer baseline (always guessing the atom that is most often the answer);
+- classify (reaction classifier): the class codes given;
+- zero-shot classify (SmolLM2): accuracy against the hand labels, and the majority baseline;
+- nsp: accuracy against which pairs really follow on (hub model: skipped when offline).
+
+Usage: python jobs/run_all.py [JOB_NAME ...]     (names without .yaml; default: all)
+Exit status 1 when a job fails or a check does not hold.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+JOBS = Path(__file__).resolve().parent
+ROOT = JOBS.parent
+
+# the column that must be non-empty in every row, per task
+PREDICTION = {"fill-mask": "filled", "classify": "label", "nsp": "score", "generate": "generated", "summarize": "summary"}
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def prepare(spec: dict[str, Any]) -> str | None:
+    """Fetch what the job needs; return a reason to skip it, or None."""
+    from rayinfer import catalog, demo
+
+    entry = catalog.find(spec["model"])
+    if entry is not None:
+        if not catalog.is_installed(entry.name):
+            print(f"  fetching {entry.name} ...", flush=True)
+            catalog.fetch(entry.name, say=lambda s: print("  " + s, flush=True))
+    elif not Path(spec["model"]).expanduser().exists() and offline():
+        return f"model {spec['model']!r} is a hub id and HF_HUB_OFFLINE is set"
+    if "python-docs" in str(spec["input"]["path"]):
+        demo.write_corpus()
+    return None
+
+
+def quality(task: str, spec: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    if task == "fill-mask" and "rxn" in rows[0]:
+        answers, hits = [], 0
+        for r in rows:
+            masked_product = r["masked"].split(">>")[1] if "masked" in r else None
+            product = r["rxn"].split(">>")[1]
+            if masked_product is None:
+                return ""
+            i = masked_product.index("[MASK]")
+            answers.append(product[i])
+            hits += r["predictions"][0][0]["token"].strip() == product[i]
+        base = Counter(answers).most_common(1)[0][1]
+        return f"masked atom top-1 {hits}/{len(rows)}; most-common-answer baseline {base}/{len(rows)}"
+    if task == "classify" and "gold" in rows[0]:
+        hits = sum(r["label"] == r["gold"] for r in rows)
+        base = Counter(r["gold"] for r in rows).most_common(1)[0][1]
+        return f"accuracy {hits}/{len(rows)} ({hits / len(rows):.0%}); majority baseline {base}/{len(rows)}"
+    if task == "classify":
+        codes = Counter(r["label"] for r in rows)
+        return f"{len(codes)} distinct class codes: " + ", ".join(f"{c} x{n}" for c, n in codes.most_common(5))
+    if task == "nsp" and "follows" in rows[0]:
+        hits = sum(r["is_next"] == r["follows"] for r in rows)
+        return f"accuracy {hits}/{len(rows)}"
+    if task == "generate":
+        return f"mean {sum(r['num_tokens'] for r in rows) / len(rows):.0f} new tokens per row"
+    if task == "summarize":
+        return f"mean summary {sum(len(r['summary']) for r in rows) / len(rows):.0f} characters"
+    return ""
+
+
+def run_one(path: Path) -> tuple[str, str, str]:
+    """-> (status, seconds, detail)"""
+    import yaml
+
+    from rayinfer.api import plan_job, run_job
+
+    spec = yaml.safe_load(path.read_text())
+    reason = prepare(spec)
+    if reason:
+        return "skipped", "", reason
+    os.chdir(ROOT)  # the jobs' paths are relative to the repository root
+    plan = plan_job(path)
+    expected = []
+    for f in plan.files:
+        expected += pq.read_table(f.path, columns=[plan.spec.input.id_column]).column(0).to_pylist()
+    start = time.monotonic()
+    manifest = run_job(path)
+    took = f"{time.monotonic() - start:.0f}"
+    rows = pq.read_table(plan.spec.output.path).to_pylist()
+    id_col, pred = plan.spec.input.id_column, PREDICTION.get(plan.task_cls.name)
+    problems = []
+    if sorted(map(str, (r[id_col] for r in rows))) != sorted(map(str, expected)) or len(rows) != len(expected):
+        problems.append(f"{len(rows)} output rows for {len(expected)} input ids, or ids differ")
+    if manifest["errors"]:
+        problems.append(f"{manifest['errors']} row errors")
+    if pred and any(r.get(pred) in (None, "", []) for r in rows):
+        problems.append(f"empty {pred!r} in some rows")
+    if problems:
+        return "FAILED", took, "; ".join(problems)
+    return "ok", took, f"{len(rows)} rows, one per id. " + quality(plan.task_cls.name, spec, rows)
+
+
+def main(argv: list[str]) -> int:
+    paths = sorted(JOBS.glob("*.yaml"))
+    if argv:
+        paths = [p for p in paths if p.stem in argv]
+    results = []
+    for path in paths:
+        print(f"== {path.name}", flush=True)
+        try:
+            results.append((path.name, *run_one(path)))
+        except Exception as exc:  # report every job, then fail
+            results.append((path.name, "FAILED", "", f"{type(exc).__name__}: {exc}"))
+        print(f"   {results[-1][1]}: {results[-1][3]}", flush=True)
+    width = max(len(r[0]) for r in results)
+    print("\n| job | status | s | result |\n|---|---|---|---|")
+    for name, status, took, detail in results:
+        print(f"| {name:<{width}} | {status} | {took} | {detail} |")
+    return 1 if any(r[1] == "FAILED" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
