@@ -1,0 +1,150 @@
+"""Nothing lost: poisoned rows, an error-rate limit, an actor killed by pid, a driver killed
+mid-run and resumed. All on the embedded Ray with real Parquet files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from rayinfer.api import run_job
+from rayinfer.errors import RunError
+from rayinfer.output import MANIFEST, list_parts
+from rayinfer.testing import run_task
+from rayinfer_tasks.fill_mask import FillMaskTask
+
+from helpers import fill_mask_job, masked_corpus
+
+ONE_MB = "word " * 209_716 + "[MASK]"  # ~1 MB, the mask far beyond any model limit
+
+
+def poisoned_corpus(n: int) -> tuple[dict, dict[int, str | None]]:
+    """n rows, 5% poisoned. Returns the corpus and, per poisoned id, the expected error (None: the
+    row must be processed normally)."""
+    corpus = masked_corpus(n)
+    expected: dict[int, str | None] = {}
+    kinds = [
+        (None, "(column 'sentence') is null"),
+        ("", "(column 'sentence') is empty"),
+        (ONE_MB, "lies beyond the 128-token limit"),
+        (b"caf\xe9 au [MASK] \xff\xfe".decode("utf-8", errors="replace"), None),  # invalid UTF-8, replaced
+        ("tab\there, bell\x07, nul\x00, escape\x1b [MASK] and DEL\x7f", None),  # control characters
+    ]
+    for j, i in enumerate(range(0, n, 20)):
+        text, error = kinds[j % len(kinds)]
+        corpus["sentence"][i] = text
+        expected[corpus["doc_id"][i]] = error
+    return corpus, expected
+
+
+def test_poisoned_rows_get_errors_and_every_other_row_is_right(tmp_path, bert_mlm, ray_session):
+    n = 400
+    corpus, expected = poisoned_corpus(n)
+    job = fill_mask_job(tmp_path, bert_mlm, corpus=corpus, files=3, row_group_size=50, runtime={"batch_size": 40})
+    manifest = run_job(job)
+    assert manifest["rows"] == n and manifest["errors"] == sum(1 for e in expected.values() if e)
+    assert manifest["errors_this_run_by_kind"] == {"null_input": 4, "empty_input": 4, "too_long": 4}
+
+    rows = {r["doc_id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert sorted(rows) == corpus["doc_id"]
+    for doc_id, error in expected.items():
+        if error:
+            assert error in rows[doc_id]["error"] and rows[doc_id]["predictions"] is None
+    # every row that is not an error equals the task run directly on that row alone
+    good = [i for i, d in enumerate(corpus["doc_id"]) if not expected.get(d)]
+    direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in good], bert_mlm, {"top_k": 3})
+    for i, d in zip(good, direct):
+        got = rows[corpus["doc_id"][i]]
+        assert got["error"] is None and got["filled"] == d["filled"]
+        assert [[c["token_id"] for c in m] for m in got["predictions"]] == [[c["token_id"] for c in m] for m in d["predictions"]]
+
+
+def test_max_error_rate_aborts_with_a_clear_message(tmp_path, bert_mlm, ray_session):
+    corpus = masked_corpus(400)
+    for i in range(0, 400, 20):  # 5% null rows
+        corpus["sentence"][i] = None
+    job = fill_mask_job(tmp_path, bert_mlm, corpus=corpus, files=2, runtime={"batch_size": 40, "max_error_rate": 0.01})
+    with pytest.raises(RunError, match=r"aborted: \d+ of \d+ rows failed .* over runtime.max_error_rate 1.0%"):
+        run_job(job)
+    assert not (tmp_path / "out" / MANIFEST).exists()  # not marked complete
+    # under the limit it completes
+    ok = run_job(job, ["runtime.max_error_rate=0.05", "output.mode=overwrite"])
+    assert ok["status"] == "complete" and ok["errors"] == 20
+
+
+def task_actor_pids() -> list[int]:
+    """rayinfer's actor processes of this test session's Ray (its raylet is our child process)."""
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "TaskActor" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_an_actor_killed_mid_run_is_replaced_and_every_id_comes_out_once(tmp_path, bert_mlm, ray_session):
+    n = 3000
+    job = fill_mask_job(tmp_path, bert_mlm, rows=n, files=3, row_group_size=100, runtime={"batch_size": 20, "actors": 1})
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            pids = task_actor_pids()
+            if pids and len(list_parts(out)) >= 3:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    manifest = run_job(job)
+    thread.join()
+    assert killed, "the actor was never seen running"
+    assert manifest["rows"] == n and manifest["errors"] == 0
+    ids = pq.read_table(out).column("doc_id").to_pylist()
+    assert len(ids) == n and sorted(ids) == list(range(1000, 1000 + n))
+    pids = {a.split(":")[1] for a in manifest["actors"]}
+    assert pids - {str(killed[0])}, manifest["actors"]  # a replacement actor did the rest
+
+
+def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_parts(tmp_path, bert_mlm, ray_session):
+    n = 3000
+    job = fill_mask_job(tmp_path, bert_mlm, rows=n, files=3, row_group_size=100, runtime={"batch_size": 20, "actors": 1})
+    out = tmp_path / "out"
+    address = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "rayinfer", "run", str(job), "--address", address, "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list_parts(out)) < 5 and driver.poll() is None:
+        time.sleep(0.02)
+    assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(1)
+    committed = {p.name: p.stat().st_mtime_ns for p in list_parts(out)}
+    committed_rows = sum(pq.read_metadata(out / name).num_rows for name in committed)
+    assert 0 < committed_rows < n and not (out / MANIFEST).exists()
+
+    manifest = run_job(job, resume=True)
+    assert manifest["rows"] == n and manifest["rows_resumed"] >= committed_rows
+    assert manifest["rows_resumed"] + manifest["rows_this_run"] == n
+    ids = pq.read_table(out).column("doc_id").to_pylist()
+    assert len(ids) == n and sorted(ids) == list(range(1000, 1000 + n))
+    assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed  # none recomputed
+    assert json.loads((out / MANIFEST).read_text())["status"] == "complete"
