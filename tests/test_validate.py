@@ -98,3 +98,22 @@ def test_corrupt_parquet_file_is_named(tmp_path, bert_mlm):
     result = validate(job)
     assert result.exit_code == 2
     assert "part-0001.parquet" in result.output and "not a readable Parquet file" in result.output
+
+
+def test_run_with_a_bad_spec_exits_2_and_writes_nothing(tmp_path, bert_mlm):
+    job = fill_mask_job(tmp_path, bert_mlm)
+    for overrides, message in [
+        (["options.top_k=0"], "options.top_k"),
+        (["input.columns.text=doc_id"], "must be a string column"),
+        ([f"model={tmp_path}"], "has no config.json"),
+    ]:
+        result = CliRunner().invoke(main, ["run", str(job), *[a for o in overrides for a in ("--set", o)]])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_is_refused(tmp_path, bert_mlm):
+    job = fill_mask_job(tmp_path, bert_mlm)
+    (tmp_path / "out").write_text("a file")
+    result = validate(job)
+    assert result.exit_code == 2 and "exists and is not a folder" in result.output
