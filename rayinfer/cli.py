@@ -40,8 +40,22 @@ set_option = click.option(
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rayinfer")
-def main() -> None:
+@click.option(
+    "--plugins",
+    "only_plugins",
+    default=None,
+    metavar="NAMES",
+    help="Load only these plugins (entry-point names, comma-separated; '' for none). "
+    "Same as RAYINFER_LOAD_PLUGINS.",
+)
+def main(only_plugins: str | None) -> None:
     """Offline batch inference with Hugging Face models on Ray."""
+    if only_plugins is not None:
+        import os
+
+        from rayinfer.plugins import ENV_LOAD_PLUGINS
+
+        os.environ[ENV_LOAD_PLUGINS] = only_plugins
 
 
 @main.command()
@@ -168,6 +182,16 @@ def plugins() -> None:
         where = f"{p.distribution} {p.version}" if p.distribution else "(not from a distribution)"
         status = f"FAILED: {p.error}" if p.error else ", ".join(p.tasks) or "(no tasks)"
         click.echo(f"{p.name}  {where}  {p.module}  -> {status}")
+
+@main.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "parent", default=".", type=click.Path(file_okay=False), help="Where to create the package.")
+def new_plugin_cmd(name: str, parent: str) -> None:
+    """Scaffold a task plugin package rayinfer-NAME (pyproject with the entry point, a task, tests)."""
+    from rayinfer.scaffold import new_plugin
+
+    root = new_plugin(name, parent)
+    click.echo(f"created {root}: pip install -e '{root}[test]', then `pytest {root}` and `rayinfer tasks show {name}`")
 
 
 if __name__ == "__main__":  # pragma: no cover

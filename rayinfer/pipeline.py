@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import sys
 import time
 import uuid
@@ -84,6 +85,7 @@ class TaskActor:
                 "compute_s": [time.perf_counter() - started],
                 "actor": [self.where],
                 "committed_at": [time.time()],
+                "peak_rss_mb": [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024],
             }
         )
 
@@ -167,6 +169,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
 
     totals = BatchStats()
     actors: Counter = Counter()
+    peak_rss: dict[str, float] = {}
     cold_start_s = None
     if units:
         import ray
@@ -222,6 +225,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
                 totals.padded_tokens += row["padded_tokens"]
                 totals.error_kinds.update(json.loads(row["error_kinds"]))
                 actors[row["actor"]] += row["rows"]
+                peak_rss[row["actor"]] = max(peak_rss.get(row["actor"], 0.0), row["peak_rss_mb"])
             if rt.max_error_rate is not None and totals.rows >= min(todo, 100):
                 rate = totals.errors / max(1, totals.rows)
                 if rate > rt.max_error_rate:
@@ -240,7 +244,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
                 )
 
     duration = time.perf_counter() - t0
-    return finish(plan, out_dir, run_id, started_at, duration, cold_start_s, totals, resumed_rows, actors)
+    return finish(plan, out_dir, run_id, started_at, duration, cold_start_s, totals, resumed_rows, actors, peak_rss)
 
 
 def _count_errors(path: Any, md: pq.FileMetaData) -> int:
@@ -265,6 +269,7 @@ def finish(
     totals: BatchStats,
     resumed_rows: int,
     actors: Counter,
+    peak_rss: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Check that the committed parts cover every input row exactly once, then write the manifest."""
     parts = list_parts(out_dir)
@@ -310,6 +315,7 @@ def finish(
         "tokens": totals.tokens,
         "padded_tokens": totals.padded_tokens,
         "actors": dict(actors),
+        "actor_peak_rss_mb": {k: round(v, 1) for k, v in (peak_rss or {}).items()},
         "parts": [p.name for p in parts],
         "output_columns": plan.output_schema.names,
         "spec": spec.to_dict(),

@@ -146,7 +146,13 @@ class Task(ABC):
 
 
 def _type_name(annotation: Any) -> str:
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(a) for a in get_args(annotation))
     text = getattr(annotation, "__name__", None) or str(annotation)
+    if text == "Literal":  # a Literal inside Optional and the like
+        text = str(annotation)
     return text.replace("typing.", "")
 
 

@@ -253,3 +253,37 @@ def build_gpt_neox_japanese(path: str | Path, seed: int = 0, hidden_size: int = 
 
     shutil.rmtree(work)
     return out
+
+
+def run_job_on_rows(
+    task: str,
+    rows: Sequence[dict[str, Any]],
+    model: str | Path,
+    options: dict[str, Any] | None = None,
+    *,
+    workdir: str | Path,
+    files: int = 2,
+    **spec: Any,
+) -> list[dict[str, Any]]:
+    """Run ``task`` through a real job: ``rows`` (dicts keyed by the task's input names) become
+    Parquet files with an ``id`` column in ``workdir/in``, the job runs on Ray (the one already
+    initialised, else an embedded one) and the output rows come back sorted by id."""
+    from rayinfer.api import run_job
+
+    workdir = Path(workdir)
+    rows = list(rows)
+    names = sorted({k for r in rows for k in r})
+    write_dataset(workdir / "in", {"id": list(range(len(rows))), **{n: [r.get(n) for r in rows] for n in names}},
+                  files=min(files, max(1, len(rows))))
+    job = {
+        "task": task,
+        "model": str(model),
+        "input": {"path": str(workdir / "in"), "id_column": "id"},
+        "output": {"path": str(workdir / "out"), "mode": "overwrite"},
+        "options": options or {},
+        "runtime": {"batch_size": 16, "num_cpus": 1},
+    }
+    for key, value in spec.items():
+        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) and isinstance(job.get(key), dict) else value
+    run_job(job)
+    return sorted(pq.read_table(workdir / "out").to_pylist(), key=lambda r: r["id"])

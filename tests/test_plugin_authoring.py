@@ -1,0 +1,126 @@
+"""The plugin author's path: the scaffold, the example plugin, rayinfer's pytest plugin, and
+meta-tests that the docs and examples keep up with the code."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+import rayinfer.hookspecs as hookspecs
+from rayinfer.plugins import load_registry
+from rayinfer.scaffold import new_plugin
+from rayinfer.task import Task
+from rayinfer.testing import english_sentences, write_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "plugins.md"
+EMBED = ROOT / "plugins" / "examples" / "rayinfer-embed"
+
+
+def pip_install(package: Path, site: Path) -> None:
+    """`pip install` of the folder (a copy: building writes build/ beside the sources), into its
+    own target so the test environment stays clean."""
+    copy = site.parent / f"src-{package.name}"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    package = copy
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(package)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def env_with(site: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
+
+
+def run(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, env=env_with(site), cwd=cwd, timeout=600)
+
+
+def test_a_scaffolded_plugin_installs_passes_its_own_tests_and_runs_a_job(tmp_path, bert_classifier):
+    root = new_plugin("toxicity-score", tmp_path)
+    site = tmp_path / "site"
+    pip_install(root, site)
+
+    tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests")], site, tmp_path)
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
+    assert "3 passed" in tests.stdout
+
+    listed = run([sys.executable, "-m", "rayinfer", "plugins"], site, tmp_path)
+    assert "toxicity-score  rayinfer-toxicity-score 0.1.0  rayinfer_toxicity_score  -> toxicity-score" in listed.stdout
+
+    texts = list(english_sentences()[:30])
+    write_dataset(tmp_path / "in", {"doc": [f"d{i}" for i in range(30)], "body": texts}, files=2)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "task": "toxicity-score", "model": str(bert_classifier),
+        "input": {"path": str(tmp_path / "in"), "id_column": "doc", "columns": {"text": "body"}},
+        "output": {"path": str(tmp_path / "out")}, "runtime": {"num_cpus": 1},
+    }))
+    ran = run([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"], site, tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    assert sorted(r["doc"] for r in out) == sorted(f"d{i}" for i in range(30))
+    assert all(r["error"] is None and r["label"] in ("neg", "neu", "pos") for r in out)
+
+
+def test_the_example_plugin_installs_and_passes_its_tests(tmp_path):
+    site = tmp_path / "site"
+    pip_install(EMBED, site)
+    shown = run([sys.executable, "-m", "rayinfer", "tasks", "show", "embed"], site, tmp_path)
+    assert shown.returncode == 0 and "normalize (bool, default True)" in shown.stdout
+    tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EMBED / "tests")], site, tmp_path)
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
+    assert "3 passed" in tests.stdout
+
+
+def test_the_tutorial_code_is_the_example_plugin_code():
+    text = DOCS.read_text()
+    blocks = re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```\n", text, flags=re.S)
+    files = {path for path, _ in blocks}
+    expected = {
+        str(p.relative_to(ROOT)) for p in EMBED.rglob("*")
+        if p.suffix in (".py", ".toml") and not {"build", "__pycache__"} & set(p.relative_to(EMBED).parts)
+    }
+    assert files == expected
+    for path, code in blocks:
+        assert code == (ROOT / path).read_text(), f"docs/plugins.md drifted from {path}"
+
+
+def test_every_hook_is_documented_and_tested():
+    hooks = [name for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "rayinfer_spec")]
+    assert hooks == ["register_tasks"]
+    doc = DOCS.read_text()
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    for hook in hooks:
+        assert f"`{hook}(" in doc, f"hook {hook} is not in docs/plugins.md"
+        assert f"def {hook}(" in tests, f"no test implements hook {hook}"
+
+
+def test_every_task_member_is_documented():
+    doc = DOCS.read_text()
+    members = [n for n in vars(Task) if not n.startswith("_") or n == "__init__"]
+    members += list(Task.__annotations__)
+    for name in set(members) - {"__init__"}:
+        assert f"| `{name}" in doc, f"Task.{name} is not in the reference of docs/plugins.md"
+
+
+def test_every_built_in_task_has_descriptions_and_an_example_job():
+    registry = load_registry(only=None)
+    jobs = {yaml.safe_load(p.read_text())["task"] for p in (ROOT / "jobs").glob("*.yaml")}
+    built_in = [n for n, plugin in registry.task_plugin.items() if registry.tasks[n].__module__.startswith("rayinfer_tasks")]
+    assert sorted(built_in) == ["classify", "fill-mask", "generate", "nsp", "summarize"]
+    for name in built_in:
+        info = registry.get(name).describe()
+        assert info["description"] and info["outputs"], name
+        assert all(o["description"] for o in info["options"]), name
+        assert name in jobs, f"no example job in jobs/ for {name}"
