@@ -238,6 +238,9 @@ class NezhaOnlyMLMHead(nn.Module):
         super().__init__()
         self.predictions = NezhaLMPredictionHead(config)
 
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.predictions(hidden)
+
 
 class NezhaOnlyNSPHead(nn.Module):
     def __init__(self, config: NezhaConfig) -> None:
@@ -343,7 +346,7 @@ class NezhaForMaskedLM(NezhaPreTrainedModel):
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> MaskedLMOutput:
         out = self.nezha(input_ids, attention_mask, token_type_ids, **kwargs)
-        logits = self.cls.predictions(out.last_hidden_state)
+        logits = self.cls(out.last_hidden_state)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))

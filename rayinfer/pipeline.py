@@ -202,7 +202,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
                 column_map=plan.column_map,
                 id_column=spec.input.id_column,
                 keep=[k for k in spec.input.keep if k != spec.input.id_column],
-                max_batch_tokens=rt.max_batch_tokens,
+                max_batch_tokens=rt.batch_tokens,
                 out_dir=out_dir,
                 schema=plan.output_schema,
                 provenance=plan.provenance(run_id),

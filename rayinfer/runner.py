@@ -81,7 +81,7 @@ class TaskRunner:
         column_map: dict[str, str] | None = None,
         id_column: str = "id",
         keep: Sequence[str] = (),
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: int = 2048,
     ) -> None:
         self.task = task
         self.column_map = {name: (column_map or {}).get(name, name) for name in task.inputs}

@@ -51,10 +51,17 @@ class ActorRange(_Strict):
         return self
 
 
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 16384
+
+
 class RuntimeSpec(_Strict):
     batch_size: int = Field(64, gt=0, description="Rows per batch handed to an actor.")
-    max_batch_tokens: int = Field(
-        16384, gt=0, description="Token budget of one forward pass (rows x longest row, padding included)."
+    max_batch_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Token budget of one forward pass (rows x longest row, padding included); default 2048 "
+        "on CPU actors (larger passes are slower there: measured in benchmarks/), 16384 on GPU actors.",
     )
     actors: Union[int, ActorRange, None] = Field(
         None, description="Actor pool size: an int, {min, max}, or unset to fit the cluster's CPUs/GPUs."
@@ -75,6 +82,13 @@ class RuntimeSpec(_Strict):
         if isinstance(self.actors, int) and self.actors < 1:
             raise ValueError("actors must be >= 1")
         return self
+
+    @property
+    def batch_tokens(self) -> int:
+        """``max_batch_tokens``, or the default for the actors' device."""
+        if self.max_batch_tokens is not None:
+            return self.max_batch_tokens
+        return GPU_BATCH_TOKENS if self.num_gpus > 0 else CPU_BATCH_TOKENS
 
 
 class JobSpec(_Strict):

@@ -137,7 +137,7 @@ def run_task(
     model: str | Path,
     options: dict[str, Any] | None = None,
     *,
-    max_batch_tokens: int = 16384,
+    max_batch_tokens: int = 2048,
     **context: Any,
 ) -> list[dict[str, Any]]:
     """Run ``task`` on ``rows`` (dicts keyed by the task's input names) without Ray.

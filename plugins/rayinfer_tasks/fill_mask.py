@@ -60,6 +60,7 @@ class FillMaskTask(Task):
         self.model = load_model(self.context, AutoModelForMaskedLM)
         self.max_length = max_input_length(self.tokenizer, self.model, self.options.max_length)
         self._token_text: dict[int, str] = {}
+        self._split = split_mlm_head(self.model)
 
     def preprocess(self, batch: Batch) -> list[Any]:
         texts = batch["text"]
@@ -85,9 +86,14 @@ class FillMaskTask(Task):
         import torch
 
         inputs = pad(self.tokenizer, items, self.model.device)
-        logits = self.model(**inputs).logits
         rows, cols = torch.nonzero(inputs["input_ids"] == self.tokenizer.mask_token_id, as_tuple=True)
-        probs = logits[rows, cols].float().softmax(dim=-1)
+        if self._split is not None:  # the vocabulary projection only where the masks are
+            base, head = self._split
+            hidden = base(**inputs).last_hidden_state
+            logits = head(hidden[rows, cols])
+        else:
+            logits = self.model(**inputs).logits[rows, cols]
+        probs = logits.float().softmax(dim=-1)
         k = min(self.options.top_k, probs.shape[-1])
         values, indices = probs.topk(k)
         per_row: list[list[tuple[list[int], list[float]]]] = [[] for _ in items]
@@ -112,6 +118,20 @@ class FillMaskTask(Task):
             predictions.append(row)
             filled.append(fill_text(text, mask, [cands[0]["token"] for cands in row]))
         return {"predictions": predictions, "filled": filled}
+
+
+def split_mlm_head(model: Any) -> tuple[Any, Any] | None:
+    """(encoder, MLM head) of BERT-like masked LMs (``cls`` or ``lm_head`` beside the base model),
+    so the vocabulary projection, a third of an encoder's work, runs on mask positions only. None
+    (the whole model runs) for other layouts, or when an adapter wraps the model."""
+    from torch import nn
+
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    for name in ("cls", "lm_head"):
+        head = getattr(model, name, None)
+        if isinstance(base, nn.Module) and isinstance(head, nn.Module) and type(head).forward is not nn.Module.forward:
+            return base, head
+    return None
 
 
 def fill_text(text: str, mask: str, tokens: list[str]) -> str:
