@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -29,10 +30,11 @@ import pyarrow.parquet as pq
 
 from rayinfer import __version__
 from rayinfer.api import Plan
-from rayinfer.errors import RunError
+from rayinfer.errors import InputError, RunError
 from rayinfer.inputs import FILE_COL, ROW_COL, make_units, merge_ranges, read_unit
 from rayinfer.output import PartWriter, committed_coverage, list_parts, part_coverage, prepare, write_manifest
 from rayinfer.runner import ERROR_COL, BatchStats, TaskRunner
+from rayinfer.spec import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
 from rayinfer.task import LoadContext, Task
 
 log = logging.getLogger("rayinfer")
@@ -126,7 +128,17 @@ def pool_size(plan: Plan, cluster: dict[str, float]) -> tuple[int, int]:
     return 1, max(1, fit)
 
 
-def check_resources(plan: Plan, cluster: dict[str, float]) -> None:
+def default_batch_tokens(plan: Plan) -> int:
+    """The token budget per forward pass when the spec sets none: large on GPUs; on CPUs small
+    for encoders (bigger passes run slower there) but large for generation, whose decode steps
+    cost about the same for 8 rows as for 32 (measured in benchmarks/)."""
+    if plan.spec.runtime.num_gpus > 0:
+        return GPU_BATCH_TOKENS
+    return plan.task_cls.cpu_batch_tokens or CPU_BATCH_TOKENS
+
+
+def check_resources(plan: Plan, cluster: dict[str, float], nodes: list[dict[str, float]] | None = None) -> None:
+    """Fail now, not by waiting forever, when no node can hold one actor."""
     rt = plan.spec.runtime
     if rt.num_gpus > 0 and cluster.get("GPU", 0) < rt.num_gpus:
         raise RunError(
@@ -141,6 +153,53 @@ def check_resources(plan: Plan, cluster: dict[str, float]) -> None:
     for name, amount in rt.resources.items():
         if cluster.get(name, 0) < amount:
             raise RunError(f"runtime.resources asks for {amount:g} {name!r} but the cluster has {cluster.get(name, 0):g}")
+    need = {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}
+    need = {k: v for k, v in need.items() if v > 0}
+    if nodes and not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
+        have = "; ".join(", ".join(f"{k}={n.get(k, 0):g}" for k in need) for n in nodes)
+        raise RunError(f"no node can hold one actor ({', '.join(f'{k}={v:g}' for k, v in need.items())}); nodes have: {have}")
+
+
+def _local(path: str) -> bool:
+    return "://" not in path
+
+
+def _probe_paths(inputs: list[str], output: str) -> list[str]:
+    """Run on a node: which of the paths it cannot see (or write, for the output)."""
+    missing = [p for p in inputs if not os.path.exists(p)]
+    parent = Path(output)
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        missing.append(f"{output} (not writable)")
+    return missing
+
+
+def check_paths_visible(plan: Plan, out_dir: str) -> None:
+    """On a multi-node cluster, local input/output paths must be visible from every node (a
+    shared file system); otherwise fail now, naming the node, rather than mid-run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    inputs = [f.path for f in plan.files if _local(f.path)]
+    if len(nodes) < 2 or (not inputs and not _local(out_dir)):
+        return
+    probe = ray.remote(num_cpus=0)(_probe_paths)
+    sample = inputs[:50]  # enough to catch a node without the file system
+    pending = {
+        n["NodeManagerAddress"] + " " + n["NodeID"][:12]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(sample, out_dir if _local(out_dir) else "/")
+        for n in nodes
+    }
+    for node, ref in pending.items():
+        missing = ray.get(ref, timeout=60)
+        if missing:
+            raise InputError(
+                f"node {node} cannot see {', '.join(missing[:3])}: on a multi-node cluster input and output "
+                "paths must be on a file system every node mounts, or object-store URIs (s3://, gs://, ...)"
+            )
 
 
 def versions() -> dict[str, str]:
@@ -170,6 +229,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
     totals = BatchStats()
     actors: Counter = Counter()
     peak_rss: dict[str, float] = {}
+    busy: Counter = Counter()
     cold_start_s = None
     if units:
         import ray
@@ -177,7 +237,8 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
 
         init_ray(address)
         cluster = ray.cluster_resources()
-        check_resources(plan, cluster)
+        check_resources(plan, cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        check_paths_visible(plan, out_dir)
         lo, hi = pool_size(plan, cluster)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -202,7 +263,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
                 column_map=plan.column_map,
                 id_column=spec.input.id_column,
                 keep=[k for k in spec.input.keep if k != spec.input.id_column],
-                max_batch_tokens=rt.batch_tokens,
+                max_batch_tokens=rt.max_batch_tokens or default_batch_tokens(plan),
                 out_dir=out_dir,
                 schema=plan.output_schema,
                 provenance=plan.provenance(run_id),
@@ -217,8 +278,10 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
         last_report = 0.0
         for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in summary.to_pylist():
-                if cold_start_s is None:
-                    cold_start_s = time.perf_counter() - t0
+                # the actor's commit time, not when the driver hears of it (Ray Data may hand
+                # summaries over late): the time from the start of the run to the first committed row
+                first = row["committed_at"] - started_at.timestamp()
+                cold_start_s = first if cold_start_s is None else min(cold_start_s, first)
                 totals.rows += row["rows"]
                 totals.errors += row["errors"]
                 totals.tokens += row["tokens"]
@@ -226,6 +289,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
                 totals.error_kinds.update(json.loads(row["error_kinds"]))
                 actors[row["actor"]] += row["rows"]
                 peak_rss[row["actor"]] = max(peak_rss.get(row["actor"], 0.0), row["peak_rss_mb"])
+                busy[row["actor"]] += row["compute_s"]
             if rt.max_error_rate is not None and totals.rows >= min(todo, 100):
                 rate = totals.errors / max(1, totals.rows)
                 if rate > rt.max_error_rate:
@@ -244,7 +308,9 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
                 )
 
     duration = time.perf_counter() - t0
-    return finish(plan, out_dir, run_id, started_at, duration, cold_start_s, totals, resumed_rows, actors, peak_rss)
+    return finish(
+        plan, out_dir, run_id, started_at, duration, cold_start_s, totals, resumed_rows, actors, peak_rss, busy
+    )
 
 
 def _count_errors(path: Any, md: pq.FileMetaData) -> int:
@@ -270,6 +336,7 @@ def finish(
     resumed_rows: int,
     actors: Counter,
     peak_rss: dict[str, float] | None = None,
+    busy: Counter | None = None,
 ) -> dict[str, Any]:
     """Check that the committed parts cover every input row exactly once, then write the manifest."""
     parts = list_parts(out_dir)
@@ -316,6 +383,7 @@ def finish(
         "padded_tokens": totals.padded_tokens,
         "actors": dict(actors),
         "actor_peak_rss_mb": {k: round(v, 1) for k, v in (peak_rss or {}).items()},
+        "actor_busy_s": {k: round(v, 2) for k, v in (busy or {}).items()},
         "parts": [p.name for p in parts],
         "output_columns": plan.output_schema.names,
         "spec": spec.to_dict(),

@@ -60,8 +60,9 @@ class RuntimeSpec(_Strict):
     max_batch_tokens: int | None = Field(
         None,
         gt=0,
-        description="Token budget of one forward pass (rows x longest row, padding included); default 2048 "
-        "on CPU actors (larger passes are slower there: measured in benchmarks/), 16384 on GPU actors.",
+        description="Token budget of one forward pass (rows x longest row, padding included); default 16384 "
+        "on GPU actors; on CPU actors 2048 for encoder tasks (larger passes are slower there) and 16384 "
+        "for generation (measured in benchmarks/).",
     )
     actors: Union[int, ActorRange, None] = Field(
         None, description="Actor pool size: an int, {min, max}, or unset to fit the cluster's CPUs/GPUs."
@@ -83,12 +84,6 @@ class RuntimeSpec(_Strict):
             raise ValueError("actors must be >= 1")
         return self
 
-    @property
-    def batch_tokens(self) -> int:
-        """``max_batch_tokens``, or the default for the actors' device."""
-        if self.max_batch_tokens is not None:
-            return self.max_batch_tokens
-        return GPU_BATCH_TOKENS if self.num_gpus > 0 else CPU_BATCH_TOKENS
 
 
 class JobSpec(_Strict):

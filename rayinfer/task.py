@@ -69,6 +69,10 @@ class Task(ABC):
     inputs: ClassVar[dict[str, InputColumn]] = {"text": InputColumn("The text to process.")}
     """The task's input names; ``input.columns`` in the spec maps them to dataset columns."""
 
+    cpu_batch_tokens: ClassVar[int | None] = None
+    """The token budget per forward pass on CPU actors when the spec sets none (None: 2048, good
+    for encoders; generation tasks set more, since a decode step costs about the same for many rows)."""
+
     class Options(TaskOptions):
         """The task's options (``options:`` in the spec). Every field needs a description."""
 

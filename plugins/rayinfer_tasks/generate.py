@@ -29,6 +29,7 @@ def chat_prompt(tokenizer: Any, user: str, system: str | None) -> str:
 
 class GenerateTask(Task):
     name = "generate"
+    cpu_batch_tokens = 16384
     description = "Generate text from prompts with a causal LM (chat templates, greedy or seeded sampling)."
     inputs = {"prompt": InputColumn("The prompt (the user message when chat is on).")}
 

@@ -19,6 +19,7 @@ DEFAULT_INSTRUCTION = "Summarize the following text in one or two sentences.\n\n
 
 class SummarizeTask(Task):
     name = "summarize"
+    cpu_batch_tokens = 16384
     description = "Summarize texts: seq2seq (T5/BART, with a prefix) or a causal LM prompted by an instruction."
 
     class Options(SamplingOptions):

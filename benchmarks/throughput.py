@@ -1,0 +1,378 @@
+"""Throughput: rayinfer against the transformers pipeline and the plain Ray Data recipe.
+
+    python -m benchmarks.throughput                  # all four tasks (about 20 minutes on 2 cores)
+    python -m benchmarks.throughput --tasks classify,fill-mask --rows 1000
+
+For each task, in ONE run, on the same model and the same real, mixed-length text:
+
+  (a) ``transformers.pipeline(...)`` in one process, at each candidate batch size (the best one
+      is reported; it also sets (b)'s batch size);
+  (b) the plain Ray Data recipe: ``read_parquet -> map_batches(<class wrapping the pipeline>,
+      ActorPoolStrategy) -> write_parquet``;
+  (c) rayinfer (``run_job``), same actor count and CPUs as (b).
+
+Speed is steady-state: for (b) and (c), the rows of every output file after the first over the
+time between the first and the last file's commit (Ray start-up, model loading and teardown
+excluded); for (a), all rows over the pipeline call (its model is loaded before the clock starts). End-to-end seconds, start-up included, are printed beside it. Model FLOP/s
+count 2 x non-embedding parameters per real (unpadded) token plus attention, and are compared
+with the machine's matmul FLOP/s measured in the same run with the same thread count. Peak memory
+is the model process's peak RSS ((a): the pipeline process; (b), (c): the actor process).
+
+Models: all-MiniLM-L6-v2 (a real 6-layer BERT encoder) with a classification head and with its
+MLM head (heads freshly initialised: speed does not depend on their values), and SmolLM2-135M-
+Instruct for generate and summarize; all from the offline catalog. Text: sentences and topics of
+the Python reference documentation (``pydoc_data.topics``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+THREADS = 2  # torch intra-op threads for every variant (this machine has 2 cores)
+ACTOR_CPUS = 1.5  # what (b) and (c) reserve per actor; the rest is left to Ray Data's read tasks
+
+CANDIDATE_BATCHES = {"classify": [8, 16, 32], "fill-mask": [8, 16, 32], "generate": [1, 8, 16], "summarize": [1, 8]}
+
+
+# ---- models and data --------------------------------------------------------------------------
+
+def bench_home() -> Path:
+    from rayinfer import catalog
+
+    return catalog.home() / "bench"
+
+
+def encoder_with_head(kind: str) -> Path:
+    """all-MiniLM-L6-v2's real encoder under a classification or MLM head, saved once."""
+    from transformers import AutoTokenizer, BertForMaskedLM, BertForSequenceClassification
+
+    from rayinfer import catalog
+
+    dest = bench_home() / f"minilm-{kind}"
+    if (dest / "config.json").is_file():
+        return dest
+    src = catalog.fetch("all-minilm-l6-v2")
+    cls = BertForSequenceClassification if kind == "cls" else BertForMaskedLM
+    extra = {"num_labels": 3, "id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}} if kind == "cls" else {}
+    model = cls.from_pretrained(src, **extra)
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+    return dest
+
+
+def sentences(n: int) -> list[str]:
+    from rayinfer.testing import english_sentences
+
+    sents = list(english_sentences())
+    return [sents[i % len(sents)] for i in range(n)]
+
+
+def masked(texts: list[str]) -> list[str]:
+    out = []
+    for t in texts:
+        words = t.split()
+        words[len(words) // 2] = "[MASK]"
+        out.append(" ".join(words))
+    return out
+
+
+def workloads(rows: int, gen_rows: int) -> dict[str, dict[str, Any]]:
+    from rayinfer import catalog, demo
+
+    smol = str(catalog.fetch("smollm2-135m-instruct"))
+    docs = [d["text"] for d in demo.documents(max_chars=600)][:gen_rows]
+    prompts = [f"Here is a sentence from the Python documentation: {s}\nIt means that" for s in sentences(gen_rows * 7)[::7]]
+    return {
+        "classify": {"model": str(encoder_with_head("cls")), "column": "text", "texts": sentences(rows),
+                     "options": {}, "pipeline": ("text-classification", {"top_k": None})},
+        "fill-mask": {"model": str(encoder_with_head("mlm")), "column": "text", "texts": masked(sentences(rows)),
+                      "options": {"top_k": 3}, "pipeline": ("fill-mask", {"top_k": 3})},
+        "generate": {"model": smol, "column": "prompt", "texts": prompts[:gen_rows],
+                     "options": {"max_new_tokens": 16},
+                     "pipeline": ("text-generation", {"max_new_tokens": 16, "do_sample": False, "return_full_text": False})},
+        "summarize": {"model": smol, "column": "text", "texts": docs,
+                      "options": {"max_new_tokens": 24, "chat": True},
+                      "pipeline": ("text-generation", {"max_new_tokens": 24, "do_sample": False, "return_full_text": False})},
+    }
+
+
+def pipeline_inputs(task: str, work: dict[str, Any]) -> list[Any]:
+    """What (a) and (b) feed the pipeline: for summarize the same chat prompt rayinfer builds."""
+    if task != "summarize":
+        return work["texts"]
+    from rayinfer_tasks.summarize import DEFAULT_INSTRUCTION
+
+    return [[{"role": "user", "content": DEFAULT_INSTRUCTION.replace("{text}", t)}] for t in work["texts"]]
+
+
+# ---- measurements -----------------------------------------------------------------------------
+
+def matmul_flops(threads: int = THREADS, n: int = 1024, seconds: float = 3.0) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def model_flops(model_dir: str, texts: list[str]) -> tuple[int, float]:
+    """(real input tokens, forward FLOPs over them): 2 x non-embedding params per token + attention."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    lengths = [min(len(ids), 512) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    inter = getattr(cfg, "intermediate_size", 4 * h)
+    per_layer = 4 * h * h + (3 if cfg.model_type == "llama" else 2) * h * inter  # attention + MLP weights
+    params = layers * per_layer
+    flops = sum(2 * params * n + 4 * layers * h * n * n for n in lengths)
+    return sum(lengths), flops
+
+
+class Watcher:
+    """Samples the peak RSS of Ray's map workers (the model processes of (b) and (c))."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Watcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for p in me.children(recursive=True):
+                try:
+                    if "MapWorker" in " ".join(p.cmdline()):
+                        self.peak_mb = max(self.peak_mb, p.memory_info().rss / 2**20)
+                except psutil.Error:
+                    continue
+            time.sleep(0.5)
+
+
+class PipelineRecipe:
+    """(b): the class a Ray Data user writes around a transformers pipeline."""
+
+    def __init__(self, task: str, model: str, kwargs: dict[str, Any], batch_size: int, column: str, chat: bool):
+        import torch
+        from transformers import pipeline
+
+        torch.set_num_threads(THREADS)
+        self.pipe = pipeline(task, model=model, device="cpu")
+        if self.pipe.tokenizer.pad_token_id is None:
+            self.pipe.tokenizer.pad_token = self.pipe.tokenizer.eos_token
+        if task == "text-generation":
+            self.pipe.tokenizer.padding_side = "left"
+        self.kwargs, self.batch_size, self.column, self.chat = kwargs, batch_size, column, chat
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        texts = list(batch[self.column])
+        if self.chat:
+            texts = [[{"role": "user", "content": t}] for t in texts]
+        out = self.pipe(texts, batch_size=self.batch_size, **self.kwargs)
+        return {"id": batch["id"], "out": [json.dumps(o, default=str) for o in out]}
+
+
+def run_pipeline(task: str, work: dict[str, Any], batch_size: int) -> dict[str, float]:
+    """(a) in a fresh subprocess, so its peak RSS is its own."""
+    code = (
+        "import json,sys,time,resource,torch\n"
+        "from transformers import pipeline\n"
+        "from benchmarks.throughput import workloads, pipeline_inputs, THREADS\n"
+        "task, bs, rows, gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])\n"
+        "torch.set_num_threads(THREADS)\n"
+        "w = workloads(rows, gen)[task]\n"
+        "t0 = time.perf_counter()\n"
+        "pipe = pipeline(w['pipeline'][0], model=w['model'], device='cpu')\n"
+        "if pipe.tokenizer.pad_token_id is None: pipe.tokenizer.pad_token = pipe.tokenizer.eos_token\n"
+        "if w['pipeline'][0] == 'text-generation': pipe.tokenizer.padding_side = 'left'\n"
+        "inputs = pipeline_inputs(task, w)\n"
+        "t1 = time.perf_counter()\n"
+        "with torch.inference_mode(): out = pipe(inputs, batch_size=bs, **w['pipeline'][1])\n"
+        "t2 = time.perf_counter()\n"
+        "assert len(out) == len(inputs)\n"
+        "print(json.dumps({'steady_s': t2 - t1, 'total_s': t2 - t0, 'rows': len(inputs),"
+        " 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, task, str(batch_size), str(ARGS.rows), str(ARGS.gen_rows)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    if res.returncode:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def steady(out: Path, t_start: float, t_end: float) -> tuple[float, int]:
+    """Rows per second between the first and the last output file's commit (start-up and
+    teardown excluded): (seconds, rows) over that span."""
+    files = sorted(out.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
+    if len(files) < 2:  # everything came in one file: no steady part to measure
+        return t_end - t_start, sum(pq.read_metadata(f).num_rows for f in files)
+    span = files[-1].stat().st_mtime - files[0].stat().st_mtime
+    return span, sum(pq.read_metadata(f).num_rows for f in files[1:])
+
+
+def run_ray_recipe(task: str, work: dict[str, Any], data: Path, out: Path, batch_size: int) -> dict[str, float]:
+    import ray
+
+    kind, kwargs = work["pipeline"]
+    chat = task == "summarize"
+    if chat:
+        from rayinfer_tasks.summarize import DEFAULT_INSTRUCTION
+
+        table = pq.read_table(data)
+        texts = [DEFAULT_INSTRUCTION.replace("{text}", t) for t in table.column(work["column"]).to_pylist()]
+        data = data.parent / "recipe-input"
+        data.mkdir(exist_ok=True)
+        pq.write_table(table.set_column(table.schema.get_field_index(work["column"]), work["column"], pa.array(texts)),
+                       data / "part.parquet")
+    t0 = time.perf_counter()
+    with Watcher() as watcher:
+        ds = ray.data.read_parquet(str(data))
+        ds = ds.map_batches(
+            PipelineRecipe,
+            fn_constructor_kwargs=dict(task=kind, model=work["model"], kwargs=kwargs, batch_size=batch_size,
+                                       column=work["column"], chat=chat),
+            # num_cpus=1, not ACTOR_CPUS: with 1.5 the read tasks (1 CPU each by default) cannot run
+            # beside the actor on 2 CPUs and the recipe deadlocks. Its torch threads are set to THREADS.
+            batch_size=max(batch_size, 64), compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+        )
+        ds.write_parquet(str(out))
+        t1 = time.perf_counter()
+    rows = pq.read_table(out).num_rows
+    secs, steady_rows = steady(out, t0, t1)
+    return {"steady_s": secs, "steady_rows": steady_rows, "total_s": t1 - t0, "rows": rows, "peak_mb": watcher.peak_mb}
+
+
+def run_rayinfer(task: str, work: dict[str, Any], data: Path, out: Path) -> dict[str, float]:
+    from rayinfer.api import run_job
+
+    spec = {
+        "task": "classify" if task == "classify" else task,
+        "model": work["model"],
+        "input": {"path": str(data), "id_column": "id", "columns": {("prompt" if task == "generate" else "text"): work["column"]}},
+        "output": {"path": str(out)},
+        "options": work["options"],
+        # max_batch_tokens left at its default (2048 on CPU actors)
+        "runtime": {"actors": 1, "num_cpus": ACTOR_CPUS, "batch_size": 256 if task in ("classify", "fill-mask") else 16},
+    }
+    t0 = time.perf_counter()
+    with Watcher() as watcher:
+        manifest = run_job(spec)
+        t1 = time.perf_counter()
+    secs, steady_rows = steady(out, t0, t1)
+    peak = max(manifest.get("actor_peak_rss_mb", {}).values(), default=watcher.peak_mb)
+    return {"steady_s": secs, "steady_rows": steady_rows, "total_s": t1 - t0, "rows": manifest["rows"],
+            "peak_mb": peak, "cold_start_s": manifest["cold_start_s"], "padded_tokens": manifest["padded_tokens"],
+            "tokens": manifest["tokens"]}
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def main() -> None:
+    import ray
+    import torch
+
+    tasks = ARGS.tasks.split(",")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, threads {THREADS}", flush=True)
+    peak = matmul_flops()
+    print(f"measured matmul: {peak / 1e9:.1f} GFLOP/s (fp32, {THREADS} threads)", flush=True)
+    work_all = workloads(ARGS.rows, ARGS.gen_rows)
+    tmp = Path(tempfile.mkdtemp(prefix="rayinfer-bench-"))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+             _temp_dir=str(tmp / "ray"))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results = []
+    try:
+        for task in tasks:
+            work = work_all[task]
+            data = tmp / task / "in"
+            data.mkdir(parents=True)
+            pq.write_table(pa.table({"id": list(range(len(work["texts"]))), work["column"]: work["texts"]}),
+                           data / "part-0.parquet", row_group_size=256)
+            print(f"\n== {task}: {len(work['texts'])} rows, model {Path(work['model']).name}", flush=True)
+            best = None
+            for bs in CANDIDATE_BATCHES[task]:
+                r = run_pipeline(task, work, bs)
+                print(f"  (a) pipeline batch_size={bs}: {r['rows'] / r['steady_s']:.1f} rows/s", flush=True)
+                if best is None or r["steady_s"] < best[1]["steady_s"]:
+                    best = (bs, r)
+            bs, a = best
+            b = run_ray_recipe(task, work, data, tmp / task / "out-recipe", bs)
+            print(f"  (b) plain Ray recipe: {b['steady_rows'] / b['steady_s']:.1f} rows/s", flush=True)
+            c = run_rayinfer(task, work, data, tmp / task / "out-rayinfer")
+            print(f"  (c) rayinfer: {c['steady_rows'] / c['steady_s']:.1f} rows/s", flush=True)
+            generated = task in ("generate", "summarize")
+            tokens, flops = model_flops(work["model"], work["texts"]) if not generated else (0, 0.0)
+            results.append((task, bs, a, b, c, tokens, flops, len(work["texts"])))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print("\n| task | rows | (a) pipeline rows/s (best batch) | (b) Ray recipe rows/s | (c) rayinfer rows/s "
+          "| c/a | c/b | (c) tokens/s | (c) model FLOP/s vs matmul | end-to-end s (a / b / c) | peak MB (a / b / c) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for task, bs, a, b, c, tokens, flops, rows in results:
+        ra = a["rows"] / a["steady_s"]
+        rb = b["steady_rows"] / b["steady_s"]
+        rc = c["steady_rows"] / c["steady_s"]
+        if flops:
+            tok_s = tokens / rows * rc
+            fl = f"{flops / rows * rc / 1e9:.1f} G ({flops / rows * rc / peak:.0%})"
+        else:
+            tok_s = rc * (work_all[task]["options"]["max_new_tokens"])
+            fl = "n/a (generation)"
+        print(f"| {task} | {rows} | {ra:.1f} ({bs}) | {rb:.1f} | {rc:.1f} | {rc / ra:.2f} | {rc / rb:.2f} | "
+              f"{tok_s:.0f}{'' if flops else ' new (max)'} | {fl} | {a['total_s']:.0f} / {b['total_s']:.0f} / {c['total_s']:.0f} | "
+              f"{a['peak_mb']:.0f} / {b['peak_mb']:.0f} / {c['peak_mb']:.0f} |")
+    print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s; rayinfer cold start (run to first committed part): "
+          + ", ".join(f"{r[0]} {r[4]['cold_start_s']:.1f}s" for r in results))
+    print("rayinfer padding: " + ", ".join(
+        f"{r[0]} {r[4]['padded_tokens'] / max(1, r[4]['tokens']):.2f}x real tokens" for r in results if r[4]["tokens"]))
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default="classify,fill-mask,generate,summarize")
+    ap.add_argument("--rows", type=int, default=1500, help="rows for classify and fill-mask")
+    ap.add_argument("--gen-rows", type=int, default=32, help="rows for generate and summarize")
+    return ap.parse_args(argv)
+
+
+ARGS = parse([])
+
+if __name__ == "__main__":
+    ARGS = parse()
+    main()

@@ -1,0 +1,150 @@
+"""Submitting jobs to a Ray cluster through the Ray Jobs API (``JobSubmissionClient``).
+
+The job's driver runs on the cluster as ``python -m rayinfer run --spec-json ... --address auto``:
+the spec travels in the entrypoint (it is small), the working directory and any extra pip
+packages (e.g. a task plugin) travel in the runtime environment. Token authentication is handled
+by Ray's client itself, which reads ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` / the default
+token file exactly as the ``ray`` CLI does. Nothing here imports ray at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rayinfer.errors import RayInferError, RunError, SpecError
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 3, "STOPPED": 130}
+# never uploaded with the working directory: environments, outputs, caches, VCS
+EXCLUDES = [".venv", "venv", ".git", "out", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info", "build"]
+
+
+class ClusterError(RayInferError):
+    """The cluster cannot be reached, or refused the request."""
+
+
+def client(address: str) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # ConnectionError, auth errors, bad addresses
+        raise ClusterError(f"cannot reach the Ray job server at {address!r}: {exc}") from None
+
+
+def submit(
+    job: str | Path,
+    overrides: list[str],
+    address: str,
+    working_dir: str | Path | None = ".",
+    pip: list[str] | None = None,
+    submission_id: str | None = None,
+) -> str:
+    """Check the spec (its keys, task and options: paths are checked on the cluster), submit it,
+    and return the submission id."""
+    from pydantic import ValidationError
+
+    from rayinfer.plugins import load_registry
+    from rayinfer.spec import format_validation_error, load_spec
+
+    spec = load_spec(job, overrides)
+    task_cls = load_registry().get(spec.task)
+    try:
+        task_cls.Options.model_validate(spec.options)
+    except ValidationError as exc:
+        raise SpecError(f"options for task {spec.task!r}: " + format_validation_error(exc, task_cls.Options)) from None
+
+    runtime_env: dict[str, Any] = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if working_dir is not None:
+        runtime_env["working_dir"] = str(working_dir)
+        runtime_env["excludes"] = EXCLUDES
+    if pip:
+        runtime_env["pip"] = list(pip)
+    entrypoint = "python -m rayinfer run --address auto --spec-json " + shlex.quote(json.dumps(spec.to_dict()))
+    try:
+        return client(address).submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=submission_id,
+            metadata={"rayinfer_task": spec.task, "rayinfer_model": spec.model},
+        )
+    except RayInferError:
+        raise
+    except Exception as exc:
+        raise ClusterError(f"the cluster at {address!r} refused the job: {exc}") from None
+
+
+def status(address: str, submission_id: str) -> dict[str, Any]:
+    try:
+        info = client(address).get_job_info(submission_id)
+    except RayInferError:
+        raise
+    except Exception as exc:
+        raise ClusterError(f"no job {submission_id!r} on {address!r}: {exc}") from None
+    return {
+        "submission_id": info.submission_id,
+        "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+        "metadata": info.metadata,
+    }
+
+
+def logs(address: str, submission_id: str) -> str:
+    try:
+        return client(address).get_job_logs(submission_id)
+    except Exception as exc:
+        raise ClusterError(f"cannot read the logs of {submission_id!r}: {exc}") from None
+
+
+def follow(address: str, submission_id: str, out: Callable[[str], None], poll_s: float = 1.0) -> str:
+    """Print the job's log as it grows until the job ends; return its final status."""
+    shown = 0
+    while True:
+        state = status(address, submission_id)["status"]
+        text = logs(address, submission_id)
+        if len(text) > shown:
+            out(text[shown:])
+            shown = len(text)
+        if state in TERMINAL:
+            return state
+        time.sleep(poll_s)
+
+
+def stop(address: str, submission_id: str) -> bool:
+    try:
+        return bool(client(address).stop_job(submission_id))
+    except Exception as exc:
+        raise ClusterError(f"cannot stop {submission_id!r}: {exc}") from None
+
+
+def list_jobs(address: str) -> list[dict[str, Any]]:
+    try:
+        jobs = client(address).list_jobs()
+    except RayInferError:
+        raise
+    except Exception as exc:
+        raise ClusterError(f"cannot list the jobs on {address!r}: {exc}") from None
+    rows = []
+    for j in jobs:
+        if not j.submission_id:
+            continue  # drivers not submitted through the Jobs API
+        rows.append({
+            "submission_id": j.submission_id,
+            "status": str(j.status.value if hasattr(j.status, "value") else j.status),
+            "task": (j.metadata or {}).get("rayinfer_task", ""),
+            "start_time": j.start_time,
+        })
+    return sorted(rows, key=lambda r: r["start_time"] or 0)
+
+
+def wait_exit_code(state: str) -> int:
+    if state not in EXIT_CODES:
+        raise RunError(f"job ended in an unknown state {state!r}")
+    return EXIT_CODES[state]
