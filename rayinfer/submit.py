@@ -56,7 +56,7 @@ def submit(
     try:
         task_cls.Options.model_validate(spec.options)
     except ValidationError as exc:
-        raise SpecError(f"options for task {spec.task!r}: " + format_validation_error(exc, task_cls.Options)) from None
+        raise SpecError(f"options for task {spec.task!r}: " + format_validation_error(exc, task_cls.Options, prefix="options.")) from None
 
     runtime_env: dict[str, Any] = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if working_dir is not None:

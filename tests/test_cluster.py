@@ -1,0 +1,158 @@
+"""A real two-node Ray cluster on this machine (`ray start` head + a worker node joined with
+`ray start --address`, token authentication on), driven through `rayinfer submit/status/logs/
+stop/jobs` as a user would. The cluster is torn down even when a test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from helpers import masked_corpus
+from rayinfer.testing import write_dataset
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_cluster(temp: str) -> None:
+    """Every process of this cluster (their command lines name its temp dir), and their children."""
+    victims = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if temp in " ".join(p.info["cmdline"] or []):
+                victims += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            continue
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp = tempfile.mkdtemp(prefix="ri-cluster-", dir="/tmp")
+    port, dash = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` on the cluster is this one
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    try:
+        head = subprocess.run(
+            [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+             '--resources={"slot": 1}', f"--temp-dir={temp}", "--node-ip-address=127.0.0.1"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
+        worker = subprocess.run(
+            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"slot": 1}',
+             "--node-ip-address=127.0.0.1"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp": temp}
+    finally:
+        kill_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def cli(cluster, *args, token=True, timeout=600):
+    env = dict(cluster["env"])
+    if not token:
+        env["RAY_AUTH_TOKEN"] = "not-the-token"
+    return subprocess.run(
+        [sys.executable, "-m", "rayinfer", *args, "--address", cluster["address"]],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def job_folder(tmp_path, model, rows, **runtime):
+    write_dataset(tmp_path / "in", masked_corpus(rows), files=4, row_group_size=25)
+    work = tmp_path / "workdir"
+    work.mkdir()
+    job = work / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "task": "fill-mask", "model": str(model),
+        "input": {"path": str(tmp_path / "in"), "id_column": "doc_id", "columns": {"text": "sentence"}},
+        "output": {"path": str(tmp_path / "out")}, "options": {"top_k": 2},
+        "runtime": {"batch_size": 25, "num_cpus": 1, **runtime},
+    }))
+    return work, job
+
+
+def test_submit_wait_runs_on_both_nodes(cluster, tmp_path, bert_mlm):
+    work, job = job_folder(tmp_path, bert_mlm, 400, actors=2, resources={"slot": 1})
+    done = cli(cluster, "submit", str(job), "--working-dir", str(work), "--wait")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sid = done.stdout.strip().splitlines()[0]
+    assert "SUCCEEDED" in done.stderr
+    out = pq.read_table(tmp_path / "out")
+    assert sorted(out.column("doc_id").to_pylist()) == list(range(1000, 1400))
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    nodes = {actor.split(":")[0] for actor in manifest["actors"]}
+    assert len(nodes) == 2, manifest["actors"]  # one actor per node (each node has one "slot")
+
+    status = cli(cluster, "status", sid)
+    assert status.returncode == 0 and f"{sid}  SUCCEEDED" in status.stdout
+    logs = cli(cluster, "logs", sid)
+    assert "400 rows (400 this run, 0 resumed), 0 with errors" in logs.stdout
+    listed = cli(cluster, "jobs")
+    assert f"{sid}  SUCCEEDED  fill-mask" in listed.stdout
+
+
+def test_stop_a_running_job_and_resume_it(cluster, tmp_path, bert_mlm):
+    work, job = job_folder(tmp_path, bert_mlm, 4000, actors=1)
+    sub = cli(cluster, "submit", str(job), "--working-dir", str(work))
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    sid = sub.stdout.strip()
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((tmp_path / "out").glob("part-*.parquet")):
+        time.sleep(0.2)
+    assert "RUNNING" in cli(cluster, "status", sid).stdout
+    stopped = cli(cluster, "stop", sid)
+    assert stopped.returncode == 0 and "stop requested" in stopped.stdout
+    while time.time() < deadline and "STOPPED" not in cli(cluster, "status", sid).stdout:
+        time.sleep(0.5)
+    assert "STOPPED" in cli(cluster, "status", sid).stdout
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+
+    resumed = cli(cluster, "submit", str(job), "--working-dir", str(work), "--set", "output.mode=resume", "--wait")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["rows"] == 4000 and manifest["rows_resumed"] > 0
+    assert sorted(pq.read_table(tmp_path / "out").column("doc_id").to_pylist()) == list(range(1000, 5000))
+
+
+def test_a_wrong_token_and_a_bad_spec_are_clear_errors(cluster, tmp_path, bert_mlm):
+    work, job = job_folder(tmp_path, bert_mlm, 10)
+    denied = cli(cluster, "jobs", token=False)
+    assert denied.returncode == 2 and denied.stderr.startswith("rayinfer: error: ")
+    bad = cli(cluster, "submit", str(job), "--set", "options.topk=3")
+    assert bad.returncode == 2 and "did you mean 'options.top_k'" in bad.stderr
