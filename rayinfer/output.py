@@ -48,6 +48,11 @@ def list_parts(out_dir: str | Path) -> list[Path]:
 
 def prepare(out_dir: str, mode: str, check_only: bool = False) -> None:
     """Apply ``output.mode`` to the output folder: refuse, clear or keep what is there."""
+    if "://" in out_dir:
+        raise OutputError(
+            f"output.path {out_dir!r}: writing to object stores is not supported yet (parts are committed by "
+            "an atomic rename); use a local folder or a shared file system mounted on every node"
+        )
     d = Path(out_dir).expanduser()
     if d.exists() and not d.is_dir():
         raise OutputError(f"output.path {out_dir!r} exists and is not a folder")

@@ -1,3 +1,6 @@
+"""The suite's fixtures: the small local models come from rayinfer's own pytest plugin
+(rayinfer/pytest_plugin.py, the one plugin authors use), under the short names these tests use."""
+
 from __future__ import annotations
 
 import os
@@ -13,37 +16,29 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
+def models_dir(rayinfer_models_dir: Path) -> Path:
+    return rayinfer_models_dir
 
 
 @pytest.fixture(scope="session")
-def bert_mlm(models_dir: Path) -> Path:
-    from rayinfer.testing import build_bert
-
-    return build_bert(models_dir / "bert-mlm", head="masked-lm")
+def bert_mlm(rayinfer_bert: Path) -> Path:
+    return rayinfer_bert
 
 
 @pytest.fixture(scope="session")
-def bert_classifier(models_dir: Path) -> Path:
-    from rayinfer.testing import build_bert
-
-    return build_bert(models_dir / "bert-cls", head="sequence-classification", labels=["neg", "neu", "pos"])
+def bert_classifier(rayinfer_bert_classifier: Path) -> Path:
+    return rayinfer_bert_classifier
 
 
 @pytest.fixture(scope="session")
-def bert_nsp(models_dir: Path) -> Path:
-    from rayinfer.testing import build_bert
-
-    return build_bert(models_dir / "bert-nsp", head="next-sentence")
+def bert_nsp(rayinfer_bert_nsp: Path) -> Path:
+    return rayinfer_bert_nsp
 
 
 @pytest.fixture(scope="session")
-def llama(models_dir: Path) -> Path:
+def llama(rayinfer_llama: Path) -> Path:
     """A small random Llama with a chat template and no pad token."""
-    from rayinfer.testing import build_causal_lm
-
-    return build_causal_lm(models_dir / "llama")
+    return rayinfer_llama
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from rayinfer.testing import build_t5, english_sentences, run_task
+from rayinfer.testing import english_sentences, run_task
 from rayinfer_tasks.generate import GenerateTask
 from rayinfer_tasks.summarize import SummarizeTask
 
@@ -14,8 +14,8 @@ PROMPTS = [s for s in english_sentences()[200:260] if len(s) < 160][:7]
 
 
 @pytest.fixture(scope="module")
-def t5(models_dir):
-    return build_t5(models_dir / "t5")
+def t5(rayinfer_t5):
+    return rayinfer_t5
 
 
 def direct_greedy(model_dir, prompt, max_new_tokens):
