@@ -324,23 +324,25 @@ class NezhaModel(NezhaPreTrainedModel):
         )
 
 
-_TIED = {"cls.predictions.decoder.weight": "nezha.embeddings.word_embeddings.weight"}
+class _TiedMLMHead(NezhaPreTrainedModel):
+    """Models with ``cls.predictions``: its decoder shares the word embeddings' weights."""
 
-
-class NezhaForMaskedLM(NezhaPreTrainedModel):
-    _tied_weights_keys = _TIED
-
-    def __init__(self, config: NezhaConfig) -> None:
-        super().__init__(config)
-        self.nezha = NezhaModel(config, add_pooling_layer=False)
-        self.cls = NezhaOnlyMLMHead(config)
-        self.post_init()
+    _tied_weights_keys = {"cls.predictions.decoder.weight": "nezha.embeddings.word_embeddings.weight"}
 
     def get_output_embeddings(self) -> nn.Module:
         return self.cls.predictions.decoder
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.cls.predictions.decoder = value
+
+
+class NezhaForMaskedLM(_TiedMLMHead):
+
+    def __init__(self, config: NezhaConfig) -> None:
+        super().__init__(config)
+        self.nezha = NezhaModel(config, add_pooling_layer=False)
+        self.cls = NezhaOnlyMLMHead(config)
+        self.post_init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -379,20 +381,13 @@ class NezhaForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class NezhaForPreTraining(NezhaPreTrainedModel):
-    _tied_weights_keys = _TIED
+class NezhaForPreTraining(_TiedMLMHead):
 
     def __init__(self, config: NezhaConfig) -> None:
         super().__init__(config)
         self.nezha = NezhaModel(config)
         self.cls = NezhaPreTrainingHeads(config)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.cls.predictions.decoder
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.cls.predictions.decoder = value
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, **kwargs: Any) -> NezhaForPreTrainingOutput:

@@ -89,3 +89,10 @@ def pad(tokenizer: Any, items: list[dict[str, Any]], device: Any, side: str = "r
             rows.append(gap + list(v) if side == "left" else list(v) + gap)
         out[k] = torch.tensor(rows, dtype=torch.long, device=device)
     return out
+
+
+def require_text_slot(value: str) -> str:
+    """Validator of prompt templates: they must say where the row's text goes."""
+    if "{text}" not in value:
+        raise ValueError("must contain {text}, where the input goes")
+    return value

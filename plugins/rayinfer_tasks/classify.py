@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from rayinfer import Batch, RowError, Task, TaskOptions, hookimpl
 from rayinfer.errors import ModelError
 
-from rayinfer_tasks._encoding import encode, max_input_length, pad
+from rayinfer_tasks._encoding import encode, max_input_length, pad, require_text_slot
 
 LABEL_SCORE = pa.struct([("label", pa.string()), ("score", pa.float64())])
 
@@ -55,12 +55,7 @@ class ClassifyTask(Task):
         chat: bool = Field(False, description="Zero-shot: put the prompt in the chat template as a user message.")
         system: str | None = Field(None, description="Zero-shot with chat: a system message.")
 
-        @field_validator("prompt")
-        @classmethod
-        def _has_text(cls, value: str) -> str:
-            if "{text}" not in value:
-                raise ValueError("must contain {text}, where the input goes")
-            return value
+        _has_text = field_validator("prompt")(require_text_slot)
 
         @field_validator("labels")
         @classmethod

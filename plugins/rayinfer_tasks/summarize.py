@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from rayinfer import Batch, Task, TaskOptions, hookimpl
 from rayinfer.errors import ModelError
 
-from rayinfer_tasks._encoding import encode, max_input_length
+from rayinfer_tasks._encoding import encode, max_input_length, require_text_slot
 from rayinfer_tasks._generation import SamplingOptions, ensure_pad_token, generate
 from rayinfer_tasks.generate import chat_prompt
 
@@ -39,12 +39,7 @@ class SummarizeTask(Task):
         )
         system: str | None = Field(None, description="Causal LMs with chat: a system message.")
 
-        @field_validator("instruction")
-        @classmethod
-        def _has_text(cls, value: str) -> str:
-            if "{text}" not in value:
-                raise ValueError("must contain {text}, where the input goes")
-            return value
+        _has_text = field_validator("instruction")(require_text_slot)
 
     @classmethod
     def output_schema(cls, options: TaskOptions) -> pa.Schema:
