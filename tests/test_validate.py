@@ -118,3 +118,15 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path, bert_mlm):
     (tmp_path / "out").write_text("a file")
     result = validate(job)
     assert result.exit_code == 2 and "exists and is not a folder" in result.output
+
+
+def test_an_actor_that_no_node_can_hold_fails_fast(tmp_path, bert_mlm):
+    """Totals are not enough: 3 CPUs per actor on two 2-CPU nodes can never be placed."""
+    from rayinfer.api import plan_job
+    from rayinfer.errors import RunError
+    from rayinfer.pipeline import check_resources
+
+    plan = plan_job(fill_mask_job(tmp_path, bert_mlm, runtime={"num_cpus": 3}))
+    with pytest.raises(RunError, match=r"no node can hold one actor \(CPU=3\); nodes have: CPU=2; CPU=2"):
+        check_resources(plan, {"CPU": 4}, [{"CPU": 2}, {"CPU": 2}])
+    check_resources(plan, {"CPU": 5.5}, [{"CPU": 2}, {"CPU": 3.5}])  # one node fits: fine

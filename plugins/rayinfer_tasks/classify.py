@@ -138,7 +138,7 @@ class ClassifyTask(Task):
     def length(self, item: Any) -> int:
         if self.zero_shot:
             return self.zero_shot.length(item)
-        return len(item["input_ids"])
+        return super().length(item)
 
     def forward(self, items: list[Any]) -> list[Any]:
         if self.zero_shot:

@@ -123,7 +123,7 @@ class FillMaskTask(Task):
 def split_mlm_head(model: Any) -> tuple[Any, Any] | None:
     """(encoder, MLM head) of BERT-like masked LMs (``cls`` or ``lm_head`` beside the base model),
     so the vocabulary projection, a third of an encoder's work, runs on mask positions only. None
-    (the whole model runs) for other layouts, or when an adapter wraps the model."""
+    (the whole model runs) for other layouts."""
     from torch import nn
 
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
