@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayinfer.errors import InputError
+from rayinfer.storage import filesystem, uri_for
 
 FILE_COL = "__rayinfer_file"
 ROW_COL = "__rayinfer_row"
@@ -37,19 +38,7 @@ class InputFile:
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except Exception as exc:  # unknown scheme, missing credentials, ...
-            raise InputError(f"cannot open {path!r}: {exc}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-
-
-def _key(path: str, original: str) -> str:
-    if "://" in original:
-        scheme = original.split("://", 1)[0]
-        return f"{scheme}://{path}"
-    return path
+    return filesystem(path, "input.path", InputError)
 
 
 def list_files(path: str) -> list[str]:
@@ -66,10 +55,10 @@ def list_files(path: str) -> list[str]:
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input.path {path!r} does not exist")
     if info.type == pafs.FileType.File:
-        return [_key(fpath, path)]
+        return [uri_for(fpath, path)]
     selector = pafs.FileSelector(fpath, recursive=True)
     files = [
-        _key(i.path, path)
+        uri_for(i.path, path)
         for i in fs.get_file_info(selector)
         if i.type == pafs.FileType.File
         and not any(part.startswith((".", "_")) for part in os.path.relpath(i.path, fpath).split(os.sep))

@@ -32,7 +32,8 @@ from rayinfer import __version__
 from rayinfer.api import Plan
 from rayinfer.errors import InputError, RunError
 from rayinfer.inputs import FILE_COL, ROW_COL, make_units, merge_ranges, read_unit
-from rayinfer.output import PartWriter, committed_coverage, list_parts, part_coverage, prepare, write_manifest
+from rayinfer.output import PartWriter, Store, committed_coverage, part_coverage, part_metadata, prepare, write_manifest
+from rayinfer.storage import is_uri, local_path
 from rayinfer.runner import ERROR_COL, BatchStats, TaskRunner
 from rayinfer.spec import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
 from rayinfer.task import LoadContext, Task
@@ -160,13 +161,11 @@ def check_resources(plan: Plan, cluster: dict[str, float], nodes: list[dict[str,
         raise RunError(f"no node can hold one actor ({', '.join(f'{k}={v:g}' for k, v in need.items())}); nodes have: {have}")
 
 
-def _local(path: str) -> bool:
-    return "://" not in path
-
-
-def _probe_paths(inputs: list[str], output: str) -> list[str]:
-    """Run on a node: which of the paths it cannot see (or write, for the output)."""
+def _probe_paths(inputs: list[str], output: str | None) -> list[str]:
+    """Run on a node: which of the local paths it cannot see (or write, for the output)."""
     missing = [p for p in inputs if not os.path.exists(p)]
+    if output is None:
+        return missing
     parent = Path(output)
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -182,15 +181,16 @@ def check_paths_visible(plan: Plan, out_dir: str) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    inputs = [f.path for f in plan.files if _local(f.path)]
-    if len(nodes) < 2 or (not inputs and not _local(out_dir)):
+    inputs = [p for p in (local_path(f.path) for f in plan.files) if p is not None]
+    output = local_path(out_dir)
+    if len(nodes) < 2 or (not inputs and output is None):
         return
     probe = ray.remote(num_cpus=0)(_probe_paths)
     sample = inputs[:50]  # enough to catch a node without the file system
     pending = {
         n["NodeManagerAddress"] + " " + n["NodeID"][:12]: probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote(sample, out_dir if _local(out_dir) else "/")
+        ).remote(sample, output)
         for n in nodes
     }
     for node, ref in pending.items():
@@ -216,7 +216,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
     """Run a planned job and return its manifest (also written to ``output.path``)."""
     spec = plan.spec
     rt = spec.runtime
-    out_dir = os.path.abspath(os.path.expanduser(spec.output.path))
+    out_dir = spec.output.path if is_uri(spec.output.path) else os.path.abspath(os.path.expanduser(spec.output.path))
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
     started_at = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -313,14 +313,15 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
     )
 
 
-def _count_errors(path: Any, md: pq.FileMetaData) -> int:
+def _count_errors(store: Store, name: str, md: pq.FileMetaData) -> int:
     """Rows with an error, from the Parquet footer's null counts (no data read)."""
     leaf = next(j for j in range(md.num_columns) if md.row_group(0).column(j).path_in_schema == ERROR_COL) if md.num_row_groups else None
     count = 0
     for rg in range(md.num_row_groups):
         stats = md.row_group(rg).column(leaf).statistics
         if stats is None or not stats.has_null_count:  # a writer without statistics: read the column
-            return pq.read_table(path, columns=[ERROR_COL]).column(ERROR_COL).drop_null().__len__()
+            with store.open(name) as f:
+                return len(pq.read_table(f, columns=[ERROR_COL]).column(ERROR_COL).drop_null())
         count += md.row_group(rg).num_rows - stats.null_count
     return count
 
@@ -339,15 +340,16 @@ def finish(
     busy: Counter | None = None,
 ) -> dict[str, Any]:
     """Check that the committed parts cover every input row exactly once, then write the manifest."""
-    parts = list_parts(out_dir)
+    store = Store(out_dir)
+    parts = store.parts()
     cover: dict[str, list[tuple[int, int]]] = {}
     out_rows = 0
     errors = 0
-    for p in parts:
-        md = pq.read_metadata(p)
+    for name in parts:
+        md = part_metadata(store, name)
         out_rows += md.num_rows
-        errors += _count_errors(p, md)
-        for f, ranges in part_coverage(p).items():
+        errors += _count_errors(store, name, md)
+        for f, ranges in part_coverage(store, name).items():
             cover.setdefault(f, []).extend(ranges)
     in_rows = plan.total_rows
     for f in plan.files:
@@ -384,10 +386,10 @@ def finish(
         "actors": dict(actors),
         "actor_peak_rss_mb": {k: round(v, 1) for k, v in (peak_rss or {}).items()},
         "actor_busy_s": {k: round(v, 2) for k, v in (busy or {}).items()},
-        "parts": [p.name for p in parts],
+        "parts": parts,
         "output_columns": plan.output_schema.names,
         "spec": spec.to_dict(),
         "versions": versions(),
     }
-    write_manifest(out_dir, manifest)
+    write_manifest(store, manifest)
     return manifest

@@ -20,6 +20,8 @@ from rayinfer.errors import RayInferError, RunError, SpecError
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 3, "STOPPED": 130}
 # never uploaded with the working directory: environments, outputs, caches, VCS
+AGENT_WAIT_S = 60  # how long to wait for a just-started head node's job agent
+
 EXCLUDES = [".venv", "venv", ".git", "out", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info", "build"]
 
 
@@ -65,17 +67,24 @@ def submit(
     if pip:
         runtime_env["pip"] = list(pip)
     entrypoint = "python -m rayinfer run --address auto --spec-json " + shlex.quote(json.dumps(spec.to_dict()))
-    try:
-        return client(address).submit_job(
-            entrypoint=entrypoint,
-            runtime_env=runtime_env,
-            submission_id=submission_id,
-            metadata={"rayinfer_task": spec.task, "rayinfer_model": spec.model},
-        )
-    except RayInferError:
-        raise
-    except Exception as exc:
-        raise ClusterError(f"the cluster at {address!r} refused the job: {exc}") from None
+    jobs = client(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return jobs.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=runtime_env,
+                submission_id=submission_id,
+                metadata={"rayinfer_task": spec.task, "rayinfer_model": spec.model},
+            )
+        except RayInferError:
+            raise
+        except Exception as exc:
+            # a head node that has just started answers before its job agent is up
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise ClusterError(f"the cluster at {address!r} refused the job: {exc}") from None
 
 
 def status(address: str, submission_id: str) -> dict[str, Any]:

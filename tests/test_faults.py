@@ -136,7 +136,7 @@ def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_part
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     time.sleep(1)
-    committed = {p.name: p.stat().st_mtime_ns for p in list_parts(out)}
+    committed = {name: (out / name).stat().st_mtime_ns for name in list_parts(out)}
     committed_rows = sum(pq.read_metadata(out / name).num_rows for name in committed)
     assert 0 < committed_rows < n and not (out / MANIFEST).exists()
 

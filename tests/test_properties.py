@@ -77,8 +77,9 @@ def test_unknown_keys_are_spec_errors_never_crashes(section, key):
     batch=st.integers(1, 40),
     crash_after=st.floats(0, 1),
     seed=st.integers(0, 2**16),
+    as_uri=st.booleans(),
 )
-def test_commit_then_crash_then_resume_covers_every_row_exactly_once(rows_per_file, row_group, batch, crash_after, seed):
+def test_commit_then_crash_then_resume_covers_every_row_exactly_once(rows_per_file, row_group, batch, crash_after, seed, as_uri):
     """Run the real read -> commit path with random batching, stop after a random number of
     committed parts (leaving a half-written temp file, as a crash does), resume with different
     batching, and check: every input row is in exactly one part, no committed part was rewritten."""
@@ -91,12 +92,17 @@ def test_commit_then_crash_then_resume_covers_every_row_exactly_once(rows_per_fi
             ids = list(range(next_id, next_id + n))
             next_id += n
             pq.write_table(pa.table({"id": pa.array(ids, pa.int64())}), tmp / "in" / f"f{i}.parquet", row_group_size=row_group)
-        files, _ = scan(str(tmp / "in"))
+        # a plain path, or the same folder as a file:// URI (the pyarrow FileSystem path object stores take)
+        files, _ = scan(f"file://{tmp}/in" if as_uri else str(tmp / "in"))
         out = tmp / "out"
+        location = f"file://{out}" if as_uri else str(out)
+
+        def parts():
+            return [out / name for name in list_parts(location)]
         schema = pa.schema([pa.field("id", pa.int64())])
 
         def run(coverage, batch_size, stop_after=None):
-            writer = PartWriter(str(out), schema, {"run": "test"})
+            writer = PartWriter(location, schema, {"run": "test"})
             units = make_units(files, coverage)
             rng.shuffle(units)  # Ray gives no order
             pending, committed = [], 0
@@ -115,21 +121,21 @@ def test_commit_then_crash_then_resume_covers_every_row_exactly_once(rows_per_fi
 
         total = sum(rows_per_file)
         n_batches = -(-total // batch) if total else 0
-        prepare(str(out), "error")
+        prepare(location, "error")
         run({}, batch, stop_after=int(crash_after * n_batches))
-        before = {p.name: p.stat().st_mtime_ns for p in list_parts(out)}
+        before = {p.name: p.stat().st_mtime_ns for p in parts()}
 
-        prepare(str(out), "resume")
-        coverage, resumed_rows = committed_coverage(out)
-        assert resumed_rows == sum(pq.read_metadata(p).num_rows for p in list_parts(out))
+        prepare(location, "resume")
+        coverage, resumed_rows = committed_coverage(location)
+        assert resumed_rows == sum(pq.read_metadata(p).num_rows for p in parts())
         run(coverage, max(1, batch // 2 + 1))
 
         ids = []
-        for p in list_parts(out):
+        for p in parts():
             ids += pq.read_table(p).column("id").to_pylist()
         assert sorted(ids) == list(range(total))
-        assert {p.name: p.stat().st_mtime_ns for p in list_parts(out) if p.name in before} == before
+        assert {p.name: p.stat().st_mtime_ns for p in parts() if p.name in before} == before
         assert not (out / ".tmp").exists() or not any((out / ".tmp").iterdir())
         # each part's recorded coverage is exactly the rows it holds
-        for p in list_parts(out):
-            assert sum(b - a for rs in part_coverage(p).values() for a, b in rs) == pq.read_metadata(p).num_rows
+        for p in parts():
+            assert sum(b - a for rs in part_coverage(location, p.name).values() for a, b in rs) == pq.read_metadata(p).num_rows

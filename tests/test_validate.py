@@ -41,7 +41,9 @@ def test_a_good_job_validates(tmp_path, bert_mlm):
         (["model=/no/such/model"], "model folder '/no/such/model' does not exist"),
         (["input.path=/no/such/data"], "input.path '/no/such/data' does not exist"),
         (["output.mode=sometimes"], "output.mode: Input should be 'error', 'overwrite' or 'resume'"),
-        (["output.path=s3://bucket/out"], "writing to object stores is not supported yet"),
+        (["output.path=s3://bucket/out?secret_key=abc"], "carries credentials (secret_key) in the URI"),
+        (["input.path=s3://bucket/in?access_key=a&secret_key=b"], "input.path 's3://bucket/in?access_key=***&secret_key=***'"),
+        (["output.path=nope://bucket/out"], "output.path 'nope://bucket/out': cannot open it"),
     ],
 )
 def test_bad_specs_are_rejected_with_clear_messages(tmp_path, bert_mlm, overrides, message):

@@ -1,0 +1,71 @@
+"""Paths and URIs: one way to turn ``input.path`` / ``output.path`` into a pyarrow FileSystem.
+
+Local paths (``~`` expanded, made absolute) use the local file system; anything with ``://``
+goes through ``pyarrow.fs.FileSystem.from_uri``: ``s3://``, ``gs://``, ``abfs://``, ``hdfs://``,
+``file://``. Credentials come from each node's environment (``AWS_ACCESS_KEY_ID``, an instance
+role, ``GOOGLE_APPLICATION_CREDENTIALS``, ...), never from the URI: paths are written into every
+output part and the manifest, so a secret in a URI would be copied into the results.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import parse_qsl, urlsplit
+
+import pyarrow.fs as pafs
+
+SECRET_PARAMS = {"secret_key", "session_token", "access_key", "sas_token", "account_key", "password"}
+OBJECT_STORES = {"s3", "gcs", "abfs"}
+"""File systems without rename, where an object becomes visible whole when its upload completes."""
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def local_path(path: str) -> str | None:
+    """The local file system path a spec path names (also for ``file://``), or None for a remote URI."""
+    if not is_uri(path):
+        return os.path.abspath(os.path.expanduser(path))
+    if path.startswith("file://"):
+        return urlsplit(path).path
+    return None
+
+
+def filesystem(path: str, what: str, error: type[Exception]) -> tuple[pafs.FileSystem, str]:
+    """(file system, path inside it) for a local path or a URI; ``error`` names what went wrong."""
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    secrets = sorted(k for k, _ in parse_qsl(urlsplit(path).query) if k.lower() in SECRET_PARAMS)
+    if secrets:
+        raise error(
+            f"{what} {redact(path)!r} carries credentials ({', '.join(secrets)}) in the URI, which would be "
+            "written into every output part and the manifest: set them in the environment of each node "
+            "instead (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role)"
+        )
+    try:
+        fs, inner = pafs.FileSystem.from_uri(path)
+    except Exception as exc:  # unknown scheme, malformed URI, unreachable endpoint
+        raise error(f"{what} {path!r}: cannot open it ({exc})") from None
+    return fs, inner.rstrip("/") or inner
+
+
+def uri_for(inner: str, original: str) -> str:
+    """The URI of ``inner`` (a path inside the file system of ``original``), keeping the scheme and
+    the query (``?endpoint_override=...``) so that any node can open it again from the string."""
+    if not is_uri(original):
+        return inner
+    parts = urlsplit(original)
+    if parts.scheme == "file":
+        return f"file://{inner}"
+    # s3://bucket/key -> "bucket/key"; hdfs://host:8020/dir -> "/dir" (keep the host)
+    where = f"{parts.netloc}{inner}" if inner.startswith("/") else inner
+    return f"{parts.scheme}://{where}" + (f"?{parts.query}" if parts.query else "")
+
+
+def redact(path: str) -> str:
+    parts = urlsplit(path) if is_uri(path) else None
+    if not parts or not parts.query:
+        return path
+    query = "&".join(f"{k}={'***' if k.lower() in SECRET_PARAMS else v}" for k, v in parse_qsl(parts.query))
+    return parts._replace(query=query).geturl()
