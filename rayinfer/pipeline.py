@@ -69,6 +69,7 @@ class TaskActor:
         self.schema = schema
         self.writer = PartWriter(out_dir, schema, provenance)
         self.where = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
+        self.ready_at = time.time()  # model loaded: what follows is steady-state work
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
@@ -88,6 +89,7 @@ class TaskActor:
                 "compute_s": [time.perf_counter() - started],
                 "actor": [self.where],
                 "committed_at": [time.time()],
+                "ready_at": [self.ready_at],
                 "peak_rss_mb": [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024],
             }
         )
@@ -230,6 +232,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
     actors: Counter = Counter()
     peak_rss: dict[str, float] = {}
     busy: Counter = Counter()
+    ready: dict[str, float] = {}
     cold_start_s = None
     if units:
         import ray
@@ -290,6 +293,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
                 actors[row["actor"]] += row["rows"]
                 peak_rss[row["actor"]] = max(peak_rss.get(row["actor"], 0.0), row["peak_rss_mb"])
                 busy[row["actor"]] += row["compute_s"]
+                ready[row["actor"]] = row["ready_at"] - started_at.timestamp()
             if rt.max_error_rate is not None and totals.rows >= min(todo, 100):
                 rate = totals.errors / max(1, totals.rows)
                 if rate > rt.max_error_rate:
@@ -309,7 +313,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
 
     duration = time.perf_counter() - t0
     return finish(
-        plan, out_dir, run_id, started_at, duration, cold_start_s, totals, resumed_rows, actors, peak_rss, busy
+        plan, out_dir, run_id, started_at, duration, cold_start_s, totals, resumed_rows, actors, peak_rss, busy, ready
     )
 
 
@@ -338,6 +342,7 @@ def finish(
     actors: Counter,
     peak_rss: dict[str, float] | None = None,
     busy: Counter | None = None,
+    ready: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Check that the committed parts cover every input row exactly once, then write the manifest."""
     store = Store(out_dir)
@@ -386,6 +391,7 @@ def finish(
         "actors": dict(actors),
         "actor_peak_rss_mb": {k: round(v, 1) for k, v in (peak_rss or {}).items()},
         "actor_busy_s": {k: round(v, 2) for k, v in (busy or {}).items()},
+        "actor_ready_s": {k: round(v, 3) for k, v in (ready or {}).items()},
         "parts": parts,
         "output_columns": plan.output_schema.names,
         "spec": spec.to_dict(),

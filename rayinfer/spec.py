@@ -56,7 +56,12 @@ GPU_BATCH_TOKENS = 16384
 
 
 class RuntimeSpec(_Strict):
-    batch_size: int = Field(64, gt=0, description="Rows per batch handed to an actor.")
+    batch_size: int = Field(
+        256,
+        gt=0,
+        description="Rows per batch handed to an actor (one output part each). The actor sorts them by length "
+        "before cutting micro-batches, so larger batches pad less; smaller ones lose less work to a crash.",
+    )
     max_batch_tokens: int | None = Field(
         None,
         gt=0,
