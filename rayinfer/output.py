@@ -64,7 +64,7 @@ class Store:
     def uri(self, name: str) -> str:
         return uri_for(self.path(name), self.location)
 
-    def _info(self) -> pafs.FileInfo:
+    def info(self) -> pafs.FileInfo:
         try:
             return self.fs.get_file_info(self.root)
         except OSError as exc:  # credentials, network, missing bucket
@@ -72,7 +72,7 @@ class Store:
 
     def names(self) -> list[str]:
         """Names directly inside the folder (none when it does not exist)."""
-        if self._info().type != pafs.FileType.Directory:
+        if self.info().type != pafs.FileType.Directory:
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
@@ -99,9 +99,6 @@ class Store:
     def open(self, name: str) -> pa.NativeFile:
         return self.fs.open_input_file(self.path(name))
 
-    def exists(self, name: str) -> bool:
-        return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
-
     def delete(self, name: str) -> None:
         self.fs.delete_file(self.path(name))
 
@@ -126,7 +123,7 @@ def prepare(out_dir: str, mode: str, check_only: bool = False) -> None:
     """Apply ``output.mode`` to the output folder: refuse, clear or keep what is there."""
     store = Store(out_dir)
     shown = redact(out_dir)
-    info = store._info()
+    info = store.info()
     if info.type == pafs.FileType.File:
         raise OutputError(f"output.path {shown!r} exists and is not a folder")
     existing = [n for n in store.names() if n != TMP_DIR]

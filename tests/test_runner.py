@@ -56,9 +56,18 @@ def make_runner(budget: int = 1000) -> TaskRunner:
 def test_micro_batches_respect_the_budget_and_keep_long_rows_alone():
     lengths = {0: 10, 1: 2, 2: 7, 3: 3, 4: 30}
     order = sorted(lengths, key=lambda i: -lengths[i])
-    chunks = micro_batches(order, lengths, max_tokens=20)
+    chunks = micro_batches(order, lengths, max_tokens=24)
     assert chunks == [[4], [0, 2], [3, 1]]
     assert sorted(i for c in chunks for i in c) == [0, 1, 2, 3, 4]
+
+
+def test_micro_batches_end_where_rows_get_much_shorter_once_half_the_budget_is_used():
+    lengths = dict(enumerate([10] * 5 + [9] * 2 + [7] * 3))
+    order = sorted(lengths, key=lambda i: -lengths[i])
+    # 7 rows of <= 10 tokens hold 70 of 100: a row of 7 (> 20% shorter) starts a new pass
+    assert micro_batches(order, lengths, max_tokens=100) == [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    # under half the budget, short rows join the pass rather than making many small ones
+    assert micro_batches(order, lengths, max_tokens=300) == [list(range(10))]
 
 
 @settings(max_examples=60, deadline=None)
