@@ -19,7 +19,7 @@ import pytest
 
 from rayinfer.errors import OutputError
 from rayinfer.inputs import FILE_COL, ROW_COL, make_units, read_unit, scan
-from rayinfer.output import MANIFEST, PartWriter, Store, committed_coverage, list_parts, prepare, read_manifest, write_manifest
+from rayinfer.output import MANIFEST, PartWriter, committed_coverage, list_parts, prepare, read_manifest, write_manifest
 from rayinfer.testing import run_task
 from rayinfer_tasks.fill_mask import FillMaskTask
 
