@@ -246,6 +246,9 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        # Ray Data's default feeds the first actor that is ready and places the others later, when
+        # read tasks may hold the CPUs they need: a pool of N then ran as 1 on a busy cluster.
+        ctx.wait_for_min_actors_s = rt.actor_start_timeout_s
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
         threads = None if rt.num_gpus > 0 else max(1, math.ceil(rt.num_cpus))
@@ -279,7 +282,7 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
             resources=rt.resources or None,
         )
         last_report = 0.0
-        for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for summary in _summaries(ds, plan, lo):
             for row in summary.to_pylist():
                 # the actor's commit time, not when the driver hears of it (Ray Data may hand
                 # summaries over late): the time from the start of the run to the first committed row
@@ -315,6 +318,24 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
     return finish(
         plan, out_dir, run_id, started_at, duration, cold_start_s, totals, resumed_rows, actors, peak_rss, busy, ready
     )
+
+
+def _summaries(ds, plan: Plan, pool_min: int):
+    """The actors' summary rows, with Ray Data's timeout on starting the pool made plain."""
+    import ray
+
+    rt = plan.spec.runtime
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    except ray.exceptions.GetTimeoutError as exc:
+        if "starting actors" not in str(exc):
+            raise
+        need = ", ".join(f"{k}={v:g}" for k, v in {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v)
+        raise RunError(
+            f"the actor pool's first {pool_min} actor(s) ({need} each) did not load within "
+            f"runtime.actor_start_timeout_s={rt.actor_start_timeout_s}s: the cluster cannot hold them now. Lower "
+            "runtime.actors (or use {min: 1, max: N} to start with what fits), free or add resources, or raise the timeout."
+        ) from None
 
 
 def _count_errors(store: Store, name: str, md: pq.FileMetaData) -> int:

@@ -82,6 +82,13 @@ class RuntimeSpec(_Strict):
     max_error_rate: float | None = Field(
         None, ge=0, le=1, description="Abort when the fraction of rows with an error passes this. Unset: never."
     )
+    actor_start_timeout_s: int = Field(
+        900,
+        gt=0,
+        description="Rows flow once the pool's first actors (actors, or actors.min) have loaded the model, so "
+        "read tasks cannot take the CPUs they need; the run fails if they are not up within this many seconds "
+        "(leave time for an autoscaler to add nodes).",
+    )
 
     @model_validator(mode="after")
     def _actors(self) -> "RuntimeSpec":

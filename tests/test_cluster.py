@@ -118,15 +118,16 @@ def test_submit_wait_runs_on_both_nodes(cluster, tmp_path, bert_mlm):
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert sum(manifest["actors"].values()) == 400
     # Ray's state API: the job's actor pool had one actor on each node (each node has one "slot").
-    # (Not the manifest's per-actor row counts: Ray Data hands work to the first actor that is
-    # ready, so on a busy machine one actor may finish all 16 batches before the other has loaded.)
+    # Both were up before rows flowed (runtime.actor_start_timeout_s); the manifest's per-actor row
+    # counts may still be uneven, as Ray Data hands each batch to whichever actor is free.
     listed = subprocess.run(
         [str(BIN / "ray"), "list", "actors", "--address", cluster["address"], "--detail", "--format", "json", "--limit", "1000"],
         env=cluster["env"], capture_output=True, text=True, timeout=120,
     )
     assert listed.returncode == 0, listed.stderr[-2000:]
     pool = [a for a in json.loads(listed.stdout) if "MapWorker" in a["class_name"] and "TaskActor" in json.dumps(a)]
-    assert len(pool) == 2 and len({a["node_id"] for a in pool}) == 2, [(a["class_name"], a["node_id"]) for a in pool]
+    nodes = {a["node_id"] for a in pool}
+    assert len(pool) == 2 and len(nodes) == 2 and None not in nodes, [(a["class_name"], a["node_id"], a["state"]) for a in pool]
     assert {a.split(":")[0] for a in manifest["actors"]} <= {a["node_id"][:12] for a in pool}
 
     status = cli(cluster, "status", sid)
@@ -166,3 +167,15 @@ def test_a_wrong_token_and_a_bad_spec_are_clear_errors(cluster, tmp_path, bert_m
     assert denied.returncode == 2 and denied.stderr.startswith("rayinfer: error: ")
     bad = cli(cluster, "submit", str(job), "--set", "options.topk=3")
     assert bad.returncode == 2 and "did you mean 'options.top_k'" in bad.stderr
+
+
+def test_a_pool_the_cluster_cannot_hold_fails_clearly(cluster, tmp_path, bert_mlm):
+    # three actors of one "slot" each; the cluster has two slots
+    work, job = job_folder(tmp_path, bert_mlm, 50, actors=3, resources={"slot": 1}, actor_start_timeout_s=15)
+    done = cli(cluster, "submit", str(job), "--working-dir", str(work), "--wait")
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "FAILED" in done.stderr
+    sid = done.stdout.strip().splitlines()[0]
+    logs = cli(cluster, "logs", sid).stdout
+    assert "the actor pool's first 3 actor(s) (CPU=1, slot=1 each) did not load within runtime.actor_start_timeout_s=15s" in logs
+    assert not list((tmp_path / "out").glob("part-*.parquet"))
