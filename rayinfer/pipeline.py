@@ -100,20 +100,23 @@ def _read_units(batch: pa.Table, columns: list[str]) -> Iterator[pa.Table]:
         yield from read_unit(unit, columns)
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> bool:
+    """Join ``address``, or start the embedded local Ray; True when this started a local one
+    (which, unlike a cluster, never grows)."""
     import ray
 
     if ray.is_initialized():
-        return
-    if address:
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-    else:
-        ray.init(
-            include_dashboard=False,
-            dashboard_host="127.0.0.1",
-            logging_level=logging.WARNING,
-            configure_logging=True,
-        )
+        return False
+    ray.init(
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    return True
 
 
 def pool_size(plan: Plan, cluster: dict[str, float]) -> tuple[int, int]:
@@ -161,6 +164,42 @@ def check_resources(plan: Plan, cluster: dict[str, float], nodes: list[dict[str,
     if nodes and not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
         have = "; ".join(", ".join(f"{k}={n.get(k, 0):g}" for k in need) for n in nodes)
         raise RunError(f"no node can hold one actor ({', '.join(f'{k}={v:g}' for k, v in need.items())}); nodes have: {have}")
+
+
+def actors_that_fit(need: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many actors needing ``need`` the nodes hold at once while one read task
+    (READ_TASK_CPUS) can still run somewhere: with every CPU taken by actors, reading stops."""
+
+    def fit(node: dict[str, float]) -> int:
+        return int(min(node.get(k, 0) / v for k, v in need.items())) if need else 0
+
+    plain = [fit(n) for n in nodes]
+    best = 0
+    for i, node in enumerate(nodes):
+        spared = fit({**node, "CPU": node.get("CPU", 0) - READ_TASK_CPUS})
+        best = max(best, sum(plain) - plain[i] + spared)
+    return best
+
+
+def check_pool_fits(plan: Plan, pool_min: int, nodes: list[dict[str, float]], can_grow: bool) -> None:
+    """The embedded Ray cannot grow: a pool it cannot hold beside its read tasks fails now rather
+    than waiting out runtime.actor_start_timeout_s (or, with reads starved, forever). A cluster may
+    grow (an autoscaler), so there it is a warning and the run waits."""
+    rt = plan.spec.runtime
+    need = {k: v for k, v in {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v > 0}
+    fits = actors_that_fit(need, nodes)
+    if pool_min <= fits:
+        return
+    what = ", ".join(f"{k}={v:g}" for k, v in need.items())
+    msg = (
+        f"runtime.actors asks for {pool_min} actors of {what} from the start; the "
+        f"{'cluster' if can_grow else 'local Ray'} holds {fits} beside the read tasks "
+        f"(CPU={READ_TASK_CPUS:g})"
+    )
+    if not can_grow:
+        raise RunError(f"{msg}. Set runtime.actors to at most {max(fits, 1)}, or {{min: 1, max: {pool_min}}}.")
+    print(f"rayinfer: warning: {msg}; waiting up to runtime.actor_start_timeout_s={rt.actor_start_timeout_s}s "
+          "for more nodes", file=sys.stderr)
 
 
 def _probe_paths(inputs: list[str], output: str | None) -> list[str]:
@@ -238,11 +277,13 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
         import ray
         import ray.data
 
-        init_ray(address)
+        local = init_ray(address)
         cluster = ray.cluster_resources()
-        check_resources(plan, cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        check_resources(plan, cluster, nodes)
         check_paths_visible(plan, out_dir)
         lo, hi = pool_size(plan, cluster)
+        check_pool_fits(plan, lo, nodes, can_grow=not local)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -320,15 +361,31 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
     )
 
 
-def _summaries(ds, plan: Plan, pool_min: int):
-    """The actors' summary rows, with Ray Data's timeout on starting the pool made plain."""
+def _is_pool_start_timeout(exc: BaseException | None) -> bool:
     import ray
 
+    return isinstance(exc, ray.exceptions.GetTimeoutError) and "starting actors" in str(exc)
+
+
+class _QuietPoolStartTimeout(logging.Filter):
+    """Ray Data logs the pool's start timeout as an internal error ("please open an issue", a full
+    stack trace) before raising it; rayinfer reports it in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not _is_pool_start_timeout(exc)
+
+
+def _summaries(ds, plan: Plan, pool_min: int):
+    """The actors' summary rows, with Ray Data's timeout on starting the pool made plain."""
     rt = plan.spec.runtime
+    quiet = _QuietPoolStartTimeout()
+    ray_data_errors = logging.getLogger("ray.data.exceptions")
+    ray_data_errors.addFilter(quiet)
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
-    except ray.exceptions.GetTimeoutError as exc:
-        if "starting actors" not in str(exc):
+    except Exception as exc:
+        if not _is_pool_start_timeout(exc):
             raise
         need = ", ".join(f"{k}={v:g}" for k, v in {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v)
         raise RunError(
@@ -336,6 +393,8 @@ def _summaries(ds, plan: Plan, pool_min: int):
             f"runtime.actor_start_timeout_s={rt.actor_start_timeout_s}s: the cluster cannot hold them now. Lower "
             "runtime.actors (or use {min: 1, max: N} to start with what fits), free or add resources, or raise the timeout."
         ) from None
+    finally:
+        ray_data_errors.removeFilter(quiet)
 
 
 def _count_errors(store: Store, name: str, md: pq.FileMetaData) -> int:

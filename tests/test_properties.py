@@ -35,6 +35,7 @@ runtime_values = st.fixed_dictionaries(
         "actors": st.one_of(st.none(), st.integers(1, 64)),
         "dtype": st.sampled_from(["auto", "float32", "bfloat16", "float16"]),
         "max_error_rate": st.one_of(st.none(), st.floats(0, 1, allow_nan=False)),
+        "actor_start_timeout_s": st.integers(1, 86_400),
     },
 )
 
@@ -63,7 +64,7 @@ def test_unknown_keys_are_spec_errors_never_crashes(section, key):
     known = {"": set(BASE) | {"adapter", "merge_adapter", "trust_remote_code", "options", "runtime"},
              "input.": {"path", "id_column", "columns", "keep"}, "output.": {"path", "mode"},
              "runtime.": {"batch_size", "max_batch_tokens", "actors", "num_cpus", "num_gpus", "resources", "dtype",
-                          "device", "max_error_rate"}}
+                          "device", "max_error_rate", "actor_start_timeout_s"}}
     if key in known[section]:
         return
     with pytest.raises(SpecError, match=rf"unknown key '{section}{key}'"):

@@ -132,3 +132,25 @@ def test_an_actor_that_no_node_can_hold_fails_fast(tmp_path, bert_mlm):
     with pytest.raises(RunError, match=r"no node can hold one actor \(CPU=3\); nodes have: CPU=2; CPU=2"):
         check_resources(plan, {"CPU": 4}, [{"CPU": 2}, {"CPU": 2}])
     check_resources(plan, {"CPU": 5.5}, [{"CPU": 2}, {"CPU": 3.5}])  # one node fits: fine
+
+
+def test_a_fixed_pool_must_fit_beside_its_read_tasks(tmp_path, bert_mlm, capsys):
+    """Two 1-CPU actors on a 2-CPU local Ray leave no CPU for reading: that run would hang, so it
+    fails before any row is read; a cluster may grow, so there it is a warning."""
+    from rayinfer.api import plan_job
+    from rayinfer.errors import RunError
+    from rayinfer.pipeline import actors_that_fit, check_pool_fits
+
+    assert actors_that_fit({"CPU": 1}, [{"CPU": 2}]) == 1
+    assert actors_that_fit({"CPU": 1}, [{"CPU": 2}, {"CPU": 2}]) == 3
+    assert actors_that_fit({"CPU": 1, "slot": 1}, [{"CPU": 2, "slot": 1}, {"CPU": 1, "slot": 1}]) == 2
+    assert actors_that_fit({"CPU": 1, "GPU": 0.5}, [{"CPU": 16, "GPU": 1}]) == 2
+    assert actors_that_fit({"CPU": 1, "GPU": 1}, [{"CPU": 16}]) == 0
+
+    plan = plan_job(fill_mask_job(tmp_path, bert_mlm, runtime={"actors": 2, "num_cpus": 1}))
+    with pytest.raises(RunError, match=r"runtime.actors asks for 2 actors of CPU=1 from the start; the local Ray "
+                                       r"holds 1 beside the read tasks \(CPU=0.25\)\. Set runtime.actors to at most 1"):
+        check_pool_fits(plan, 2, [{"CPU": 2}], can_grow=False)
+    check_pool_fits(plan, 2, [{"CPU": 2}], can_grow=True)
+    assert "waiting up to runtime.actor_start_timeout_s=900s for more nodes" in capsys.readouterr().err
+    check_pool_fits(plan, 2, [{"CPU": 3}], can_grow=False)  # 2 actors + reads fit: fine
