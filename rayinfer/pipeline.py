@@ -143,6 +143,12 @@ def default_batch_tokens(plan: Plan) -> int:
     return plan.task_cls.cpu_batch_tokens or CPU_BATCH_TOKENS
 
 
+def actor_need(plan: Plan) -> dict[str, float]:
+    """What one actor asks Ray for: CPUs, GPUs and custom resources (those above zero)."""
+    rt = plan.spec.runtime
+    return {k: v for k, v in {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v > 0}
+
+
 def check_resources(plan: Plan, cluster: dict[str, float], nodes: list[dict[str, float]] | None = None) -> None:
     """Fail now, not by waiting forever, when no node can hold one actor."""
     rt = plan.spec.runtime
@@ -159,8 +165,7 @@ def check_resources(plan: Plan, cluster: dict[str, float], nodes: list[dict[str,
     for name, amount in rt.resources.items():
         if cluster.get(name, 0) < amount:
             raise RunError(f"runtime.resources asks for {amount:g} {name!r} but the cluster has {cluster.get(name, 0):g}")
-    need = {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}
-    need = {k: v for k, v in need.items() if v > 0}
+    need = actor_need(plan)
     if nodes and not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
         have = "; ".join(", ".join(f"{k}={n.get(k, 0):g}" for k in need) for n in nodes)
         raise RunError(f"no node can hold one actor ({', '.join(f'{k}={v:g}' for k, v in need.items())}); nodes have: {have}")
@@ -186,7 +191,7 @@ def check_pool_fits(plan: Plan, pool_min: int, nodes: list[dict[str, float]], ca
     than waiting out runtime.actor_start_timeout_s (or, with reads starved, forever). A cluster may
     grow (an autoscaler), so there it is a warning and the run waits."""
     rt = plan.spec.runtime
-    need = {k: v for k, v in {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v > 0}
+    need = actor_need(plan)
     fits = actors_that_fit(need, nodes)
     if pool_min <= fits:
         return
@@ -387,7 +392,7 @@ def _summaries(ds, plan: Plan, pool_min: int):
     except Exception as exc:
         if not _is_pool_start_timeout(exc):
             raise
-        need = ", ".join(f"{k}={v:g}" for k, v in {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v)
+        need = ", ".join(f"{k}={v:g}" for k, v in actor_need(plan).items())
         raise RunError(
             f"the actor pool's first {pool_min} actor(s) ({need} each) did not load within "
             f"runtime.actor_start_timeout_s={rt.actor_start_timeout_s}s: the cluster cannot hold them now. Lower "
