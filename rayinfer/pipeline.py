@@ -149,8 +149,16 @@ def actor_need(plan: Plan) -> dict[str, float]:
     return {k: v for k, v in {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v > 0}
 
 
-def check_resources(plan: Plan, cluster: dict[str, float], nodes: list[dict[str, float]] | None = None) -> None:
-    """Fail now, not by waiting forever, when no node can hold one actor."""
+def describe(need: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in need.items())
+
+
+def check_resources(
+    plan: Plan, cluster: dict[str, float], nodes: list[dict[str, float]] | None = None, pool_min: int = 1,
+    can_grow: bool = True,
+) -> None:
+    """Fail now, not by waiting forever, when no node can hold one actor, or when a Ray that
+    cannot grow cannot hold the pool's first ``pool_min`` actors (check_pool_fits)."""
     rt = plan.spec.runtime
     if rt.num_gpus > 0 and cluster.get("GPU", 0) < rt.num_gpus:
         raise RunError(
@@ -168,7 +176,9 @@ def check_resources(plan: Plan, cluster: dict[str, float], nodes: list[dict[str,
     need = actor_need(plan)
     if nodes and not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
         have = "; ".join(", ".join(f"{k}={n.get(k, 0):g}" for k in need) for n in nodes)
-        raise RunError(f"no node can hold one actor ({', '.join(f'{k}={v:g}' for k, v in need.items())}); nodes have: {have}")
+        raise RunError(f"no node can hold one actor ({describe(need)}); nodes have: {have}")
+    if nodes:
+        check_pool_fits(plan, pool_min, nodes, can_grow)
 
 
 def actors_that_fit(need: dict[str, float], nodes: list[dict[str, float]]) -> int:
@@ -176,7 +186,7 @@ def actors_that_fit(need: dict[str, float], nodes: list[dict[str, float]]) -> in
     (READ_TASK_CPUS) can still run somewhere: with every CPU taken by actors, reading stops."""
 
     def fit(node: dict[str, float]) -> int:
-        return int(min(node.get(k, 0) / v for k, v in need.items())) if need else 0
+        return int(min(node.get(k, 0) / v for k, v in need.items()))
 
     plain = [fit(n) for n in nodes]
     best = 0
@@ -195,9 +205,8 @@ def check_pool_fits(plan: Plan, pool_min: int, nodes: list[dict[str, float]], ca
     fits = actors_that_fit(need, nodes)
     if pool_min <= fits:
         return
-    what = ", ".join(f"{k}={v:g}" for k, v in need.items())
     msg = (
-        f"runtime.actors asks for {pool_min} actors of {what} from the start; the "
+        f"runtime.actors asks for {pool_min} actors of {describe(need)} from the start; the "
         f"{'cluster' if can_grow else 'local Ray'} holds {fits} beside the read tasks "
         f"(CPU={READ_TASK_CPUS:g})"
     )
@@ -284,11 +293,9 @@ def execute(plan: Plan, address: str | None = None, progress: bool = False) -> d
 
         local = init_ray(address)
         cluster = ray.cluster_resources()
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        check_resources(plan, cluster, nodes)
-        check_paths_visible(plan, out_dir)
         lo, hi = pool_size(plan, cluster)
-        check_pool_fits(plan, lo, nodes, can_grow=not local)
+        check_resources(plan, cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")], lo, can_grow=not local)
+        check_paths_visible(plan, out_dir)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -392,9 +399,8 @@ def _summaries(ds, plan: Plan, pool_min: int):
     except Exception as exc:
         if not _is_pool_start_timeout(exc):
             raise
-        need = ", ".join(f"{k}={v:g}" for k, v in actor_need(plan).items())
         raise RunError(
-            f"the actor pool's first {pool_min} actor(s) ({need} each) did not load within "
+            f"the actor pool's first {pool_min} actor(s) ({describe(actor_need(plan))} each) did not load within "
             f"runtime.actor_start_timeout_s={rt.actor_start_timeout_s}s: the cluster cannot hold them now. Lower "
             "runtime.actors (or use {min: 1, max: N} to start with what fits), free or add resources, or raise the timeout."
         ) from None
