@@ -1,164 +1,18 @@
 """The Python API the CLI is a thin layer over: ``plan_job`` validates, ``run_job`` runs.
 
-Everything that can be checked without starting Ray or loading weights is checked in
-``plan_job``: spec, task, options, input files and columns, model and adapter folders, output.
+    from rayinfer import plan_job, run_job
+    plan = plan_job("jobs/classify.yaml")   # every check that needs neither Ray nor weights
+    manifest = run_job("jobs/classify.yaml", ["options.top_k=1"])
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-import pyarrow as pa
-from pydantic import ValidationError
-
-from rayinfer import __version__
-from rayinfer.errors import ModelError, SpecError
-from rayinfer.inputs import InputFile, check_columns, scan
-from rayinfer.models import ModelLocation, locate_model
-from rayinfer.output import prepare
-from rayinfer.plugins import Registry, load_registry
-from rayinfer.runner import output_schema
-from rayinfer.spec import JobSpec, format_validation_error, load_spec
-from rayinfer.task import LoadContext, Task, TaskOptions
-
-
-@dataclass
-class Plan:
-    """A validated job: everything the pipeline needs, resolved."""
-
-    spec: JobSpec
-    task_cls: type[Task]
-    plugin: str
-    options: TaskOptions
-    model: ModelLocation
-    adapter: ModelLocation | None
-    files: list[InputFile]
-    input_schema: pa.Schema
-    output_schema: pa.Schema
-    column_map: dict[str, str]
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def total_rows(self) -> int:
-        return sum(f.num_rows for f in self.files)
-
-    @property
-    def read_columns(self) -> list[str]:
-        cols = [self.spec.input.id_column, *self.column_map.values(), *self.spec.input.keep]
-        return list(dict.fromkeys(cols))
-
-    def load_context(self, num_threads: int | None = None) -> LoadContext:
-        rt = self.spec.runtime
-        return LoadContext(
-            model=self.model.ref,
-            adapter=self.adapter.ref if self.adapter else None,
-            merge_adapter=self.spec.merge_adapter,
-            dtype=rt.dtype,
-            device=rt.device,
-            trust_remote_code=self.spec.trust_remote_code,
-            num_threads=num_threads,
-        )
-
-    def provenance(self, run_id: str) -> dict[str, Any]:
-        return {
-            "task": self.task_cls.name,
-            "plugin": self.plugin,
-            "model": self.spec.model,
-            "model_resolved": self.model.ref,
-            "adapter": self.spec.adapter,
-            "options": self.options.model_dump(mode="json"),
-            "rayinfer_version": __version__,
-            "run_id": run_id,
-        }
-
-
-def plan_job(
-    spec: JobSpec | str | Path | Mapping[str, Any],
-    overrides: list[str] | tuple[str, ...] = (),
-    registry: Registry | None = None,
-) -> Plan:
-    """Validate a job completely without Ray and without loading weights."""
-    if not isinstance(spec, JobSpec):
-        spec = load_spec(dict(spec) if isinstance(spec, Mapping) else spec, overrides)
-    elif overrides:
-        spec = load_spec(spec.to_dict(), overrides)
-    registry = registry or load_registry()
-    task_cls = registry.get(spec.task)
-
-    try:
-        options = task_cls.Options.model_validate(spec.options)
-    except ValidationError as exc:
-        raise SpecError(
-            f"options for task {spec.task!r}: " + format_validation_error(exc, task_cls.Options, prefix="options.")
-            + f". See `rayinfer tasks show {spec.task}`."
-        ) from None
-
-    unknown_inputs = set(spec.input.columns) - set(task_cls.inputs)
-    if unknown_inputs:
-        raise SpecError(
-            f"input.columns maps {sorted(unknown_inputs)}, but task {spec.task!r} reads only "
-            f"{sorted(task_cls.inputs)}"
-        )
-    column_map = {name: spec.input.columns.get(name, name) for name in task_cls.inputs}
-
-    files, schema = scan(spec.input.path)
-    check_columns(schema, {spec.input.id_column: None}, "input.id_column")
-    for name, col in column_map.items():
-        check_columns(schema, {col: task_cls.inputs[name].dtype}, f"task input {name!r}")
-    check_columns(schema, {k: None for k in spec.input.keep}, "input.keep")
-
-    model = locate_model(spec.model)
-    if model.config is not None:
-        task_cls.check_model_config(model.config, options)
-    adapter = locate_model(spec.adapter, what="adapter") if spec.adapter else None
-    if adapter is not None and adapter.config is not None:
-        kind, allowed = adapter.config.get("task_type"), task_cls.adapter_task_types(options)
-        if kind and allowed is not None and kind not in allowed:
-            raise ModelError(
-                f"adapter {spec.adapter!r} is a {kind} adapter; task {spec.task!r} with these options takes "
-                f"{' or '.join(sorted(allowed))} adapters"
-            )
-        check_adapter_fits(adapter.config, spec.model, model)
-
-    prepare(spec.output.path, spec.output.mode, check_only=True)
-    out_schema = output_schema(task_cls, options, schema, spec.input.id_column, spec.input.keep)
-    warnings = []
-    if model.kind == "hub":
-        warnings.append(f"model {spec.model!r} is a hub id: it is downloaded by each node at run time")
-    return Plan(
-        spec=spec,
-        task_cls=task_cls,
-        plugin=registry.task_plugin[spec.task],
-        options=options,
-        model=model,
-        adapter=adapter,
-        files=files,
-        input_schema=schema,
-        output_schema=out_schema,
-        column_map=column_map,
-        warnings=warnings,
-    )
-
-
-def check_adapter_fits(adapter_cfg: dict[str, Any], model_ref: str, model: ModelLocation) -> None:
-    """A PEFT adapter names its base model; refuse one made for a different architecture."""
-    base = adapter_cfg.get("base_model_name_or_path")
-    if not base or model.config is None:
-        return
-    base_config = Path(os.path.expanduser(base), "config.json")
-    if not base_config.is_file():  # a hub id: nothing to compare offline
-        return
-    base_cfg = json.loads(base_config.read_text(encoding="utf-8"))
-    for key in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers"):
-        if key in base_cfg and key in model.config and base_cfg[key] != model.config[key]:
-            raise ModelError(
-                f"adapter was trained on {base!r} ({key}={base_cfg[key]}), which does not fit model "
-                f"{model_ref!r} ({key}={model.config[key]})"
-            )
+from rayinfer.plan import Plan, plan_job
+from rayinfer.plugins import Registry
+from rayinfer.spec import JobSpec
 
 
 def run_job(
@@ -167,13 +21,19 @@ def run_job(
     *,
     address: str | None = None,
     resume: bool = False,
-    progress: bool = False,
+    progress: bool | Callable[[dict[str, Any]], None] = False,
     registry: Registry | None = None,
 ) -> dict[str, Any]:
-    """Validate, then run on Ray (embedded unless ``address`` is given). Returns the manifest."""
+    """Validate, then run on Ray (embedded unless ``address`` is given). Returns the manifest.
+
+    ``progress``: True for rayinfer's progress line on stderr (a bar on a terminal, log lines
+    otherwise), or a callable that receives a progress snapshot dict every few seconds."""
     if resume:
         overrides = [*overrides, "output.mode=resume"]
     plan = plan_job(spec, overrides, registry=registry)
     from rayinfer.pipeline import execute  # imports ray
 
     return execute(plan, address=address, progress=progress)
+
+
+__all__ = ["Plan", "plan_job", "run_job"]

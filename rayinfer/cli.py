@@ -7,6 +7,7 @@ Nothing here imports torch, transformers or ray at module level: ``rayinfer --he
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -27,6 +28,18 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("rayinfer: interrupted. Committed parts are kept; rerun with --resume to finish.", err=True)
             ctx.exit(130)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a test runner may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 set_option = click.option(
@@ -50,6 +63,14 @@ set_option = click.option(
 )
 def main(only_plugins: str | None) -> None:
     """Offline batch inference with Hugging Face models on Ray."""
+    logger = logging.getLogger("rayinfer")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        # rayinfer's warnings (library code logs them) go to stderr, as they are
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     if only_plugins is not None:
         import os
 
@@ -84,6 +105,9 @@ def _print_report(m: dict[str, Any]) -> None:
         f"{m['rows_resumed']} resumed), {m['errors']} with errors, in {m['duration_s']:.1f}s "
         f"({m['rows_per_s'] or 0:.1f} rows/s; first part committed after {m['cold_start_s'] or 0:.1f}s)"
     )
+    if m.get("tokens"):
+        click.echo(f"rayinfer: {m['tokens']} tokens ({m['tokens_per_s'] or 0:.0f} tokens/s); padding added "
+                   f"{m['padding_overhead']:.1%} to the tokens computed")
     if m["errors_this_run_by_kind"]:
         click.echo(f"rayinfer: errors by kind: {m['errors_this_run_by_kind']}")
     click.echo(f"rayinfer: output: {m['spec']['output']['path']} ({len(m['parts'])} parts + _manifest.json)")

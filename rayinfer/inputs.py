@@ -1,9 +1,9 @@
 """Finding the input Parquet files, checking their schemas, and cutting them into work units.
 
-A work unit is a run of row groups of one file. Each row read carries its coordinates
-(file, row index within the file) in two hidden columns, so output parts can record
-exactly which input rows they cover: that is what makes commits deterministic and resume
-possible without keeping every id in memory.
+A work unit is a range of rows of one file (whole row groups where they are small enough).
+Every row read comes with its coordinates (file, row index within the file), so output parts
+can record exactly which input rows they cover: that is what makes commits deterministic and
+resume possible without keeping every id in memory.
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ import pyarrow.parquet as pq
 from rayinfer.errors import InputError
 from rayinfer.storage import filesystem, uri_for
 
-FILE_COL = "__rayinfer_file"
-ROW_COL = "__rayinfer_row"
 READ_BATCH_ROWS = 4096
-UNIT_TARGET_ROWS = 65536
+UNIT_TARGET_ROWS = 1_000_000
 
 Ranges = list[tuple[int, int]]
 """Sorted, non-overlapping half-open row ranges [start, stop)."""
@@ -35,6 +33,7 @@ class InputFile:
     path: str  # the key used in coverage: an absolute local path or a URI
     num_rows: int
     row_group_rows: tuple[int, ...]
+    fingerprint: str = ""  # "size:mtime_ns": a rewritten file gets another (resume checks it)
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -69,6 +68,13 @@ def list_files(path: str) -> list[str]:
     return sorted(files)
 
 
+def fingerprint(path: str) -> str:
+    fs, fpath = _filesystem(path)
+    info = fs.get_file_info(fpath)
+    mtime = info.mtime_ns if info.mtime is not None else 0
+    return f"{info.size}:{mtime}"
+
+
 def open_parquet(path: str) -> pq.ParquetFile:
     fs, fpath = _filesystem(path)
     try:
@@ -90,7 +96,7 @@ def scan(path: str) -> tuple[list[InputFile], pa.Schema]:
         pf = open_parquet(f)
         md = pf.metadata
         rg_rows = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
-        files.append(InputFile(path=f, num_rows=md.num_rows, row_group_rows=rg_rows))
+        files.append(InputFile(path=f, num_rows=md.num_rows, row_group_rows=rg_rows, fingerprint=fingerprint(f)))
         fschema = pf.schema_arrow
         if schema is None:
             schema, first = fschema, f
@@ -156,57 +162,100 @@ def covered_count(ranges: Ranges, start: int, stop: int) -> int:
     return sum(max(0, min(b, stop) - max(a, start)) for a, b in ranges)
 
 
-def make_units(files: list[InputFile], coverage: dict[str, Ranges] | None = None) -> list[dict[str, Any]]:
-    """Cut files into units of whole row groups; drop the units resume finds fully covered."""
+def make_units(
+    files: list[InputFile], coverage: dict[str, Ranges] | None = None, unit_rows: int = UNIT_TARGET_ROWS
+) -> list[dict[str, Any]]:
+    """Cut files into work units of about ``unit_rows`` rows; drop the units resume finds covered.
+
+    Consecutive row groups are joined up to ``unit_rows``; a row group larger than that is split
+    into equal row ranges (each unit then decodes the whole row group and keeps its slice: the
+    price of feeding many actors from a small file). A unit never spans two files.
+    """
     coverage = coverage or {}
+    unit_rows = max(1, unit_rows)
     units: list[dict[str, Any]] = []
-    for f in files:
+
+    def add(f: InputFile, start: int, stop: int) -> None:
         done = coverage.get(f.path, [])
-        start = 0
-        group: list[int] = []
-        group_start = 0
-        group_rows = 0
-        for i, n in enumerate(f.row_group_rows):
-            if not group:
-                group_start = start
-            group.append(i)
-            group_rows += n
-            start += n
-            if group_rows >= UNIT_TARGET_ROWS or i == len(f.row_group_rows) - 1:
-                todo = group_rows - covered_count(done, group_start, group_start + group_rows)
-                if todo > 0:
-                    units.append(
-                        {
-                            "file": f.path,
-                            "row_groups": list(group),
-                            "start": group_start,
-                            "rows": group_rows,
-                            "todo": todo,
-                            "covered": [list(r) for r in done if r[1] > group_start and r[0] < start],
-                        }
-                    )
-                group, group_rows = [], 0
+        todo = (stop - start) - covered_count(done, start, stop)
+        if todo > 0:
+            units.append({"file": f.path, "fingerprint": f.fingerprint, "start": start, "stop": stop, "todo": todo,
+                          "covered": [list(r) for r in done if r[1] > start and r[0] < stop]})
+
+    for f in files:
+        run_start = offset = 0
+        for n in f.row_group_rows:
+            if offset > run_start and offset + n - run_start > unit_rows:
+                add(f, run_start, offset)
+                run_start = offset
+            if n > unit_rows:  # one big row group: equal slices of it
+                pieces = -(-n // unit_rows)
+                size = -(-n // pieces)
+                for a in range(offset, offset + n, size):
+                    add(f, a, min(a + size, offset + n))
+                run_start = offset + n
+            offset += n
+        if offset > run_start:
+            add(f, run_start, offset)
     return units
 
 
-def read_unit(unit: dict[str, Any], columns: list[str]) -> Iterator[pa.Table]:
-    """Yield the unit's rows (only ``columns``) with their coordinates, skipping covered rows."""
+def read_unit(unit: dict[str, Any], columns: list[str], batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[pa.Table, pa.Array]]:
+    """Yield the unit's rows (only ``columns``) in tables of at most ``batch_rows`` rows, each with
+    the input row index of every row; rows in ``unit["covered"]`` are skipped."""
     pf = open_parquet(unit["file"])
-    covered = [tuple(r) for r in unit.get("covered") or []]
-    offset = unit["start"]
-    for rb in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=unit["row_groups"], columns=columns):
-        n = rb.num_rows
-        rows = pa.array(range(offset, offset + n), type=pa.int64())
-        table = pa.Table.from_batches([rb])
+    md = pf.metadata
+    start, stop = unit["start"], unit["stop"]
+    groups, offset, first = [], 0, None
+    for i in range(md.num_row_groups):
+        n = md.row_group(i).num_rows
+        if offset + n > start and offset < stop:
+            groups.append(i)
+            first = offset if first is None else first
         offset += n
-        if covered:
-            mask = pa.array([True] * n)
+    covered = [tuple(r) for r in unit.get("covered") or []]
+    pending: list[tuple[pa.Table, pa.Array]] = []
+    pending_rows = 0
+    offset = first or 0
+    for rb in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns, use_threads=False):
+        n = rb.num_rows
+        lo, hi = max(start, offset), min(stop, offset + n)
+        table = pa.Table.from_batches([rb]).slice(lo - offset, max(0, hi - lo))
+        offset += n
+        rows = pa.array(range(lo, max(lo, hi)), type=pa.int64())
+        if covered and len(rows):
+            mask = pa.array([True] * len(rows))
             for a, b in covered:
-                inside = pc.and_(pc.greater_equal(rows, a), pc.less(rows, b))
-                mask = pc.and_(mask, pc.invert(inside))
+                mask = pc.and_(mask, pc.invert(pc.and_(pc.greater_equal(rows, a), pc.less(rows, b))))
             table, rows = table.filter(mask), rows.filter(mask)
-            if table.num_rows == 0:
-                continue
-        table = table.append_column(FILE_COL, pa.array([unit["file"]] * table.num_rows, type=pa.string()))
-        table = table.append_column(ROW_COL, rows)
-        yield table
+        if table.num_rows:
+            pending.append((table, rows))
+            pending_rows += table.num_rows
+        while pending_rows >= batch_rows:
+            yield _take_rows(pending, batch_rows)
+            pending_rows -= batch_rows
+        if offset >= stop:
+            break
+    while pending_rows:
+        n = min(batch_rows, pending_rows)
+        yield _take_rows(pending, n)
+        pending_rows -= n
+
+
+def _take_rows(pending: list[tuple[pa.Table, pa.Array]], n: int) -> tuple[pa.Table, pa.Array]:
+    """Take the first ``n`` rows off ``pending`` (a queue of (table, rows) pieces), in order."""
+    tables, rows, need = [], [], n
+    while need:
+        table, r = pending[0]
+        if table.num_rows <= need:
+            pending.pop(0)
+            tables.append(table)
+            rows.append(r)
+            need -= table.num_rows
+        else:
+            tables.append(table.slice(0, need))
+            rows.append(r.slice(0, need))
+            pending[0] = (table.slice(need), r.slice(need))
+            need = 0
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables).combine_chunks()
+    return table, (rows[0] if len(rows) == 1 else pa.concat_arrays(rows))

@@ -5,6 +5,7 @@ that importing this module stays cheap for the CLI.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,6 +25,29 @@ class ModelLocation:
     kind: str  # "local" | "hub"
     ref: str  # the folder (local) or the hub id
     config: dict[str, Any] | None  # config.json when it could be read without downloading
+    fingerprint: str | None = None  # what identifies these weights (see fingerprint_folder)
+
+
+_SAMPLE = 1 << 20
+
+
+def fingerprint_folder(folder: Path) -> str:
+    """Identify a model or adapter folder's contents cheaply: the JSON configs whole, and each
+    weight file's name, size, first and last MiB (fine-tuned weights differ everywhere; hashing
+    gigabytes at every validate would not be cheap). Copying the folder keeps the fingerprint."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        if f.suffix == ".json":
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        elif any(f.match(p) for p in WEIGHT_PATTERNS):
+            size = f.stat().st_size
+            h.update(f"{f.name}\0{size}\0".encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(_SAMPLE))
+                if size > 2 * _SAMPLE:
+                    fh.seek(size - _SAMPLE)
+                    h.update(fh.read(_SAMPLE))
+    return "sha256:" + h.hexdigest()[:24]
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -48,7 +72,7 @@ def locate_model(ref: str, what: str = "model") -> ModelLocation:
             raise ModelError(
                 f"model {ref!r} is a catalog model that is not fetched yet: run `rayinfer models fetch {entry.name}`"
             )
-        return ModelLocation("local", str(folder), read_config(folder))
+        return ModelLocation("local", str(folder), read_config(folder), fingerprint_folder(folder))
 
     path = Path(os.path.expanduser(ref))
     if path.is_dir():
@@ -61,7 +85,7 @@ def locate_model(ref: str, what: str = "model") -> ModelLocation:
             config = read_config(path)
         if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
             raise ModelError(f"{what} folder {ref!r} has no weights (*.safetensors or *.bin)")
-        return ModelLocation("local", str(path.resolve()), config)
+        return ModelLocation("local", str(path.resolve()), config, fingerprint_folder(path))
     if path.exists():
         raise ModelError(f"{what} {ref!r} is a file; give the folder that holds config.json and the weights")
     if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
@@ -73,7 +97,7 @@ def locate_model(ref: str, what: str = "model") -> ModelLocation:
             f"{what} {ref!r} is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set. "
             "Give a local folder, a catalog name (`rayinfer models list`), or unset HF_HUB_OFFLINE."
         )
-    return ModelLocation("hub", ref, config)
+    return ModelLocation("hub", ref, config, f"hub:{ref}")
 
 
 def _cached_hub_config(repo_id: str, filename: str) -> dict[str, Any] | None:

@@ -1,14 +1,19 @@
-"""Output parts, commits, coverage (for resume) and the manifest.
+"""Output parts, commits, coverage (for resume and verification) and the manifest.
 
 Rules that make output safe to read at any moment and safe to resume:
-- a part is written under ``.tmp/`` and moved into the output folder (on object stores, which
-  have no rename, uploaded whole in one request), so a reader never sees a half-written part;
-- a part's name is derived from the smallest (file, row) coordinate of the rows it holds:
-  batches of one run are disjoint, so names never collide, and a retried batch rewrites the
-  same name with the same rows instead of duplicating them;
-- each part records the input row ranges it covers in its Parquet metadata; resume reads
-  these footers (not the ids) to skip covered rows;
-- ``_manifest.json`` is written last, and only by a run that finished.
+- a part is streamed into a temporary file (under ``.tmp/``; for object stores, a local temp
+  file) and moved into the output folder, or uploaded whole, only when complete: a reader never
+  sees a half-written part;
+- a part holds a run of one work unit's rows, many actor batches, in row groups of up to
+  ``ROW_GROUP_ROWS`` rows; a part ends at its unit's end or once it holds ``part_bytes``;
+- a part's name is derived from its first (file, row) coordinate: parts never collide, and a
+  retried unit first skips the rows its earlier attempt committed (``unit_todo``), so no row
+  is ever committed twice;
+- each part records the input row ranges it covers and what produced it (the job's identity,
+  the input file's fingerprint) in its Parquet footer; resume reads these footers (not the ids)
+  to skip covered rows, and refuses parts of another job;
+- ``_manifest.json`` is written last, and only by a run that finished and whose parts were
+  checked to cover every input row exactly once (``verify_coverage``).
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rayinfer.errors import OutputError
-from rayinfer.inputs import Ranges, merge_ranges, rows_to_ranges
+from rayinfer.errors import OutputError, RunError, SpecError
+from rayinfer.inputs import InputFile, Ranges, merge_ranges, rows_to_ranges
 from rayinfer.storage import OBJECT_STORES, filesystem, is_uri, local_path, redact, uri_for
 
 MANIFEST = "_manifest.json"  # "_" so Parquet readers of the folder skip it, like Spark's _SUCCESS
@@ -34,6 +41,8 @@ TMP_DIR = ".tmp"
 PART_PREFIX = "part-"
 META_PROVENANCE = b"rayinfer"
 META_COVERAGE = b"rayinfer.coverage"
+ROW_GROUP_ROWS = 100_000  # DuckDB writes 122,880-row groups, Spark ~128 MiB ones: this is in between
+ROW_GROUP_BYTES = 32 << 20  # uncompressed Arrow bytes buffered before a row group is written
 
 
 def part_name(file: str, row: int) -> str:
@@ -91,6 +100,24 @@ class Store:
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
         self.fs.move(tmp, self.path(name))
+
+    def put_file(self, name: str, local_file: str) -> None:
+        """Commit a finished local file as ``name``: moved into place, or uploaded whole."""
+        if self.object_store:
+            with open(local_file, "rb") as src, self.fs.open_output_stream(self.path(name)) as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+            os.unlink(local_file)
+        else:
+            self.fs.move(local_file, self.path(name))
+
+    def temp_file(self, name: str) -> str:
+        """A path to write ``name`` to before it is committed: under ``.tmp/`` beside the parts on
+        file systems (a rename then commits it), a local temp file for object stores."""
+        if self.object_store:
+            return os.path.join(tempfile.mkdtemp(prefix="rayinfer-part-"), name)
+        tmp_dir = self.path(TMP_DIR)
+        self.fs.create_dir(tmp_dir, recursive=True)
+        return f"{tmp_dir}/{name}.{uuid.uuid4().hex}.tmp"
 
     def read(self, name: str) -> bytes:
         with self.fs.open_input_file(self.path(name)) as f:
@@ -179,32 +206,92 @@ def _nearest_existing_parent(p: Path) -> Path:
 
 
 class PartWriter:
-    """Writes one batch's output as a committed part. Lives in each actor."""
+    """Streams one work unit's output rows into parts. Lives in each actor; holds at most one
+    row group's output in memory (the rest is already in the part's temporary file).
 
-    def __init__(self, out_dir: str, schema: pa.Schema, provenance: dict[str, Any]) -> None:
-        self.store = Store(out_dir)
+    ``write`` appends a batch's output and commits the current part when it holds ``part_bytes``;
+    ``close`` commits the last part. Both return the parts they committed, with their row counts.
+    """
+
+    def __init__(self, store: Store | str, schema: pa.Schema, provenance: dict[str, Any], part_bytes: int,
+                 row_group_rows: int = ROW_GROUP_ROWS) -> None:
+        self.store = _store(store)
+        self.part_bytes = part_bytes
+        self.row_group_rows = row_group_rows
+        self.provenance = provenance
         self.schema = schema
-        self.provenance = json.dumps(provenance, sort_keys=True, default=str).encode()
+        self._open: dict[str, Any] | None = None
 
-    def commit(self, table: pa.Table, files: list[str], rows: list[int]) -> str:
-        """Write ``table`` whose i-th row came from input (files[i], rows[i]); return the part name."""
-        coverage: dict[str, list[int]] = {}
-        for f, r in zip(files, rows):
-            coverage.setdefault(f, []).append(r)
-        first_file = min(coverage)
-        name = part_name(first_file, min(coverage[first_file]))
-        meta = {
-            META_PROVENANCE: self.provenance,
-            META_COVERAGE: json.dumps({f: rows_to_ranges(rs) for f, rs in coverage.items()}).encode(),
-        }
-        table = table.replace_schema_metadata({**(self.schema.metadata or {}), **meta})
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        self.store.put(name, sink.getvalue())
-        return name
+    def write(self, file: str, table: pa.Table, rows: pa.Array, fingerprint: str | None = None) -> list[tuple[str, int]]:
+        """Append ``table``, whose i-th row came from input row ``rows[i]`` of ``file`` (whose
+        ``fingerprint`` the part records, so a resume can tell that the file changed)."""
+        if table.num_rows == 0:
+            return []
+        part = self._open
+        if part is not None and part["file"] != file:
+            raise ValueError("a part holds the rows of one input file")
+        if part is None:
+            part = self._open = self._start(file, int(rows[0].as_py()), fingerprint)
+        part["tables"].append(table)
+        part["rows"].append(rows)
+        part["buffered_rows"] += table.num_rows
+        part["buffered_bytes"] += table.nbytes
+        if part["buffered_rows"] >= self.row_group_rows or part["buffered_bytes"] >= min(ROW_GROUP_BYTES, self.part_bytes):
+            self._flush(part)
+            if part["sink"].tell() >= self.part_bytes:
+                return [self._commit()]
+        return []
+
+    def close(self) -> list[tuple[str, int]]:
+        return [self._commit()] if self._open is not None else []
+
+    def abort(self) -> None:
+        """Drop the open part (its rows were not committed: a resume or retry redoes them)."""
+        part, self._open = self._open, None
+        if part is not None:
+            part["writer"].close()
+            part["sink"].close()
+            try:
+                self.store.fs.delete_file(part["tmp"]) if not self.store.object_store else os.unlink(part["tmp"])
+            except OSError:
+                pass
+
+    def _start(self, file: str, first_row: int, fingerprint: str | None) -> dict[str, Any]:
+        name = part_name(file, first_row)
+        tmp = self.store.temp_file(name)
+        sink = pa.OSFile(tmp, "wb") if self.store.object_store else self.store.fs.open_output_stream(tmp)
+        provenance = {**self.provenance, "inputs": {file: fingerprint}}
+        meta = {**(self.schema.metadata or {}),
+                META_PROVENANCE: json.dumps(provenance, sort_keys=True, default=str).encode()}
+        writer = pq.ParquetWriter(sink, self.schema.with_metadata(meta))
+        return {"file": file, "name": name, "tmp": tmp, "sink": sink, "writer": writer, "tables": [], "rows": [],
+                "covered": [], "buffered_rows": 0, "buffered_bytes": 0, "total": 0}
+
+    def _flush(self, part: dict[str, Any]) -> None:
+        if not part["tables"]:
+            return
+        table = pa.concat_tables(part["tables"]) if len(part["tables"]) > 1 else part["tables"][0]
+        part["writer"].write_table(table.replace_schema_metadata(None).cast(self.schema.remove_metadata()),
+                                   row_group_size=self.row_group_rows)
+        rows = pa.concat_arrays(part["rows"]) if len(part["rows"]) > 1 else part["rows"][0]
+        part["covered"] = merge_ranges(part["covered"] + rows_to_ranges(rows.to_pylist()))
+        part["total"] += table.num_rows
+        part["tables"], part["rows"], part["buffered_rows"], part["buffered_bytes"] = [], [], 0, 0
+
+    def _commit(self) -> tuple[str, int]:
+        part, self._open = self._open, None
+        assert part is not None
+        self._flush(part)
+        coverage = {part["file"]: [list(r) for r in part["covered"]]}
+        part["writer"].add_key_value_metadata({META_COVERAGE: json.dumps(coverage).encode()})
+        part["writer"].close()
+        part["sink"].close()
+        self.store.put_file(part["name"], part["tmp"])
+        return part["name"], part["total"]
 
 
 def part_metadata(out_dir: str | Store, name: str) -> pq.FileMetaData:
+    """A part's Parquet footer: row counts, statistics, and rayinfer's keys (coverage, provenance)."""
     store = _store(out_dir)
     try:
         with store.open(name) as f:
@@ -213,27 +300,103 @@ def part_metadata(out_dir: str | Store, name: str) -> pq.FileMetaData:
         raise OutputError(f"{store.uri(name)} is not a readable rayinfer part ({exc}); delete it to resume") from None
 
 
+def footer_coverage(md: pq.FileMetaData, where: str = "part") -> dict[str, Ranges]:
+    try:
+        raw = json.loads((md.metadata or {})[META_COVERAGE])
+    except Exception as exc:
+        raise OutputError(f"{where} is not a readable rayinfer part (no coverage: {exc}); delete it to resume") from None
+    return {f: [tuple(r) for r in rs] for f, rs in raw.items()}
+
+
+def footer_provenance(md: pq.FileMetaData) -> dict[str, Any]:
+    raw = (md.metadata or {}).get(META_PROVENANCE)
+    return json.loads(raw) if raw else {}
+
+
 def part_coverage(out_dir: str | Store, name: str) -> dict[str, Ranges]:
     store = _store(out_dir)
-    try:
-        with store.open(name) as f:
-            meta = pq.read_schema(f).metadata or {}
-        raw = json.loads(meta[META_COVERAGE])
-    except Exception as exc:
-        raise OutputError(f"{store.uri(name)} is not a readable rayinfer part ({exc}); delete it to resume") from None
-    return {f: [tuple(r) for r in rs] for f, rs in raw.items()}
+    return footer_coverage(part_metadata(store, name), store.uri(name))
 
 
 def committed_coverage(out_dir: str | Store) -> tuple[dict[str, Ranges], int]:
     """Row ranges covered per input file by the committed parts, and how many rows they hold."""
-    store = _store(out_dir)
+    cover, rows = _coverage(_store(out_dir), _store(out_dir).parts())
+    return cover, rows
+
+
+def _coverage(store: Store, names: Iterable[str]) -> tuple[dict[str, Ranges], int]:
     cover: dict[str, list[tuple[int, int]]] = {}
     rows = 0
-    for name in store.parts():
+    for name in names:
         for f, ranges in part_coverage(store, name).items():
             cover.setdefault(f, []).extend(ranges)
             rows += sum(b - a for a, b in ranges)
     return {f: merge_ranges(rs) for f, rs in cover.items()}, rows
+
+
+def unit_todo(store: Store, unit: dict[str, Any]) -> dict[str, Any]:
+    """``unit`` with the rows that committed parts already hold added to what it skips: a unit
+    that Ray retries (its first actor died after committing some of its parts) must not commit
+    those rows again. Only parts named inside the unit's row range are read."""
+    file, start, stop = unit["file"], unit["start"], unit["stop"]
+    prefix = part_name(file, 0)[: -len("000000000000.parquet")]
+    names = [n for n in store.parts() if n.startswith(prefix) and start <= int(n[len(prefix):-len(".parquet")]) < stop]
+    if not names:
+        return unit
+    cover, _ = _coverage(store, names)
+    return {**unit, "covered": merge_ranges([tuple(r) for r in unit["covered"]] + cover.get(file, []))}
+
+
+def check_resume(out_dir: str | Store, identity: dict[str, Any], files: list[InputFile]) -> None:
+    """Refuse to resume into parts another job wrote: another task, model, adapter, options or
+    output schema, or an input file changed since (size or modification time). Names what differs."""
+    store = _store(out_dir)
+    fingerprints = {f.path: f.fingerprint for f in files}
+    for name in store.parts():
+        md = part_metadata(store, name)
+        made = footer_provenance(md)
+        diff = [k for k in identity if k != "rayinfer_version" and made.get(k) != identity[k]]
+        if diff:
+            shown = "; ".join(f"{k}: {_short(made.get(k))} in the part, {_short(identity[k])} now" for k in diff[:3])
+            raise SpecError(
+                f"cannot resume into {redact(store.location)!r}: its part {name} was written by another job ({shown}). "
+                "Resume with the spec that wrote it, or write to a new output.path (or output.mode: overwrite)."
+            )
+        for f, fp in (made.get("inputs") or {}).items():
+            if f in fingerprints and fingerprints[f] != fp:
+                raise SpecError(
+                    f"cannot resume into {redact(store.location)!r}: input file {redact(f)!r} changed since part "
+                    f"{name} was written (size:mtime {fp} then, {fingerprints[f]} now). Its rows there may not be "
+                    "this file's rows: start again with output.mode: overwrite."
+                )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def verify_coverage(out_dir: str | Store, files: list[InputFile]) -> tuple[int, list[tuple[str, pq.FileMetaData]]]:
+    """Check that the committed parts cover every input row exactly once (from their footers).
+    Returns the output row count and each part's footer."""
+    store = _store(out_dir)
+    footers = [(name, part_metadata(store, name)) for name in store.parts()]
+    cover: dict[str, list[tuple[int, int]]] = {}
+    for name, md in footers:
+        for f, ranges in footer_coverage(md, store.uri(name)).items():
+            cover.setdefault(f, []).extend(ranges)
+    for f in files:
+        merged = merge_ranges(cover.get(f.path, []))
+        if merged != ([(0, f.num_rows)] if f.num_rows else []) or sum(b - a for a, b in cover.get(f.path, [])) != f.num_rows:
+            raise RunError(
+                f"output check failed: the parts in {redact(store.location)} cover rows {merged[:5]} of {f.path} "
+                f"({f.num_rows} rows). This is a bug; please report it with the manifest."
+            )
+    out_rows = sum(md.num_rows for _, md in footers)
+    in_rows = sum(f.num_rows for f in files)
+    if out_rows != in_rows:
+        raise RunError(f"output check failed: {out_rows} output rows for {in_rows} input rows")
+    return out_rows, footers
 
 
 def write_manifest(out_dir: str | Store, manifest: dict[str, Any]) -> str:

@@ -52,6 +52,11 @@ class Registry:
                 msg += " Plugins that failed to load: " + "; ".join(f"{p.name} ({p.error})" for p in broken)
             raise UnknownTaskError(msg) from None
 
+    def plugin_version(self, task: str) -> str | None:
+        """The version of the distribution that provides ``task`` (None when not from one)."""
+        name = self.task_plugin.get(task)
+        return next((p.version for p in self.plugins if p.name == name), None)
+
 
 def _selected(names: Iterable[str] | None) -> set[str] | None:
     if names is not None:

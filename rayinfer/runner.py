@@ -51,6 +51,17 @@ def output_schema(task_cls: type[Task], options: Any, input_schema: pa.Schema, i
     return pa.schema(fields + task_fields + [pa.field(ERROR_COL, pa.string())])
 
 
+@dataclass
+class Prepared:
+    """A batch checked and encoded, waiting for the model (``TaskRunner.prepare``)."""
+
+    batch: Batch
+    n: int
+    errors: list[RowError | None]
+    encoded: dict[int, Any]
+    lengths: dict[int, int]
+
+
 PAD_SLACK = 0.2
 """Once a chunk holds half the budget, a row this much shorter than its longest starts a new one."""
 
@@ -103,14 +114,14 @@ class TaskRunner:
     # -- the core: task inputs in, output columns + errors out ------------------------------
 
     def run(self, batch: Batch, stats: BatchStats | None = None) -> tuple[dict[str, list[Any]], list[RowError | None]]:
-        with _inference_mode():
-            return self._run(batch, stats if stats is not None else BatchStats())
+        return self.complete(self.prepare(batch), stats)
 
-    def _run(self, batch: Batch, stats: BatchStats) -> tuple[dict[str, list[Any]], list[RowError | None]]:
+    def prepare(self, batch: Batch) -> Prepared:
+        """Check and encode a batch (no model call): ``complete`` runs the model on it. Actors call
+        this on a second thread, so tokenizing the next batch overlaps the model on this one."""
         n = len(next(iter(batch.values()))) if batch else 0
         errors: list[RowError | None] = [None] * n
         self._check_inputs(batch, errors)
-
         valid = [i for i in range(n) if errors[i] is None]
         encoded: dict[int, Any] = {}
         for i, item in self._isolate(lambda idx: self.task.preprocess(_take(batch, idx)), valid, errors, "preprocess"):
@@ -118,8 +129,15 @@ class TaskRunner:
                 errors[i] = item
             else:
                 encoded[i] = item
-
         lengths = {i: int(self.task.length(item)) for i, item in encoded.items()}
+        return Prepared(batch, n, errors, encoded, lengths)
+
+    def complete(self, prepared: Prepared, stats: BatchStats | None = None) -> tuple[dict[str, list[Any]], list[RowError | None]]:
+        with _inference_mode():
+            return self._complete(prepared, stats if stats is not None else BatchStats())
+
+    def _complete(self, p: Prepared, stats: BatchStats) -> tuple[dict[str, list[Any]], list[RowError | None]]:
+        batch, n, errors, encoded, lengths = p.batch, p.n, p.errors, p.encoded, p.lengths
         order = sorted(encoded, key=lambda i: -lengths[i])
         outputs: dict[int, Any] = {}
         for chunk in micro_batches(order, lengths, self.max_batch_tokens):
@@ -129,17 +147,23 @@ class TaskRunner:
             for i, out in self._isolate(lambda idx: self.task.forward([encoded[j] for j in idx]), chunk, errors, "forward"):
                 outputs[i] = out
 
-        done = sorted(outputs)
+        names = [f.name for f in self.task_schema]
 
-        def post(idx: list[int]) -> list[dict[str, Any]]:
+        def post(idx: list[int]) -> list[tuple[Any, ...]]:
             cols = self.task.postprocess([outputs[j] for j in idx], _take(batch, idx))
-            missing = [f.name for f in self.task_schema if f.name not in cols]
+            missing = [name for name in names if name not in cols]
             if missing:
                 raise TypeError(f"task {self.task.name!r} postprocess returned no column(s) {missing}")
-            return [{name: cols[name][k] for name in cols} for k in range(len(idx))]
+            return list(zip(*(cols[name] for name in names)))
 
-        rows: dict[int, dict[str, Any]] = dict(self._isolate(post, done, errors, "postprocess"))
-        columns = {f.name: [rows[i][f.name] if i in rows else None for i in range(n)] for f in self.task_schema}
+        done = sorted(outputs)
+        rows = self._isolate(post, done, errors, "postprocess")
+        if len(rows) == n:  # the common case: every row has its outputs, in order
+            columns = {name: list(col) for name, col in zip(names, zip(*(r for _, r in rows)))} if n else {name: [] for name in names}
+        else:
+            by_row = dict(rows)
+            empty = (None,) * len(names)
+            columns = {name: [by_row.get(i, empty)[j] for i in range(n)] for j, name in enumerate(names)}
 
         stats.rows += n
         for e in errors:
@@ -193,8 +217,13 @@ class TaskRunner:
 
     def run_table(self, table: pa.Table, schema: pa.Schema, stats: BatchStats | None = None) -> pa.Table:
         """Map dataset columns to task inputs, run, and build the output table in ``schema``."""
-        batch = {name: table.column(col).to_pylist() for name, col in self.column_map.items()}
-        columns, errors = self.run(batch, stats)
+        return self.complete_table(table, self.prepare_table(table), schema, stats)
+
+    def prepare_table(self, table: pa.Table) -> Prepared:
+        return self.prepare({name: table.column(col).to_pylist() for name, col in self.column_map.items()})
+
+    def complete_table(self, table: pa.Table, prepared: Prepared, schema: pa.Schema, stats: BatchStats | None = None) -> pa.Table:
+        columns, errors = self.complete(prepared, stats)
         data: dict[str, Any] = {self.id_column: table.column(self.id_column)}
         for k in self.keep:
             data[k] = table.column(k)

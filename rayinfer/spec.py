@@ -38,6 +38,18 @@ class OutputSpec(_Strict):
         description="error: refuse an existing non-empty folder; overwrite: replace earlier output; "
         "resume: keep committed parts and process only the rows they do not cover.",
     )
+    part_rows: int = Field(
+        1_000_000,
+        gt=0,
+        description="Most input rows per output part (a part is one work unit: rows of one input file). A crash "
+        "loses at most the part each actor is writing, so smaller parts lose less work but make more files. "
+        "Jobs too small to give every actor several parts of this size get smaller parts.",
+    )
+    part_bytes: int = Field(
+        128 << 20,
+        gt=0,
+        description="A part is committed once it holds about this many bytes of Parquet, even before part_rows.",
+    )
 
 
 class ActorRange(_Strict):
@@ -59,8 +71,8 @@ class RuntimeSpec(_Strict):
     batch_size: int = Field(
         256,
         gt=0,
-        description="Rows per batch handed to an actor (one output part each). The actor sorts them by length "
-        "before cutting micro-batches, so larger batches pad less; smaller ones lose less work to a crash.",
+        description="Rows an actor reads, tokenizes and runs at a time. It sorts them by length before cutting "
+        "micro-batches, so larger batches pad less.",
     )
     max_batch_tokens: int | None = Field(
         None,
@@ -80,7 +92,8 @@ class RuntimeSpec(_Strict):
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     max_error_rate: float | None = Field(
-        None, ge=0, le=1, description="Abort when the fraction of rows with an error passes this. Unset: never."
+        None, ge=0, le=1, description="Abort when the fraction of rows with an error passes this (judged once 1000 rows, "
+        "or all, are done). Unset: never."
     )
     actor_start_timeout_s: int = Field(
         900,

@@ -40,3 +40,34 @@ def fill_mask_job(
     for key, value in extra.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return write_job(tmp / "job.yaml", **spec)
+
+
+def write_units(location: str, files: list, coverage: dict, batch: int, unit_rows: int,
+                stop_after: int | None = None, part_bytes: int = 1, shuffle_seed: int | None = None) -> int:
+    """The actors' read -> write -> commit path without Ray or a model: each unit's ids are read
+    in batches of ``batch`` and written as parts (with the default ``part_bytes`` of 1, a part per
+    batch). With ``stop_after``, stops like a crash once that many parts are committed: the open
+    part's temporary file is left behind. Returns the number of parts committed."""
+    import random
+
+    import pyarrow as pa
+
+    from rayinfer.inputs import make_units, read_unit
+    from rayinfer.output import PartWriter, Store, unit_todo
+
+    store = Store(location)
+    schema = pa.schema([pa.field("id", pa.int64())])
+    units = make_units(files, coverage, unit_rows)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(units)  # Ray gives no order
+    committed = 0
+    for unit in units:
+        unit = unit_todo(store, unit)
+        writer = PartWriter(store, schema, {"run": "test"}, part_bytes, row_group_rows=batch)
+        for table, rows in read_unit(unit, ["id"], batch):
+            if stop_after is not None and committed >= stop_after:  # a part half-written when the process dies
+                PartWriter(store, schema, {"run": "test"}, 1 << 40, row_group_rows=1).write(unit["file"], table, rows)
+                return committed
+            committed += len(writer.write(unit["file"], table, rows, unit["fingerprint"]))
+        committed += len(writer.close())
+    return committed

@@ -93,7 +93,7 @@ def cli(cluster, *args, token=True, timeout=600):
     )
 
 
-def job_folder(tmp_path, model, rows, **runtime):
+def job_folder(tmp_path, model, rows, output=None, **runtime):
     write_dataset(tmp_path / "in", masked_corpus(rows), files=4, row_group_size=25)
     work = tmp_path / "workdir"
     work.mkdir()
@@ -101,7 +101,7 @@ def job_folder(tmp_path, model, rows, **runtime):
     job.write_text(yaml.safe_dump({
         "task": "fill-mask", "model": str(model),
         "input": {"path": str(tmp_path / "in"), "id_column": "doc_id", "columns": {"text": "sentence"}},
-        "output": {"path": str(tmp_path / "out")}, "options": {"top_k": 2},
+        "output": {"path": str(tmp_path / "out"), **(output or {})}, "options": {"top_k": 2},
         "runtime": {"batch_size": 25, "num_cpus": 1, **runtime},
     }))
     return work, job
@@ -139,7 +139,8 @@ def test_submit_wait_runs_on_both_nodes(cluster, tmp_path, bert_mlm):
 
 
 def test_stop_a_running_job_and_resume_it(cluster, tmp_path, bert_mlm):
-    work, job = job_folder(tmp_path, bert_mlm, 4000, actors=1)
+    # parts of 100 rows: the first lands early, with most of the job still to do
+    work, job = job_folder(tmp_path, bert_mlm, 4000, output={"part_rows": 100}, actors=1)
     sub = cli(cluster, "submit", str(job), "--working-dir", str(work))
     assert sub.returncode == 0, sub.stderr[-3000:]
     sid = sub.stdout.strip()

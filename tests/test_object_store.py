@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayinfer.errors import OutputError
-from rayinfer.inputs import FILE_COL, ROW_COL, make_units, read_unit, scan
-from rayinfer.output import MANIFEST, PartWriter, committed_coverage, list_parts, prepare, read_manifest, write_manifest
+from rayinfer.inputs import scan
+from rayinfer.output import MANIFEST, committed_coverage, list_parts, prepare, read_manifest, write_manifest
 from rayinfer.testing import run_task
 from rayinfer_tasks.fill_mask import FillMaskTask
 
-from helpers import masked_corpus, write_job
+from helpers import masked_corpus, write_job, write_units
 
 moto_server = pytest.importorskip("moto.server")
 
@@ -73,20 +73,8 @@ def test_commit_resume_and_modes_on_s3(s3_env):
     files, _ = scan(f"s3://{BUCKET}/commit/in")
     assert [f.path for f in files] == [f"s3://{BUCKET}/commit/in/f{i}.parquet" for i in range(3)]
     out = f"s3://{BUCKET}/commit/out"
-    schema = pa.schema([pa.field("id", pa.int64())])
-
-    def commit(coverage, batch, stop_after=None):
-        writer = PartWriter(out, schema, {"run": "test"})
-        rows = [r for u in make_units(files, coverage) for t in read_unit(u, ["id"]) for r in t.to_pylist()]
-        for n, start in enumerate(range(0, len(rows), batch)):
-            if stop_after is not None and n >= stop_after:
-                return
-            chunk = rows[start : start + batch]
-            table = pa.table({"id": pa.array([r["id"] for r in chunk], pa.int64())})
-            writer.commit(table, [r[FILE_COL] for r in chunk], [r[ROW_COL] for r in chunk])
-
     prepare(out, "error")
-    commit({}, 7, stop_after=4)  # "crash" after 4 parts
+    write_units(out, files, {}, 7, 100, stop_after=4)  # "crash" after 4 parts (a part per batch)
     first = {k: s3().get_file_info(f"{BUCKET}/{k}").mtime for k in keys("commit/out")}
     assert len(first) == 4 and all(k.startswith("commit/out/part-") for k in first)  # no temp objects: one PUT each
 
@@ -95,14 +83,14 @@ def test_commit_resume_and_modes_on_s3(s3_env):
     prepare(out, "resume")
     coverage, done = committed_coverage(out)
     assert done == 28
-    commit(coverage, 11)
+    write_units(out, files, coverage, 11, 100)
     ids = sorted(pq.read_table(f"{BUCKET}/commit/out", filesystem=fs).column("id").to_pylist())
     assert ids == list(range(30)) + list(range(200, 245))
     assert {k: s3().get_file_info(f"{BUCKET}/{k}").mtime for k in first} == first  # committed parts untouched
 
     write_manifest(out, {"status": "complete"})
     assert read_manifest(out) == {"status": "complete"}
-    assert MANIFEST not in list_parts(out) and len(list_parts(out)) == 4 + 5
+    assert MANIFEST not in list_parts(out) and len(list_parts(out)) == 4 + 1 + 5  # f0's last 2 rows, then f2's 45 in batches of 11
 
     # objects rayinfer did not write are never mixed with or deleted
     fs.create_dir(f"{BUCKET}/commit/out")

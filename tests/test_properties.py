@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import tempfile
 from pathlib import Path
 
@@ -14,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rayinfer.errors import SpecError
-from rayinfer.inputs import FILE_COL, ROW_COL, make_units, read_unit, scan
-from rayinfer.output import PartWriter, committed_coverage, list_parts, part_coverage, prepare
+from rayinfer.inputs import scan
+from rayinfer.output import committed_coverage, list_parts, part_coverage, prepare, verify_coverage
 from rayinfer.spec import load_spec
+
+from helpers import write_units
 
 BASE = {
     "task": "fill-mask",
@@ -62,7 +63,7 @@ def test_valid_specs_load_the_same_from_a_dict_from_yaml_and_from_overrides(runt
 )
 def test_unknown_keys_are_spec_errors_never_crashes(section, key):
     known = {"": set(BASE) | {"adapter", "merge_adapter", "trust_remote_code", "options", "runtime"},
-             "input.": {"path", "id_column", "columns", "keep"}, "output.": {"path", "mode"},
+             "input.": {"path", "id_column", "columns", "keep"}, "output.": {"path", "mode", "part_rows", "part_bytes"},
              "runtime.": {"batch_size", "max_batch_tokens", "actors", "num_cpus", "num_gpus", "resources", "dtype",
                           "device", "max_error_rate", "actor_start_timeout_s"}}
     if key in known[section]:
@@ -76,15 +77,20 @@ def test_unknown_keys_are_spec_errors_never_crashes(section, key):
     rows_per_file=st.lists(st.integers(0, 60), min_size=1, max_size=4),
     row_group=st.integers(1, 25),
     batch=st.integers(1, 40),
+    unit_rows=st.integers(1, 70),
     crash_after=st.floats(0, 1),
     seed=st.integers(0, 2**16),
     as_uri=st.booleans(),
+    retry=st.booleans(),
 )
-def test_commit_then_crash_then_resume_covers_every_row_exactly_once(rows_per_file, row_group, batch, crash_after, seed, as_uri):
-    """Run the real read -> commit path with random batching, stop after a random number of
-    committed parts (leaving a half-written temp file, as a crash does), resume with different
-    batching, and check: every input row is in exactly one part, no committed part was rewritten."""
-    rng = random.Random(seed)
+def test_commit_then_crash_then_resume_covers_every_row_exactly_once(
+    rows_per_file, row_group, batch, unit_rows, crash_after, seed, as_uri, retry
+):
+    """Run the real read -> write -> commit path with random units and batching, stop after a
+    random number of committed parts (leaving a half-written temp file, as a crash does), then
+    either resume (new run: other units, other batching) or retry every unit as Ray retries a
+    dead actor's unit (same run, no resume), and check: every input row is in exactly one part,
+    no committed part was rewritten."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "in").mkdir()
@@ -100,43 +106,28 @@ def test_commit_then_crash_then_resume_covers_every_row_exactly_once(rows_per_fi
 
         def parts():
             return [out / name for name in list_parts(location)]
-        schema = pa.schema([pa.field("id", pa.int64())])
-
-        def run(coverage, batch_size, stop_after=None):
-            writer = PartWriter(location, schema, {"run": "test"})
-            units = make_units(files, coverage)
-            rng.shuffle(units)  # Ray gives no order
-            pending, committed = [], 0
-            for unit in units:
-                for t in read_unit(unit, ["id"]):
-                    pending.extend(t.to_pylist())
-            for start in range(0, len(pending), batch_size):
-                chunk = pending[start : start + batch_size]
-                if stop_after is not None and committed >= stop_after:
-                    (out / ".tmp").mkdir(parents=True, exist_ok=True)
-                    (out / ".tmp" / "part-half-written.parquet.tmp").write_bytes(b"PAR1 garbage")
-                    return
-                table = pa.table({"id": pa.array([r["id"] for r in chunk], pa.int64())})
-                writer.commit(table, [r[FILE_COL] for r in chunk], [r[ROW_COL] for r in chunk])
-                committed += 1
 
         total = sum(rows_per_file)
         n_batches = -(-total // batch) if total else 0
         prepare(location, "error")
-        run({}, batch, stop_after=int(crash_after * n_batches))
+        write_units(location, files, {}, batch, unit_rows, stop_after=int(crash_after * n_batches), shuffle_seed=seed)
         before = {p.name: p.stat().st_mtime_ns for p in parts()}
 
-        prepare(location, "resume")
-        coverage, resumed_rows = committed_coverage(location)
-        assert resumed_rows == sum(pq.read_metadata(p).num_rows for p in parts())
-        run(coverage, max(1, batch // 2 + 1))
+        if retry:  # the same units again, as Ray retries them: each skips what it had committed
+            write_units(location, files, {}, batch, unit_rows, shuffle_seed=seed + 1)
+        else:
+            prepare(location, "resume")
+            coverage, resumed_rows = committed_coverage(location)
+            assert resumed_rows == sum(pq.read_metadata(p).num_rows for p in parts())
+            write_units(location, files, coverage, max(1, batch // 2 + 1), max(1, unit_rows // 2), shuffle_seed=seed)
+            assert not (out / ".tmp").exists() or not any((out / ".tmp").iterdir())
 
         ids = []
         for p in parts():
             ids += pq.read_table(p).column("id").to_pylist()
         assert sorted(ids) == list(range(total))
         assert {p.name: p.stat().st_mtime_ns for p in parts() if p.name in before} == before
-        assert not (out / ".tmp").exists() or not any((out / ".tmp").iterdir())
+        verify_coverage(location, files)
         # each part's recorded coverage is exactly the rows it holds
         for p in parts():
             assert sum(b - a for rs in part_coverage(location, p.name).values() for a, b in rs) == pq.read_metadata(p).num_rows

@@ -124,9 +124,9 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path, bert_mlm):
 
 def test_an_actor_that_no_node_can_hold_fails_fast(tmp_path, bert_mlm):
     """Totals are not enough: 3 CPUs per actor on two 2-CPU nodes can never be placed."""
+    from rayinfer.admission import check_resources
     from rayinfer.api import plan_job
     from rayinfer.errors import RunError
-    from rayinfer.pipeline import check_resources
 
     plan = plan_job(fill_mask_job(tmp_path, bert_mlm, runtime={"num_cpus": 3}))
     with pytest.raises(RunError, match=r"no node can hold one actor \(CPU=3\); nodes have: CPU=2; CPU=2"):
@@ -134,23 +134,31 @@ def test_an_actor_that_no_node_can_hold_fails_fast(tmp_path, bert_mlm):
     check_resources(plan, {"CPU": 5.5}, [{"CPU": 2}, {"CPU": 3.5}])  # one node fits: fine
 
 
-def test_a_fixed_pool_must_fit_beside_its_read_tasks(tmp_path, bert_mlm, capsys):
-    """Two 1-CPU actors on a 2-CPU local Ray leave no CPU for reading: that run would hang, so it
-    fails before any row is read; a cluster may grow, so there it is a warning."""
+def test_a_fixed_pool_must_fit_the_local_ray(tmp_path, bert_mlm, caplog):
+    """Three 1-CPU actors on a 2-CPU local Ray would wait out actor_start_timeout_s: that run
+    fails before any row is read; a cluster may grow, so there it is a warning. Actors read their
+    own units, so two 1-CPU actors fit on 2 CPUs (no read task needs a CPU beside them)."""
+    from rayinfer.admission import actors_that_fit, check_pool_fits, pool_size
     from rayinfer.api import plan_job
     from rayinfer.errors import RunError
-    from rayinfer.pipeline import actors_that_fit, check_pool_fits
 
-    assert actors_that_fit({"CPU": 1}, [{"CPU": 2}]) == 1
-    assert actors_that_fit({"CPU": 1}, [{"CPU": 2}, {"CPU": 2}]) == 3
+    assert actors_that_fit({"CPU": 1}, [{"CPU": 2}]) == 2
+    assert actors_that_fit({"CPU": 1}, [{"CPU": 2}, {"CPU": 1.5}]) == 3
     assert actors_that_fit({"CPU": 1, "slot": 1}, [{"CPU": 2, "slot": 1}, {"CPU": 1, "slot": 1}]) == 2
     assert actors_that_fit({"CPU": 1, "GPU": 0.5}, [{"CPU": 16, "GPU": 1}]) == 2
+    assert actors_that_fit({"CPU": 0.5}, [{"CPU": 2}]) == 4
     assert actors_that_fit({"CPU": 1, "GPU": 1}, [{"CPU": 16}]) == 0
 
-    plan = plan_job(fill_mask_job(tmp_path, bert_mlm, runtime={"actors": 2, "num_cpus": 1}))
-    with pytest.raises(RunError, match=r"runtime.actors asks for 2 actors of CPU=1 from the start; the local Ray "
-                                       r"holds 1 beside the read tasks \(CPU=0.25\)\. Set runtime.actors to at most 1"):
-        check_pool_fits(plan, 2, [{"CPU": 2}], can_grow=False)
-    check_pool_fits(plan, 2, [{"CPU": 2}], can_grow=True)
-    assert "waiting up to runtime.actor_start_timeout_s=900s for more nodes" in capsys.readouterr().err
-    check_pool_fits(plan, 2, [{"CPU": 3}], can_grow=False)  # 2 actors + reads fit: fine
+    plan = plan_job(fill_mask_job(tmp_path, bert_mlm, runtime={"actors": 3, "num_cpus": 1}))
+    with pytest.raises(RunError, match=r"runtime.actors asks for 3 actors of CPU=1 from the start; the local Ray "
+                                       r"holds 2\. Set runtime.actors to at most 2"):
+        check_pool_fits(plan, 3, [{"CPU": 2}], can_grow=False)
+    with caplog.at_level("WARNING", logger="rayinfer"):
+        check_pool_fits(plan, 3, [{"CPU": 2}], can_grow=True)
+    assert "waiting up to runtime.actor_start_timeout_s=900s for more nodes" in caplog.text
+    check_pool_fits(plan, 3, [{"CPU": 3}], can_grow=False)  # fits: fine
+
+    # unset actors: every actor the cluster holds; all from the start on the local Ray
+    unset = plan_job(fill_mask_job(tmp_path, bert_mlm, runtime={"num_cpus": 0.5}))
+    assert pool_size(unset, {"CPU": 2}, can_grow=False) == (4, 4)
+    assert pool_size(unset, {"CPU": 2}, can_grow=True) == (1, 4)

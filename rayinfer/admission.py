@@ -1,0 +1,131 @@
+"""Admission: can the cluster hold the actor pool at all? Checked once Ray is up, before any row
+is read, so that an impossible pool fails with one line instead of waiting forever.
+
+Actors read their own work units (see ``rayinfer.pipeline``), so no read task competes with
+them for CPUs: a pool fits when its actors fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from rayinfer.errors import InputError, RunError
+from rayinfer.plan import Plan
+from rayinfer.storage import local_path
+
+log = logging.getLogger("rayinfer")
+
+
+def actor_need(plan: Plan) -> dict[str, float]:
+    """What one actor asks Ray for: CPUs, GPUs and custom resources (those above zero)."""
+    rt = plan.spec.runtime
+    return {k: v for k, v in {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v > 0}
+
+
+def describe(need: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in need.items())
+
+
+def pool_size(plan: Plan, cluster: dict[str, float], can_grow: bool = True) -> tuple[int, int]:
+    """The actor pool's (min, max): from the spec, or as many actors as the cluster's totals hold
+    (all from the start on the embedded Ray, which holds them; from one up on a cluster, where
+    other jobs may hold some for now)."""
+    rt = plan.spec.runtime
+    if isinstance(rt.actors, int):
+        return rt.actors, rt.actors
+    if rt.actors is not None:
+        return rt.actors.min, rt.actors.max
+    fit = max(1, int(min(cluster.get(k, 0) / v for k, v in actor_need(plan).items()) + 1e-9))
+    return (1 if can_grow else fit), fit
+
+
+def actors_that_fit(need: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many actors needing ``need`` the nodes hold at once (each node on its own: an actor
+    cannot span nodes)."""
+    return sum(int(min(n.get(k, 0) / v for k, v in need.items()) + 1e-9) for n in nodes)
+
+
+def check_resources(
+    plan: Plan, cluster: dict[str, float], nodes: list[dict[str, float]] | None = None, pool_min: int = 1,
+    can_grow: bool = True,
+) -> None:
+    """Fail now, not by waiting forever, when no node can hold one actor, or when a Ray that
+    cannot grow cannot hold the pool's first ``pool_min`` actors."""
+    rt = plan.spec.runtime
+    if rt.num_gpus > 0 and cluster.get("GPU", 0) < rt.num_gpus:
+        raise RunError(
+            f"runtime.num_gpus is {rt.num_gpus} but the Ray cluster has {cluster.get('GPU', 0):g} GPUs. "
+            "Set runtime.num_gpus: 0 to run on CPUs, or join a cluster with GPUs (--address)."
+        )
+    if rt.num_cpus > cluster.get("CPU", 0):
+        raise RunError(f"runtime.num_cpus is {rt.num_cpus} but the Ray cluster has {cluster.get('CPU', 0):g} CPUs")
+    for name, amount in rt.resources.items():
+        if cluster.get(name, 0) < amount:
+            raise RunError(f"runtime.resources asks for {amount:g} {name!r} but the cluster has {cluster.get(name, 0):g}")
+    need = actor_need(plan)
+    if nodes and not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
+        have = "; ".join(", ".join(f"{k}={n.get(k, 0):g}" for k in need) for n in nodes)
+        raise RunError(f"no node can hold one actor ({describe(need)}); nodes have: {have}")
+    if nodes:
+        check_pool_fits(plan, pool_min, nodes, can_grow)
+
+
+def check_pool_fits(plan: Plan, pool_min: int, nodes: list[dict[str, float]], can_grow: bool) -> None:
+    """The embedded Ray cannot grow: a pool it cannot hold fails now rather than waiting out
+    runtime.actor_start_timeout_s. A cluster may grow (an autoscaler): there it is a warning."""
+    rt = plan.spec.runtime
+    need = actor_need(plan)
+    fits = actors_that_fit(need, nodes)
+    if pool_min <= fits:
+        return
+    msg = (
+        f"runtime.actors asks for {pool_min} actors of {describe(need)} from the start; the "
+        f"{'cluster' if can_grow else 'local Ray'} holds {fits}"
+    )
+    if not can_grow:
+        raise RunError(f"{msg}. Set runtime.actors to at most {max(fits, 1)}, or {{min: 1, max: {pool_min}}}.")
+    log.warning("rayinfer: warning: %s; waiting up to runtime.actor_start_timeout_s=%ss for more nodes",
+                msg, rt.actor_start_timeout_s)
+
+
+def _probe_paths(inputs: list[str], output: str | None) -> list[str]:
+    """Run on a node: which of the local paths it cannot see (or write, for the output)."""
+    missing = [p for p in inputs if not os.path.exists(p)]
+    if output is None:
+        return missing
+    parent = Path(output)
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        missing.append(f"{output} (not writable)")
+    return missing
+
+
+def check_paths_visible(plan: Plan, out_dir: str) -> None:
+    """On a multi-node cluster, local input/output paths must be visible from every node (a
+    shared file system); otherwise fail now, naming the node, rather than mid-run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    inputs = [p for p in (local_path(f.path) for f in plan.files) if p is not None]
+    output = local_path(out_dir)
+    if len(nodes) < 2 or (not inputs and output is None):
+        return
+    probe = ray.remote(num_cpus=0)(_probe_paths)
+    sample = inputs[:50]  # enough to catch a node without the file system
+    pending = {
+        n["NodeManagerAddress"] + " " + n["NodeID"][:12]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(sample, output)
+        for n in nodes
+    }
+    for node, ref in pending.items():
+        missing = ray.get(ref, timeout=60)
+        if missing:
+            raise InputError(
+                f"node {node} cannot see {', '.join(missing[:3])}: on a multi-node cluster input and output "
+                "paths must be on a file system every node mounts, or object-store URIs (s3://, gs://, ...)"
+            )
