@@ -216,13 +216,12 @@ def default_batch_tokens(plan: Plan) -> int:
     return plan.task_cls.cpu_batch_tokens or CPU_BATCH_TOKENS
 
 
-def unit_rows(todo: int, actors: int, batch_size: int, part_rows: int) -> int:
+def unit_rows(todo: int, actors: int, part_rows: int) -> int:
     """Rows per work unit: ``part_rows``, unless that would leave actors idle. Every actor should
-    get several units (UNITS_PER_ACTOR, so the last units end close together), and a job of at
-    least actors x batch_size rows must reach every actor."""
-    share = math.ceil(todo / (actors * UNITS_PER_ACTOR))
-    floor = min(batch_size, math.ceil(todo / actors))
-    return max(1, min(part_rows, max(share, floor)))
+    get several units (UNITS_PER_ACTOR), so that every actor works (120 rows on 4 actors make 15
+    units of 8) and the last units end close together (3,000 prompts on 8 GPUs: 32 units of 94,
+    not 12 of 256 with four GPUs doing two and four doing one)."""
+    return max(1, min(part_rows, math.ceil(todo / (actors * UNITS_PER_ACTOR))))
 
 
 def build_dataset(plan: Plan, units: list[dict[str, Any]], out_dir: str, run_id: str, pool: tuple[int, int]) -> Any:
@@ -329,7 +328,8 @@ def execute(plan: Plan, address: str | None = None,
         pool = pool_size(plan, cluster, can_grow=not local)
         check_resources(plan, cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")], pool[0], can_grow=not local)
         check_paths_visible(plan, out_dir)
-        units = make_units(plan.files, coverage, unit_rows(todo, pool[1], rt.batch_size, spec.output.part_rows))
+        units = make_units(plan.files, coverage, unit_rows(todo, pool[1], spec.output.part_rows))
+        units.sort(key=lambda u: -u["todo"])  # largest first: the small ones (file tails) fill in at the end
         last = 0.0
         try:
             with data_context(rt.actor_start_timeout_s):

@@ -25,6 +25,7 @@ from rayinfer.output import prepare
 from rayinfer.plugins import Registry, load_registry
 from rayinfer.runner import output_schema
 from rayinfer.spec import JobSpec, format_validation_error, load_spec
+from rayinfer.storage import nested, redact
 from rayinfer.task import LoadContext, Task, TaskOptions
 
 
@@ -116,6 +117,12 @@ def plan_job(
         )
     column_map = {name: spec.input.columns.get(name, name) for name in task_cls.inputs}
 
+    if nested(spec.input.path, spec.output.path):
+        raise SpecError(
+            f"output.path {redact(spec.output.path)!r} and input.path {redact(spec.input.path)!r} overlap: a later "
+            "run would read the output parts as input (or overwrite would delete input files). Write the output "
+            "outside the input folder."
+        )
     files, schema = scan(spec.input.path)
     check_columns(schema, {spec.input.id_column: None}, "input.id_column")
     for name, col in column_map.items():

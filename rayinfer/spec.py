@@ -98,9 +98,8 @@ class RuntimeSpec(_Strict):
     actor_start_timeout_s: int = Field(
         900,
         gt=0,
-        description="Rows flow once the pool's first actors (actors, or actors.min) have loaded the model, so "
-        "read tasks cannot take the CPUs they need; the run fails if they are not up within this many seconds "
-        "(leave time for an autoscaler to add nodes).",
+        description="Rows flow once the pool's first actors (actors, or actors.min) have loaded the model; the "
+        "run fails if they are not up within this many seconds (leave time for an autoscaler to add nodes).",
     )
 
     @model_validator(mode="after")

@@ -69,3 +69,23 @@ def redact(path: str) -> str:
         return path
     query = "&".join(f"{k}={'***' if k.lower() in SECRET_PARAMS else v}" for k, v in parse_qsl(parts.query))
     return parts._replace(query=query).geturl()
+
+
+def location_key(path: str) -> tuple[str, str]:
+    """(scheme, normalized path) of a spec path, for comparing where two paths point. A glob
+    counts as the folder above its first wildcard. Local paths are resolved (symlinks too)."""
+    if not is_uri(path) or path.startswith("file://"):
+        local = local_path(path) or path
+        cut = min((i for i, ch in enumerate(local) if ch in "*?["), default=len(local))
+        base = local[:cut].rsplit("/", 1)[0] if cut < len(local) else local
+        return "file", os.path.realpath(base or "/")
+    parts = urlsplit(path)
+    return parts.scheme, f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
+
+
+def nested(a: str, b: str) -> bool:
+    """Whether spec paths ``a`` and ``b`` are the same place or one lies inside the other."""
+    (sa, pa_), (sb, pb) = location_key(a), location_key(b)
+    if sa != sb:
+        return False
+    return pa_ == pb or pb.startswith(pa_.rstrip("/") + "/") or pa_.startswith(pb.rstrip("/") + "/")
