@@ -90,12 +90,21 @@ def run(job: str | None, overrides: tuple[str, ...], address: str | None, resume
         spec_json: str | None) -> None:
     """Run the job spec JOB (validated first; embedded Ray unless --address)."""
     from rayinfer.api import run_job
-    from rayinfer.errors import SpecError
+    from rayinfer.errors import RunFailed, SpecError
 
     if (job is None) == (spec_json is None):
         raise SpecError("give a job spec file (rayinfer run JOB)")
     source: Any = job if job is not None else json.loads(spec_json)  # type: ignore[arg-type]
-    manifest = run_job(source, list(overrides), address=address, resume=resume, progress=not quiet)
+    try:
+        manifest = run_job(source, list(overrides), address=address, resume=resume, progress=not quiet)
+    except RunFailed as exc:
+        if job is None:  # submitted: resubmit with --set output.mode=resume
+            raise
+        import shlex
+
+        again = ["rayinfer", "run", job, *[a for o in overrides for a in ("--set", o)], "--resume"]
+        again += ["--address", address] if address else []
+        raise RunFailed(f"{exc}. Once fixed, resume: {shlex.join(again)}") from None
     _print_report(manifest)
 
 

@@ -39,6 +39,16 @@ class RunError(RayInferError):
     exit_code = 3
 
 
+class RunFailed(RunError):
+    """A run stopped part-way (a failure in Ray, an error budget spent): its committed parts are
+    kept and ``--resume`` goes on from them."""
+
+
+class UnreadableInput(RunError):
+    """Part of an input file cannot be read at run time (a damaged row group), and
+    ``input.on_unreadable`` is ``fail``."""
+
+
 class RowError(Exception):
     """Raised or returned by a task for one row it cannot process.
 

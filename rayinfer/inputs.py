@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rayinfer.errors import InputError
+from rayinfer.errors import InputError, UnreadableInput
 from rayinfer.storage import filesystem, uri_for
 
 READ_BATCH_ROWS = 4096
@@ -200,46 +200,74 @@ def make_units(
     return units
 
 
-def read_unit(unit: dict[str, Any], columns: list[str], batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[pa.Table, pa.Array]]:
-    """Yield the unit's rows (only ``columns``) in tables of at most ``batch_rows`` rows, each with
-    the input row index of every row; rows in ``unit["covered"]`` are skipped."""
+def read_unit(
+    unit: dict[str, Any], columns: list[str], batch_rows: int = READ_BATCH_ROWS, on_unreadable: str = "fail"
+) -> Iterator[tuple[pa.Table | None, pa.Array, str | None]]:
+    """Yield the unit's rows (only ``columns``) as (table, input row indices, None) in tables of at
+    most ``batch_rows`` rows; rows in ``unit["covered"]`` are skipped.
+
+    A row group whose data cannot be read (its footer was fine: a damaged page, a bad
+    decompression) raises UnreadableInput naming the file, row group and rows; with
+    ``on_unreadable="skip"`` its rows not yet read come out as (None, row indices, message)."""
     pf = open_parquet(unit["file"])
     md = pf.metadata
     start, stop = unit["start"], unit["stop"]
-    groups, offset, first = [], 0, None
-    for i in range(md.num_row_groups):
-        n = md.row_group(i).num_rows
-        if offset + n > start and offset < stop:
-            groups.append(i)
-            first = offset if first is None else first
-        offset += n
     covered = [tuple(r) for r in unit.get("covered") or []]
     pending: list[tuple[pa.Table, pa.Array]] = []
     pending_rows = 0
-    offset = first or 0
-    for rb in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns, use_threads=False):
-        n = rb.num_rows
-        lo, hi = max(start, offset), min(stop, offset + n)
-        table = pa.Table.from_batches([rb]).slice(lo - offset, max(0, hi - lo))
-        offset += n
-        rows = pa.array(range(lo, max(lo, hi)), type=pa.int64())
-        if covered and len(rows):
-            mask = pa.array([True] * len(rows))
-            for a, b in covered:
-                mask = pc.and_(mask, pc.invert(pc.and_(pc.greater_equal(rows, a), pc.less(rows, b))))
-            table, rows = table.filter(mask), rows.filter(mask)
-        if table.num_rows:
-            pending.append((table, rows))
-            pending_rows += table.num_rows
-        while pending_rows >= batch_rows:
-            yield _take_rows(pending, batch_rows)
-            pending_rows -= batch_rows
-        if offset >= stop:
+    group_start = 0
+    for i in range(md.num_row_groups):
+        group_stop = group_start + md.row_group(i).num_rows
+        if group_stop <= start or group_start >= stop:
+            group_start = group_stop
+            continue
+        offset = group_start
+        batches = pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=columns, use_threads=False)
+        while offset < min(group_stop, stop):
+            try:
+                rb = next(batches)
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as exc:
+                problem = (f"input file {unit['file']!r}, row group {i} (rows {group_start}-{group_stop - 1}) cannot "
+                           f"be read: {' '.join(str(exc).split())}")
+                if on_unreadable != "skip":
+                    raise UnreadableInput(problem) from None
+                rows = _uncovered(pa.array(range(max(start, offset), min(stop, group_stop)), pa.int64()), covered)
+                if len(rows):
+                    yield None, rows, problem
+                break
+            lo, hi = max(start, offset), min(stop, offset + rb.num_rows)
+            table = pa.Table.from_batches([rb]).slice(lo - offset, max(0, hi - lo))
+            rows = pa.array(range(lo, max(lo, hi)), type=pa.int64())
+            offset += rb.num_rows
+            if covered and len(rows):
+                mask = _uncovered_mask(rows, covered)
+                table, rows = table.filter(mask), rows.filter(mask)
+            if table.num_rows:
+                pending.append((table, rows))
+                pending_rows += table.num_rows
+            while pending_rows >= batch_rows:
+                yield (*_take_rows(pending, batch_rows), None)
+                pending_rows -= batch_rows
+        group_start = group_stop
+        if group_start >= stop:
             break
     while pending_rows:
         n = min(batch_rows, pending_rows)
-        yield _take_rows(pending, n)
+        yield (*_take_rows(pending, n), None)
         pending_rows -= n
+
+
+def _uncovered_mask(rows: pa.Array, covered: list[tuple[int, int]]) -> pa.Array:
+    mask = pa.array([True] * len(rows))
+    for a, b in covered:
+        mask = pc.and_(mask, pc.invert(pc.and_(pc.greater_equal(rows, a), pc.less(rows, b))))
+    return mask
+
+
+def _uncovered(rows: pa.Array, covered: list[tuple[int, int]]) -> pa.Array:
+    return rows.filter(_uncovered_mask(rows, covered)) if covered and len(rows) else rows
 
 
 def _take_rows(pending: list[tuple[pa.Table, pa.Array]], n: int) -> tuple[pa.Table, pa.Array]:

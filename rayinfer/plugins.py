@@ -8,8 +8,8 @@ Entry points load one by one: a plugin that fails to import is recorded with its
 from __future__ import annotations
 
 import inspect
+import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Iterable
@@ -23,6 +23,8 @@ from rayinfer.task import Task
 ENTRY_POINT_GROUP = "rayinfer"
 ENV_LOAD_PLUGINS = "RAYINFER_LOAD_PLUGINS"
 """Comma-separated entry-point names to load; empty string loads none; unset loads all."""
+
+log = logging.getLogger("rayinfer")
 
 
 @dataclass
@@ -95,7 +97,7 @@ def load_registry(only: Iterable[str] | None = None) -> Registry:
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # a broken plugin must not break the others
             info.error = f"{type(exc).__name__}: {exc}"
-            print(f"rayinfer: warning: plugin {ep.name!r} failed to load: {info.error}", file=sys.stderr)
+            log.warning("rayinfer: warning: plugin %r failed to load: %s", ep.name, info.error)
 
     tasks: dict[str, type[Task]] = {}
     owner: dict[str, str] = {}

@@ -222,6 +222,15 @@ class TaskRunner:
     def prepare_table(self, table: pa.Table) -> Prepared:
         return self.prepare({name: table.column(col).to_pylist() for name, col in self.column_map.items()})
 
+    def error_table(self, n: int, schema: pa.Schema, error: RowError, stats: BatchStats | None = None) -> pa.Table:
+        """Output for ``n`` rows that could not even be read: every column null but ``error``."""
+        if stats is not None:
+            stats.rows += n
+            stats.errors += n
+            stats.error_kinds[error.kind] += n
+        columns = {f.name: pa.nulls(n, f.type) for f in schema if f.name != ERROR_COL}
+        return pa.table({**columns, ERROR_COL: pa.array([error.message] * n, pa.string())}, schema=schema)
+
     def complete_table(self, table: pa.Table, prepared: Prepared, schema: pa.Schema, stats: BatchStats | None = None) -> pa.Table:
         columns, errors = self.complete(prepared, stats)
         data: dict[str, Any] = {self.id_column: table.column(self.id_column)}

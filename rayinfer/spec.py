@@ -29,6 +29,12 @@ class InputSpec(_Strict):
         description="Task input name -> dataset column, e.g. {text: sentence}. Unmapped inputs use their own name.",
     )
     keep: list[str] = Field(default_factory=list, description="Columns passed through to the output unchanged.")
+    on_unreadable: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A row group that cannot be read at run time (damaged data behind a good footer). fail: stop "
+        "the run, naming file and row group, committed parts kept; skip: its rows become error rows (null id, "
+        "error 'unreadable') and the run goes on.",
+    )
 
 
 class OutputSpec(_Strict):

@@ -64,7 +64,7 @@ def write_units(location: str, files: list, coverage: dict, batch: int, unit_row
     for unit in units:
         unit = unit_todo(store, unit)
         writer = PartWriter(store, schema, {"run": "test"}, part_bytes, row_group_rows=batch)
-        for table, rows in read_unit(unit, ["id"], batch):
+        for table, rows, _ in read_unit(unit, ["id"], batch):
             if stop_after is not None and committed >= stop_after:  # a part half-written when the process dies
                 PartWriter(store, schema, {"run": "test"}, 1 << 40, row_group_rows=1).write(unit["file"], table, rows)
                 return committed

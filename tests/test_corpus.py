@@ -29,9 +29,13 @@ def test_a_pool_of_four_actors_all_commit_rows(tmp_path, bert_mlm, ray_session):
     """120 rows, batch_size 10, 4 actors (0.5 CPU each on the 2-CPU embedded Ray): work is cut
     so that every actor gets some, whatever order the actors come up in."""
     job = fill_mask_job(tmp_path, bert_mlm, rows=120, files=1, runtime={"batch_size": 10, "actors": 4, "num_cpus": 0.5})
-    manifest = run_job(job)
+    seen: list[dict] = []
+    manifest = run_job(job, progress=seen.append)
     assert len(manifest["actors"]) == 4 and all(rows > 0 for rows in manifest["actors"].values()), manifest["actors"]
     assert sum(manifest["actors"].values()) == 120
+    # the progress channel: rows done only grow, up to all 120 rows, with every actor seen
+    assert [s["rows"] for s in seen] == sorted(s["rows"] for s in seen) and seen[-1]["rows"] == seen[-1]["todo"] == 120
+    assert seen[-1]["actors"] == 4 and seen[-1]["parts"] == len(manifest["parts"]) and seen[-1]["eta_s"] == 0
     ids = pq.read_table(tmp_path / "out").column("doc_id").to_pylist()
     assert sorted(ids) == list(range(1000, 1120))
 
@@ -141,3 +145,59 @@ def test_an_actors_memory_does_not_grow_with_the_rows_it_has_done(tmp_path, ray_
     early = median([rss for rows, rss in samples if 50_000 <= rows <= 100_000])
     late = median([rss for rows, rss in samples if rows >= 250_000])
     assert late - early < 20, f"actor RSS grew from {early:.0f} MB to {late:.0f} MB: {samples}"
+
+
+def test_progress_is_one_line_every_few_seconds_when_not_on_a_terminal():
+    import io
+
+    from rayinfer.progress import TerminalProgress
+
+    stream = io.StringIO()
+    progress = TerminalProgress(stream)
+    snap = {"rows": 500, "todo": 2000, "committed_rows": 0, "parts": 1, "errors": 3, "elapsed_s": 10.0,
+            "rows_per_s": 50.0, "tokens_per_s": 1234.0, "eta_s": 30.0, "actors": 2, "actor_rss_mb": {}}
+    progress(snap)
+    progress({**snap, "rows": 600})  # within LOG_EVERY_S of the last line: not printed
+    progress({**snap, "rows": 2000, "eta_s": 0.0})  # the end always is
+    assert stream.getvalue().splitlines() == [
+        "rayinfer: 500/2000 rows (25%), 50.0 rows/s, 1234 tokens/s, 3 errors, 1 parts committed, 2 actors, ETA 0:30",
+        "rayinfer: 2000/2000 rows (100%), 50.0 rows/s, 1234 tokens/s, 3 errors, 1 parts committed, 2 actors, ETA 0:00",
+    ]
+
+
+@pytest.mark.parametrize("prefetch", [pytest.param(False, id="in-turn"), pytest.param(True, id="prefetch-thread")])
+def test_an_actor_gives_the_same_parts_with_or_without_its_prefetch_thread(tmp_path, bert_mlm, ray_session, prefetch):
+    """GPU actors read and tokenize on a second thread, CPU actors in turn: the same outputs,
+    and a row group that cannot be read fails the unit (nothing committed from it) either way."""
+    import pyarrow as pa
+
+    from rayinfer.api import plan_job
+    from rayinfer.errors import UnreadableInput
+    from rayinfer.inputs import make_units
+    from rayinfer.output import Store, prepare
+    from rayinfer.pipeline import TaskActor, actor_args
+    from rayinfer.progress import WorkReport
+    from rayinfer.testing import run_task
+    from rayinfer_tasks.fill_mask import FillMaskTask
+
+    from test_faults import damage_row_group
+
+    job = fill_mask_job(tmp_path, bert_mlm, rows=100, files=2, row_group_size=10, runtime={"batch_size": 8})
+    plan = plan_job(job)
+    out = str(tmp_path / "out")
+    prepare(out, "error")
+    actor = TaskActor(**{**actor_args(plan, out, "run-1"), "prefetch": prefetch})
+    units = make_units(plan.files, {}, 30)
+    reports = [r for u in units for t in actor(pa.Table.from_pylist([u])) for r in WorkReport.from_table(t)]
+    assert sum(r.rows for r in reports) == 100 and sorted(p for r in reports for p in r.parts) == list_parts(out)
+    rows = {r["doc_id"]: r for r in pq.read_table(out).to_pylist()}
+    corpus = masked_corpus(100)
+    direct = run_task(FillMaskTask, [{"text": t} for t in corpus["sentence"]], bert_mlm, {"top_k": 3})
+    assert [rows[i]["filled"] for i in corpus["doc_id"]] == [d["filled"] for d in direct]
+
+    damage_row_group(sorted((tmp_path / "in").glob("*.parquet"))[0], 1, "sentence")
+    Store(out).fs.delete_dir_contents(Store(out).root)
+    with pytest.raises(UnreadableInput, match=r"row group 1 \(rows 10-19\) cannot be read"):
+        for _ in actor(pa.Table.from_pylist([units[0]])):
+            pass
+    assert list_parts(out) == [] and not any((tmp_path / "out" / ".tmp").iterdir())

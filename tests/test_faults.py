@@ -12,6 +12,7 @@ import threading
 import time
 
 import psutil
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -147,3 +148,50 @@ def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_part
     assert len(ids) == n and sorted(ids) == list(range(1000, 1000 + n))
     assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed  # none recomputed
     assert json.loads((out / MANIFEST).read_text())["status"] == "complete"
+
+
+def damage_row_group(path, row_group: int, column: str) -> None:
+    """Overwrite bytes inside one row group's column chunk, leaving the footer intact."""
+    md = pq.ParquetFile(path).metadata
+    rg = md.row_group(row_group)
+    chunk = next(rg.column(j) for j in range(md.num_columns) if rg.column(j).path_in_schema == column)
+    data = bytearray(path.read_bytes())
+    start = chunk.data_page_offset + 12
+    data[start:start + 40] = b"\xab" * 40
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_row_group_stops_the_run_in_one_line_and_skip_finishes_it(tmp_path, bert_mlm, ray_session):
+    """Footer fine, one row group's data damaged: one rayinfer line naming file and row group,
+    exit 3, the units read before it committed, no temp files; resumed with
+    input.on_unreadable: skip, that row group's 25 rows become error rows and every other row
+    comes out exactly once."""
+    job = fill_mask_job(tmp_path, bert_mlm, rows=300, files=3, row_group_size=25,
+                        runtime={"batch_size": 25, "actors": 1}, output={"part_rows": 25})
+    damaged = sorted((tmp_path / "in").glob("*.parquet"))[1]
+    damage_row_group(damaged, 2, "sentence")
+    env = {**os.environ, "RAYINFER_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rayinfer: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = errors[0]
+    assert f"input file '{damaged}', row group 2 (rows 50-74) cannot be read: " in line
+    assert f"committed parts stay in {tmp_path / 'out'}" in line
+    assert f"Once fixed, resume: rayinfer run {job} --resume" in line
+    log_file = line.split("full traceback in ")[1].split(". Once fixed")[0]
+    assert log_file.startswith(str(tmp_path / "home" / "logs")) and "Traceback" in open(log_file).read()
+    out = tmp_path / "out"
+    assert list_parts(out) and not (out / MANIFEST).exists()
+    assert not (out / ".tmp").exists() or not any((out / ".tmp").iterdir())
+
+    manifest = run_job(job, ["input.on_unreadable=skip"], resume=True)
+    assert manifest["rows"] == 300 and manifest["errors"] == 25
+    assert manifest["errors_this_run_by_kind"] == {"unreadable": 25}
+    table = pq.read_table(out)
+    unreadable = table.filter(pc.is_null(table.column("doc_id")))
+    assert unreadable.num_rows == 25 and set(unreadable.column("error").to_pylist()) == {
+        line.split("rayinfer: error: ")[1].split("; committed parts")[0]}
+    ids = table.column("doc_id").drop_null().to_pylist()
+    assert sorted(ids) == [i for i in range(1000, 1300) if not 1150 <= i < 1175]
