@@ -233,8 +233,6 @@ def new_plugin_cmd(name: str, parent: str) -> None:
     click.echo(f"created {root}: pip install -e '{root}[test]', then `pytest {root}` and `rayinfer tasks show {name}`")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
 
 
 # ---- Ray Jobs: submit to a cluster and follow ----------------------------------------------
@@ -318,3 +316,7 @@ def list_jobs(address: str) -> None:
 
     for j in jobs.list_jobs(address):
         click.echo(f"{j['submission_id']}  {j['status']}  {j['task']}")
+
+
+if __name__ == "__main__":  # pragma: no cover  (last: every command above is defined by now)
+    sys.exit(main())

@@ -142,6 +142,16 @@ def test_cli_listing_does_not_import_torch_or_transformers(tmp_path):
     assert "HEAVY: []" in out.stdout
 
 
+@pytest.mark.parametrize("entry", [pytest.param(["-m", "rayinfer"], id="python -m rayinfer"),
+                                   pytest.param(["-m", "rayinfer.cli"], id="python -m rayinfer.cli")])
+def test_every_entry_point_lists_every_command(entry):
+    out = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    listed = {line.split()[0] for line in out.stdout.split("Commands:")[1].splitlines() if line.strip()}
+    assert listed == {"demo", "jobs", "logs", "models", "new-plugin", "plugins", "run", "status", "stop", "submit",
+                      "tasks", "validate"}
+
+
 def test_user_errors_exit_non_zero_without_traceback(tmp_path, bert_mlm):
     job = fill_mask_job(tmp_path, bert_mlm)
     result = cli("run", str(job), "--set", "task=nope")
