@@ -125,6 +125,7 @@ class TerminalProgress:
         self.tty = self.stream.isatty()
         self._bar: Any = None
         self._last = 0.0
+        self._done = False  # the line for all rows is printed once (parts may still commit after it)
 
     def __call__(self, s: dict[str, Any]) -> None:
         if self.tty:
@@ -137,8 +138,9 @@ class TerminalProgress:
                                       refresh=True)
             return
         now = time.monotonic()
-        if now - self._last >= LOG_EVERY_S or s["rows"] >= s["todo"]:
-            self._last = now
+        done = s["rows"] >= s["todo"]
+        if (now - self._last >= LOG_EVERY_S and not self._done) or (done and not self._done):
+            self._last, self._done = now, done
             print(f"rayinfer: {describe(s)}", file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -158,7 +158,8 @@ def test_progress_is_one_line_every_few_seconds_when_not_on_a_terminal():
             "rows_per_s": 50.0, "tokens_per_s": 1234.0, "eta_s": 30.0, "actors": 2, "actor_rss_mb": {}}
     progress(snap)
     progress({**snap, "rows": 600})  # within LOG_EVERY_S of the last line: not printed
-    progress({**snap, "rows": 2000, "eta_s": 0.0})  # the end always is
+    progress({**snap, "rows": 2000, "eta_s": 0.0})  # the end always is, once
+    progress({**snap, "rows": 2000, "eta_s": 0.0, "parts": 2})
     assert stream.getvalue().splitlines() == [
         "rayinfer: 500/2000 rows (25%), 50.0 rows/s, 1234 tokens/s, 3 errors, 1 parts committed, 2 actors, ETA 0:30",
         "rayinfer: 2000/2000 rows (100%), 50.0 rows/s, 1234 tokens/s, 3 errors, 1 parts committed, 2 actors, ETA 0:00",
