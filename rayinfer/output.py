@@ -246,26 +246,40 @@ class PartWriter:
         return [self._commit()] if self._open is not None else []
 
     def abort(self) -> None:
-        """Drop the open part (its rows were not committed: a resume or retry redoes them)."""
+        """Drop the open part (its rows were not committed: a resume or retry redoes them). Its
+        temporary file goes even when closing it fails (a full disk fails the close too)."""
         part, self._open = self._open, None
-        if part is not None:
-            part["writer"].close()
-            part["sink"].close()
+        if part is None:
+            return
+        for close in (part["writer"].close, part["sink"].close):
             try:
-                self.store.fs.delete_file(part["tmp"]) if not self.store.object_store else os.unlink(part["tmp"])
+                close()
             except OSError:
                 pass
+        try:
+            if self.store.object_store:
+                os.unlink(part["tmp"])
+            else:
+                self.store.fs.delete_file(part["tmp"])
+        except OSError:
+            pass
 
     def _start(self, file: str, first_row: int, fingerprint: str | None) -> dict[str, Any]:
         name = part_name(file, first_row)
         tmp = self.store.temp_file(name)
-        sink = pa.OSFile(tmp, "wb") if self.store.object_store else self.store.fs.open_output_stream(tmp)
         provenance = {**self.provenance, "inputs": {file: fingerprint}}
         meta = {**(self.schema.metadata or {}),
                 META_PROVENANCE: json.dumps(provenance, sort_keys=True, default=str).encode()}
-        writer = pq.ParquetWriter(sink, self.schema.with_metadata(meta))
-        return {"file": file, "name": name, "tmp": tmp, "sink": sink, "writer": writer, "tables": [], "rows": [],
-                "covered": [], "buffered_rows": 0, "buffered_bytes": 0, "total": 0}
+        part = {"file": file, "name": name, "tmp": tmp, "tables": [], "rows": [], "covered": [],
+                "buffered_rows": 0, "buffered_bytes": 0, "total": 0}
+        try:
+            part["sink"] = pa.OSFile(tmp, "wb") if self.store.object_store else self.store.fs.open_output_stream(tmp)
+            part["writer"] = pq.ParquetWriter(part["sink"], self.schema.with_metadata(meta))
+        except BaseException:  # a full disk fails here already: leave no temporary file behind
+            self._open = {**part, "writer": _Closed(), "sink": part.get("sink") or _Closed()}
+            self.abort()
+            raise
+        return part
 
     def _flush(self, part: dict[str, Any]) -> None:
         if not part["tables"]:
@@ -279,15 +293,23 @@ class PartWriter:
         part["tables"], part["rows"], part["buffered_rows"], part["buffered_bytes"] = [], [], 0, 0
 
     def _commit(self) -> tuple[str, int]:
-        part, self._open = self._open, None
+        part = self._open
         assert part is not None
-        self._flush(part)
+        self._flush(part)  # should anything here fail (a full disk), the part stays open for abort()
         coverage = {part["file"]: [list(r) for r in part["covered"]]}
         part["writer"].add_key_value_metadata({META_COVERAGE: json.dumps(coverage).encode()})
         part["writer"].close()
         part["sink"].close()
         self.store.put_file(part["name"], part["tmp"])
+        self._open = None
         return part["name"], part["total"]
+
+
+class _Closed:
+    """Stands in for a writer or stream that was never opened."""
+
+    def close(self) -> None:
+        pass
 
 
 def part_metadata(out_dir: str | Store, name: str) -> pq.FileMetaData:

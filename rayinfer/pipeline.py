@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 import dataclasses
+import errno
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -395,11 +396,19 @@ def run_failure(exc: BaseException, run_id: str, out_dir: str) -> RayInferError:
         where = f"(could not write the traceback to {log_file}: {err})"
     cause = _rayinfer_cause(exc)
     kept = f"committed parts stay in {out_dir} (--resume goes on from them)"
-    if cause is not None:  # its first line: Ray Data appends its own advice on retries to the message
-        return RunFailed(f"{(str(cause).strip().splitlines() or [''])[0]}; {kept}; {where}")
+    if cause is not None:
+        return RunFailed(f"{_first_line(cause)}; {kept}; {where}")
     inner = getattr(exc, "cause", None) or exc
-    first = (str(inner).strip().splitlines() or [""])[0][:300]
-    return RunFailed(f"the run failed: {type(inner).__name__}: {first}; {kept}; {where}")
+    if isinstance(inner, OSError) and (inner.errno == errno.ENOSPC or "No space left on device" in str(inner)):
+        return RunFailed(f"no space left on the device holding {out_dir} (or its temporary files); free space or "
+                         f"choose another output.path; {kept}; {where}")
+    return RunFailed(f"the run failed: {type(inner).__name__}: {_first_line(inner)}; {kept}; {where}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The message without what Ray Data appends to a failed task's exception (its retry advice)."""
+    text = str(exc).split("Failed to apply UDF transform")[0]
+    return (text.strip().strip(":'\"").strip().splitlines() or [""])[0][:300]
 
 
 def _rayinfer_cause(exc: BaseException) -> RayInferError | None:
@@ -525,5 +534,9 @@ def finish(
         "spec": spec.to_dict(),
         "versions": versions(),
     }
-    write_manifest(store, manifest)
+    try:
+        write_manifest(store, manifest)
+    except OSError as exc:
+        raise RunFailed(f"every row is committed in {out_dir}, but the manifest could not be written ({exc}); "
+                        "free space and rerun with --resume, which only writes it") from None
     return manifest

@@ -195,3 +195,40 @@ def test_a_damaged_row_group_stops_the_run_in_one_line_and_skip_finishes_it(tmp_
         line.split("rayinfer: error: ")[1].split("; committed parts")[0]}
     ids = table.column("doc_id").drop_null().to_pylist()
     assert sorted(ids) == [i for i in range(1000, 1300) if not 1150 <= i < 1175]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 200 KB tmpfs (needs root, as in CI and here; skipped elsewhere), unmounted afterwards."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, bert_mlm, small_disk):
+    """Output on a disk that fills up mid-run: one rayinfer line, exit 3, committed parts kept, no
+    temporary file left; once the disk has room, --resume covers every row exactly once."""
+    job = fill_mask_job(tmp_path, bert_mlm, rows=3000, files=3, row_group_size=25,
+                        runtime={"batch_size": 25, "actors": 1}, output={"path": str(small_disk / "out"), "part_rows": 25})
+    env = {**os.environ, "RAYINFER_HOME": str(tmp_path / "home")}
+    run = [sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"]
+    proc = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rayinfer: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith(f"rayinfer: error: no space left on the device holding {small_disk / 'out'}")
+    out = small_disk / "out"
+    committed = {name: (out / name).stat().st_mtime_ns for name in list_parts(out)}
+    assert committed and not (out / MANIFEST).exists() and not any((out / ".tmp").iterdir())
+
+    subprocess.run(["mount", "-o", "remount,size=50m", str(small_disk)], check=True)
+    proc = subprocess.run([*run, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = pq.read_table(out).column("doc_id").to_pylist()
+    assert sorted(ids) == list(range(1000, 4000))
+    assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed
