@@ -95,16 +95,30 @@ def run(job: str | None, overrides: tuple[str, ...], address: str | None, resume
     if (job is None) == (spec_json is None):
         raise SpecError("give a job spec file (rayinfer run JOB)")
     source: Any = job if job is not None else json.loads(spec_json)  # type: ignore[arg-type]
+    import shlex
+    import signal
+
+    again = ["rayinfer", "run", str(job), *[a for o in overrides for a in ("--set", o)], "--resume"]
+    again += ["--address", address] if address else []
+
+    def stop(signum: int, frame: Any) -> None:  # SIGTERM (a scheduler, `kill`) stops like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         manifest = run_job(source, list(overrides), address=address, resume=resume, progress=not quiet)
     except RunFailed as exc:
         if job is None:  # submitted: resubmit with --set output.mode=resume
             raise
-        import shlex
-
-        again = ["rayinfer", "run", job, *[a for o in overrides for a in ("--set", o)], "--resume"]
-        again += ["--address", address] if address else []
         raise RunFailed(f"{exc}. Once fixed, resume: {shlex.join(again)}") from None
+    except KeyboardInterrupt:
+        where = json.loads(spec_json)["output"]["path"] if job is None else "the output folder"
+        click.echo(f"rayinfer: interrupted: the committed parts stay in {where} (a part being written is never "
+                   "visible). " + (f"Resume: {shlex.join(again)}" if job else "Resubmit with --set output.mode=resume."),
+                   err=True)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _print_report(manifest)
 
 

@@ -19,6 +19,7 @@ import os
 import platform
 import queue
 import resource
+import signal
 import sys
 import threading
 import time
@@ -210,16 +211,24 @@ def init_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-        return False
-    ray.init(
-        include_dashboard=False,
-        dashboard_host="127.0.0.1",
-        logging_level=logging.WARNING,
-        configure_logging=True,
-    )
-    return True
+    # Ray takes SIGTERM over in the driver (a stack dump, then death); keep the caller's handler
+    # (`rayinfer run` stops on SIGTERM as on Ctrl-C: exit 130 and how to resume)
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            return False
+        ray.init(
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+        return True
+    finally:
+        if main and callable(sigterm):
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def default_batch_tokens(plan: Plan) -> int:

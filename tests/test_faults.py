@@ -232,3 +232,28 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, 
     ids = pq.read_table(out).column("doc_id").to_pylist()
     assert sorted(ids) == list(range(1000, 4000))
     assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed
+
+
+def test_sigterm_stops_a_run_with_exit_130_and_resume_finishes_it_exactly_once(tmp_path, bert_mlm):
+    job = fill_mask_job(tmp_path, bert_mlm, rows=3000, files=3, row_group_size=100,
+                        runtime={"batch_size": 20, "actors": 1}, output={"part_rows": 100})
+    out = tmp_path / "out"
+    driver = subprocess.Popen([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list_parts(out)) < 3 and driver.poll() is None:
+        time.sleep(0.05)
+    assert driver.poll() is None, driver.stderr.read()[-3000:]
+    driver.send_signal(signal.SIGTERM)
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 130, stderr[-3000:]
+    assert f"Resume: rayinfer run {job} --resume" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not (out / MANIFEST).exists()
+    committed = {name: (out / name).stat().st_mtime_ns for name in list_parts(out)}
+    for name in committed:  # every visible part is complete
+        assert pq.read_metadata(out / name).num_rows > 0
+
+    manifest = run_job(job, resume=True)
+    assert manifest["rows"] == 3000 and manifest["rows_resumed"] + manifest["rows_this_run"] == 3000
+    assert sorted(pq.read_table(out).column("doc_id").to_pylist()) == list(range(1000, 4000))
+    assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed
