@@ -246,21 +246,24 @@ class PartWriter:
         return [self._commit()] if self._open is not None else []
 
     def abort(self) -> None:
-        """Drop the open part (its rows were not committed: a resume or retry redoes them). Its
-        temporary file goes even when closing it fails (a full disk fails the close too)."""
+        """Drop the open part (its rows were not committed: a resume or retry redoes them)."""
         part, self._open = self._open, None
-        if part is None:
-            return
-        for close in (part["writer"].close, part["sink"].close):
+        if part is not None:
+            self._discard(part["tmp"], part["writer"], part["sink"])
+
+    def _discard(self, tmp: str, *open_files: Any) -> None:
+        """Close what is open and delete the temporary file, even when closing fails (a full disk
+        fails the close too)."""
+        for f in open_files:
             try:
-                close()
+                f.close()
             except OSError:
                 pass
         try:
             if self.store.object_store:
-                os.unlink(part["tmp"])
+                os.unlink(tmp)
             else:
-                self.store.fs.delete_file(part["tmp"])
+                self.store.fs.delete_file(tmp)
         except OSError:
             pass
 
@@ -276,8 +279,7 @@ class PartWriter:
             part["sink"] = pa.OSFile(tmp, "wb") if self.store.object_store else self.store.fs.open_output_stream(tmp)
             part["writer"] = pq.ParquetWriter(part["sink"], self.schema.with_metadata(meta))
         except BaseException:  # a full disk fails here already: leave no temporary file behind
-            self._open = {**part, "writer": _Closed(), "sink": part.get("sink") or _Closed()}
-            self.abort()
+            self._discard(tmp, *[part[k] for k in ("sink",) if k in part])
             raise
         return part
 
@@ -303,13 +305,6 @@ class PartWriter:
         self.store.put_file(part["name"], part["tmp"])
         self._open = None
         return part["name"], part["total"]
-
-
-class _Closed:
-    """Stands in for a writer or stream that was never opened."""
-
-    def close(self) -> None:
-        pass
 
 
 def part_metadata(out_dir: str | Store, name: str) -> pq.FileMetaData:
@@ -342,15 +337,21 @@ def part_coverage(out_dir: str | Store, name: str) -> dict[str, Ranges]:
 
 def committed_coverage(out_dir: str | Store) -> tuple[dict[str, Ranges], int]:
     """Row ranges covered per input file by the committed parts, and how many rows they hold."""
-    cover, rows = _coverage(_store(out_dir), _store(out_dir).parts())
-    return cover, rows
+    store = _store(out_dir)
+    return _coverage(store, store.parts())
 
 
 def _coverage(store: Store, names: Iterable[str]) -> tuple[dict[str, Ranges], int]:
+    return _merged_coverage(((name, part_metadata(store, name)) for name in names), store)
+
+
+def _merged_coverage(footers: Iterable[tuple[str, pq.FileMetaData]], store: Store | None = None) -> tuple[dict[str, Ranges], int]:
+    """Coverage per input file, merged, and the rows covered, from parts' footers. Overlaps are
+    kept in the row count, so a count above the merged ranges' size means a row is in two parts."""
     cover: dict[str, list[tuple[int, int]]] = {}
     rows = 0
-    for name in names:
-        for f, ranges in part_coverage(store, name).items():
+    for name, md in footers:
+        for f, ranges in footer_coverage(md, store.uri(name) if store else name).items():
             cover.setdefault(f, []).extend(ranges)
             rows += sum(b - a for a, b in ranges)
     return {f: merge_ranges(rs) for f, rs in cover.items()}, rows
@@ -369,13 +370,14 @@ def unit_todo(store: Store, unit: dict[str, Any]) -> dict[str, Any]:
     return {**unit, "covered": merge_ranges([tuple(r) for r in unit["covered"]] + cover.get(file, []))}
 
 
-def check_resume(out_dir: str | Store, identity: dict[str, Any], files: list[InputFile]) -> None:
-    """Refuse to resume into parts another job wrote: another task, model, adapter, options or
-    output schema, or an input file changed since (size or modification time). Names what differs."""
+def resume_coverage(out_dir: str | Store, identity: dict[str, Any], files: list[InputFile]) -> tuple[dict[str, Ranges], int]:
+    """What a resume keeps: the committed parts' coverage and row count (committed_coverage), read
+    in the same pass that refuses parts another job wrote: another task, model, adapter, options
+    or output schema, or an input file changed since (size or modification time)."""
     store = _store(out_dir)
     fingerprints = {f.path: f.fingerprint for f in files}
-    for name in store.parts():
-        md = part_metadata(store, name)
+    footers = [(name, part_metadata(store, name)) for name in store.parts()]
+    for name, md in footers:
         made = footer_provenance(md)
         diff = [k for k in identity if k != "rayinfer_version" and made.get(k) != identity[k]]
         if diff:
@@ -391,6 +393,7 @@ def check_resume(out_dir: str | Store, identity: dict[str, Any], files: list[Inp
                     f"{name} was written (size:mtime {fp} then, {fingerprints[f]} now). Its rows there may not be "
                     "this file's rows: start again with output.mode: overwrite."
                 )
+    return _merged_coverage(footers, store)
 
 
 def _short(value: Any) -> str:
@@ -403,17 +406,18 @@ def verify_coverage(out_dir: str | Store, files: list[InputFile]) -> tuple[int, 
     Returns the output row count and each part's footer."""
     store = _store(out_dir)
     footers = [(name, part_metadata(store, name)) for name in store.parts()]
-    cover: dict[str, list[tuple[int, int]]] = {}
-    for name, md in footers:
-        for f, ranges in footer_coverage(md, store.uri(name)).items():
-            cover.setdefault(f, []).extend(ranges)
+    cover, covered_rows = _merged_coverage(footers, store)
     for f in files:
-        merged = merge_ranges(cover.get(f.path, []))
-        if merged != ([(0, f.num_rows)] if f.num_rows else []) or sum(b - a for a, b in cover.get(f.path, [])) != f.num_rows:
+        merged = cover.get(f.path, [])
+        if merged != ([(0, f.num_rows)] if f.num_rows else []):
             raise RunError(
                 f"output check failed: the parts in {redact(store.location)} cover rows {merged[:5]} of {f.path} "
                 f"({f.num_rows} rows). This is a bug; please report it with the manifest."
             )
+    if covered_rows != sum(f.num_rows for f in files):
+        raise RunError(f"output check failed: the parts cover {covered_rows} input rows for {sum(f.num_rows for f in files)} "
+                       "(rows twice, or rows of files no longer in the input). This is a bug; please report it with "
+                       "the manifest.")
     out_rows = sum(md.num_rows for _, md in footers)
     in_rows = sum(f.num_rows for f in files)
     if out_rows != in_rows:

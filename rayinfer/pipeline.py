@@ -26,6 +26,7 @@ import time
 import uuid
 import dataclasses
 import errno
+import functools
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -38,7 +39,7 @@ from rayinfer import __version__
 from rayinfer.admission import actor_need, check_paths_visible, check_resources, describe, pool_size
 from rayinfer.errors import RayInferError, RowError, RunError, RunFailed
 from rayinfer.inputs import covered_count, make_units, read_unit
-from rayinfer.output import PartWriter, Store, check_resume, committed_coverage, prepare, unit_todo, verify_coverage, write_manifest
+from rayinfer.output import PartWriter, Store, prepare, resume_coverage, unit_todo, verify_coverage, write_manifest
 from rayinfer.plan import Plan
 from rayinfer.progress import RunTotals, TerminalProgress, WorkReport
 from rayinfer.runner import ERROR_COL, BatchStats, TaskRunner
@@ -188,12 +189,20 @@ def release_memory() -> None:
     tiny classifier left +40 MB of them for 3 MB of output), and later allocations landed
     elsewhere. With it, RSS stays flat (tests/test_corpus.py)."""
     pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, loaded once; None where there is none (macOS, musl)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _rss_mb() -> float:
@@ -342,11 +351,9 @@ def execute(plan: Plan, address: str | None = None,
 
     coverage: dict[str, list[tuple[int, int]]] = {}
     resumed_rows = 0
-    if spec.output.mode == "resume":
-        check_resume(out_dir, plan.identity(), plan.files)  # before anything is changed
+    if spec.output.mode == "resume":  # before prepare() changes anything: refuses another job's parts
+        coverage, resumed_rows = resume_coverage(out_dir, plan.identity(), plan.files)
     prepare(out_dir, spec.output.mode)
-    if spec.output.mode == "resume":
-        coverage, resumed_rows = committed_coverage(out_dir)
     todo = sum(f.num_rows - covered_count(coverage.get(f.path, []), 0, f.num_rows) for f in plan.files)
 
     totals = RunTotals(todo=todo)

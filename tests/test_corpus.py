@@ -3,7 +3,6 @@ mix two jobs' rows, and an actor whose memory does not grow with the rows it has
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -14,7 +13,6 @@ from click.testing import CliRunner
 
 from rayinfer.api import run_job
 from rayinfer.cli import main
-from rayinfer.errors import SpecError
 from rayinfer.output import MANIFEST, footer_coverage, list_parts
 from rayinfer.testing import build_bert
 
