@@ -12,7 +12,7 @@ from rayinfer.hookspecs import hookimpl  # noqa: E402
 from rayinfer.task import Batch, InputColumn, LoadContext, Task, TaskOptions  # noqa: E402
 from rayinfer.runner import TaskRunner  # noqa: E402
 from rayinfer.spec import JobSpec, load_spec  # noqa: E402
-from rayinfer.api import Plan, plan_job, run_job  # noqa: E402
+from rayinfer.api import Plan, plan_job, retry_errors, run_job  # noqa: E402
 
 __all__ = [
     "Batch",
@@ -29,5 +29,6 @@ __all__ = [
     "hookimpl",
     "load_spec",
     "plan_job",
+    "retry_errors",
     "run_job",
 ]

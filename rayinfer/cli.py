@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import click
 
@@ -89,37 +92,77 @@ def main(only_plugins: str | None) -> None:
 def run(job: str | None, overrides: tuple[str, ...], address: str | None, resume: bool, quiet: bool,
         spec_json: str | None) -> None:
     """Run the job spec JOB (validated first; embedded Ray unless --address)."""
+    import shlex
+
     from rayinfer.api import run_job
     from rayinfer.errors import RunFailed, SpecError
 
     if (job is None) == (spec_json is None):
         raise SpecError("give a job spec file (rayinfer run JOB)")
     source: Any = job if job is not None else json.loads(spec_json)  # type: ignore[arg-type]
-    import shlex
-    import signal
-
     again = ["rayinfer", "run", str(job), *[a for o in overrides for a in ("--set", o)], "--resume"]
     again += ["--address", address] if address else []
+    resume_hint = f"Resume: {shlex.join(again)}" if job else "Resubmit with --set output.mode=resume."
+    where = json.loads(spec_json)["output"]["path"] if job is None else "the output folder"
+    with _stop_on_signals(resume_hint, where) as stop:
+        try:
+            manifest = run_job(source, list(overrides), address=address, resume=resume, progress=not quiet, stop=stop)
+        except RunFailed as exc:
+            if job is None:  # submitted: resubmit with --set output.mode=resume
+                raise
+            raise RunFailed(f"{exc}. Once fixed, resume: {shlex.join(again)}") from None
+    _print_report(manifest)
 
-    def stop(signum: int, frame: Any) -> None:  # SIGTERM (a scheduler, `kill`) stops like Ctrl-C
-        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+@contextmanager
+def _stop_on_signals(hint: str, where: str) -> Iterator[threading.Event]:
+    """Ctrl-C or SIGTERM (a scheduler, `kill`, `rayinfer stop`) during a run: the first stops it
+    cleanly (the actors commit the rows they hold, exit 130), a second at once (exit 130 too;
+    parts still open are dropped, never half-visible)."""
+    from rayinfer.errors import Stopped
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        manifest = run_job(source, list(overrides), address=address, resume=resume, progress=not quiet)
-    except RunFailed as exc:
-        if job is None:  # submitted: resubmit with --set output.mode=resume
-            raise
-        raise RunFailed(f"{exc}. Once fixed, resume: {shlex.join(again)}") from None
+        yield stop
+    except Stopped as exc:
+        click.echo(f"rayinfer: {exc}. {hint}", err=True)
+        sys.exit(130)
     except KeyboardInterrupt:
-        where = json.loads(spec_json)["output"]["path"] if job is None else "the output folder"
         click.echo(f"rayinfer: interrupted: the committed parts stay in {where} (a part being written is never "
-                   "visible). " + (f"Resume: {shlex.join(again)}" if job else "Resubmit with --set output.mode=resume."),
-                   err=True)
+                   f"visible). {hint}", err=True)
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    _print_report(manifest)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@main.command("retry-errors")
+@click.argument("output")
+@set_option
+@click.option("--address", default=None, help="Join a running Ray cluster (auto, ray://HOST:10001, ...).")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def retry_errors_cmd(output: str, overrides: tuple[str, ...], address: str | None, quiet: bool) -> None:
+    """Run again only the rows of OUTPUT (a finished run) whose error is set, with the job in its
+    manifest (plus --set overrides, e.g. a raised limit), replacing them in their parts."""
+    import shlex
+
+    from rayinfer.api import retry_errors
+
+    again = shlex.join(["rayinfer", "retry-errors", output, *[a for o in overrides for a in ("--set", o)]])
+    with _stop_on_signals(f"Go on: {again}", output) as stop:
+        m = retry_errors(output, list(overrides), address=address, progress=not quiet, stop=stop)
+    r = m["retries"][-1]
+    click.echo(f"rayinfer: retried {r['rows_retried']} rows with errors in {r['parts_rewritten']} parts: "
+               f"{r['rows_fixed']} fixed, {r['rows_retried'] - r['rows_fixed']} failed again"
+               + (f" {r['errors_by_kind']}" if r["errors_by_kind"] else "")
+               + f"; {m['errors']} of {m['rows']} rows have errors now ({r['duration_s']:.1f}s)")
 
 
 def _print_report(m: dict[str, Any]) -> None:

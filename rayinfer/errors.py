@@ -44,6 +44,13 @@ class RunFailed(RunError):
     kept and ``--resume`` goes on from them."""
 
 
+class Stopped(RunError):
+    """A run stopped on request (Ctrl-C, SIGTERM, ``rayinfer stop``) after its actors committed
+    the rows they held: ``--resume`` goes on from there."""
+
+    exit_code = 130
+
+
 class UnreadableInput(RunError):
     """Part of an input file cannot be read at run time (a damaged row group), and
     ``input.on_unreadable`` is ``fail``."""

@@ -259,6 +259,49 @@ def read_unit(
         pending_rows -= n
 
 
+def read_rows(
+    file: str, rows: list[int], columns: list[str], batch_rows: int = READ_BATCH_ROWS, on_unreadable: str = "fail"
+) -> Iterator[tuple[pa.Table | None, pa.Array, str | None]]:
+    """Like ``read_unit``, for given input rows (ascending) of ``file``: only the row groups that
+    hold them are decoded. Rows the file no longer has are an InputError (it changed)."""
+    pf = open_parquet(file)
+    md = pf.metadata
+    if rows and rows[-1] >= md.num_rows:
+        raise InputError(f"input file {file!r} has {md.num_rows} rows now; row {rows[-1]} is gone (the file changed)")
+    pending: list[tuple[pa.Table, pa.Array]] = []
+    pending_rows = 0
+    group_start, k = 0, 0
+    for i in range(md.num_row_groups):
+        group_stop = group_start + md.row_group(i).num_rows
+        j = k
+        while j < len(rows) and rows[j] < group_stop:
+            j += 1
+        if j > k:
+            wanted = pa.array(rows[k:j], pa.int64())
+            try:
+                group = pf.read_row_group(i, columns=columns, use_threads=False)
+            except (pa.ArrowException, OSError) as exc:
+                problem = (f"input file {file!r}, row group {i} (rows {group_start}-{group_stop - 1}) cannot "
+                           f"be read: {' '.join(str(exc).split())}")
+                if on_unreadable != "skip":
+                    raise UnreadableInput(problem) from None
+                yield None, wanted, problem
+            else:
+                pending.append((group.take(pc.subtract(wanted, group_start)), wanted))
+                pending_rows += j - k
+            k = j
+        while pending_rows >= batch_rows:
+            yield (*_take_rows(pending, batch_rows), None)
+            pending_rows -= batch_rows
+        group_start = group_stop
+        if k == len(rows):
+            break
+    while pending_rows:
+        n = min(batch_rows, pending_rows)
+        yield (*_take_rows(pending, n), None)
+        pending_rows -= n
+
+
 def _uncovered_mask(rows: pa.Array, covered: list[tuple[int, int]]) -> pa.Array:
     mask = pa.array([True] * len(rows))
     for a, b in covered:

@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayinfer.errors import OutputError, RunError, SpecError
 from rayinfer.inputs import InputFile, Ranges, merge_ranges, rows_to_ranges
+from rayinfer.runner import ERROR_COL
 from rayinfer.storage import OBJECT_STORES, filesystem, is_uri, local_path, redact, uri_for
 
 MANIFEST = "_manifest.json"  # "_" so Parquet readers of the folder skip it, like Spark's _SUCCESS
@@ -305,6 +307,65 @@ class PartWriter:
         self.store.put_file(part["name"], part["tmp"])
         self._open = None
         return part["name"], part["total"]
+
+
+def replace_rows(store: Store, name: str, positions: list[int], rows: pa.Table, schema: pa.Schema, id_column: str,
+                 retry: dict[str, Any], fingerprint: tuple[str, str] | None = None) -> None:
+    """Replace rows ``positions`` of part ``name`` with ``rows`` (in that order), atomically: the new
+    part is written beside it and moved over it (uploaded whole on object stores), so a reader
+    sees the old part or the new one. Every other row stays as it was; the footer keeps the
+    part's coverage and provenance, with ``retry`` added to its ``retries`` (and the input file's
+    new ``fingerprint``, (file, size:mtime), when it changed). Refuses rows whose id differs from
+    the row they replace: the input no longer holds the same rows at the same places."""
+    md = part_metadata(store, name)
+    with store.open(name) as f:
+        old = pq.read_table(f).replace_schema_metadata(None)
+    at = pa.array(positions, pa.int64())
+    was, now = old.column(id_column).take(at), rows.column(id_column)
+    differ = pc.and_(pc.is_valid(was), pc.not_equal(was, now).fill_null(True))
+    if pc.any(differ).as_py():
+        i = pc.indices_nonzero(differ)[0].as_py()
+        raise RunError(f"part {name}: input row {retry['rows_at'][i]} now has {id_column} {now[i].as_py()!r}, the part holds "
+                       f"{was[i].as_py()!r} there: the input file changed its rows. retry-errors needs the same rows in the "
+                       "same places (fix rows in place), or rerun the job from scratch")
+    order = list(range(old.num_rows))
+    for j, p in enumerate(positions):
+        order[p] = old.num_rows + j
+    merged = pa.concat_tables([old.cast(schema.remove_metadata()), rows.replace_schema_metadata(None).cast(schema.remove_metadata())])
+    merged = merged.take(pa.array(order, pa.int64()))
+    provenance = footer_provenance(md)
+    record = {k: v for k, v in retry.items() if k != "rows_at"}
+    provenance.setdefault("retries", []).append(record)
+    if fingerprint is not None:
+        provenance.setdefault("inputs", {})[fingerprint[0]] = fingerprint[1]
+    meta = {META_PROVENANCE: json.dumps(provenance, sort_keys=True, default=str).encode()}
+    tmp = store.temp_file(name)
+    try:
+        with (pa.OSFile(tmp, "wb") if store.object_store else store.fs.open_output_stream(tmp)) as sink:
+            writer = pq.ParquetWriter(sink, schema.remove_metadata().with_metadata(meta))
+            writer.write_table(merged, row_group_size=ROW_GROUP_ROWS)
+            writer.add_key_value_metadata({META_COVERAGE: md.metadata[META_COVERAGE]})
+            writer.close()
+        store.put_file(name, tmp)
+    except BaseException:
+        try:
+            os.unlink(tmp) if store.object_store else store.fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def count_errors(store: Store, name: str, md: pq.FileMetaData, column: str = ERROR_COL) -> int:
+    """Rows of a part with an error, from the Parquet footer's null counts (no data read)."""
+    leaf = next(j for j in range(md.num_columns) if md.row_group(0).column(j).path_in_schema == column) if md.num_row_groups else None
+    count = 0
+    for rg in range(md.num_row_groups):
+        stats = md.row_group(rg).column(leaf).statistics
+        if stats is None or not stats.has_null_count:  # a writer without statistics: read the column
+            with store.open(name) as f:
+                return len(pq.read_table(f, columns=[column]).column(column).drop_null())
+        count += md.row_group(rg).num_rows - stats.null_count
+    return count
 
 
 def part_metadata(out_dir: str | Store, name: str) -> pq.FileMetaData:

@@ -9,6 +9,11 @@ travel through Ray's object store, nothing competes with the actors for CPUs, an
 writes a unit's output into parts sized for readers (``output.part_rows``/``part_bytes``)
 instead of a file per batch. In GPU actors a second thread reads and tokenizes the next batch
 while the model runs on this one. Only small reports travel back to the driver.
+
+A small Coordinator actor per run (rayinfer/coordinator.py) carries what the actors share: the
+batches in flight when a worker died (to isolate a row that kills its worker) and the stop flag
+(Ctrl-C, SIGTERM: actors commit the rows they hold and take no new unit). ``rayinfer
+retry-errors`` runs through the same actors, with a unit per part that holds error rows.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rayinfer import __version__
+from rayinfer.coordinator import Coordinator, crash_pieces
 from rayinfer.admission import actor_need, check_paths_visible, check_resources, describe, pool_size
-from rayinfer.errors import RayInferError, RowError, RunError, RunFailed
-from rayinfer.inputs import covered_count, make_units, read_unit
-from rayinfer.output import PartWriter, Store, prepare, resume_coverage, unit_todo, verify_coverage, write_manifest
+from rayinfer.errors import RayInferError, RowError, RunError, RunFailed, Stopped
+from rayinfer.inputs import covered_count, make_units, read_rows, read_unit
+from rayinfer.output import (PartWriter, Store, count_errors, prepare, replace_rows, resume_coverage, unit_todo,
+                             verify_coverage, write_manifest)
 from rayinfer.plan import Plan
 from rayinfer.progress import RunTotals, TerminalProgress, WorkReport
 from rayinfer.runner import ERROR_COL, BatchStats, TaskRunner
@@ -75,6 +81,9 @@ class TaskActor:
         provenance: dict[str, Any],
         part_bytes: int,
         prefetch: bool = False,
+        coordinator: Any = None,
+        crash_retries: int = 1,
+        max_worker_deaths: int = 30,
     ) -> None:
         import ray
 
@@ -91,37 +100,136 @@ class TaskActor:
         self.store = Store(out_dir)
         self.provenance = provenance
         self.part_bytes = part_bytes
+        self.coordinator = coordinator
+        self.crash_retries = crash_retries
+        self.max_worker_deaths = max_worker_deaths
+        self.stopping = False
         self.where = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
         self.ready_at = time.time()  # model loaded: what follows is steady-state work
 
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
         for unit in units.to_pylist():
-            yield from self.run_unit(unit)
+            yield from (self.retry_part(unit) if unit.get("part") else self.run_unit(unit))
 
     def run_unit(self, unit: dict[str, Any]) -> Iterator[pa.Table]:
         """Run one unit, committing parts as they fill; yield a WorkReport about once a second.
 
-        A unit Ray retries (its first actor died) first skips what that attempt committed."""
+        A unit Ray retries (its first actor died) first skips what that attempt committed, then
+        runs its batches under the coordinator's watch (see rayinfer/coordinator.py)."""
+        key = f"{unit['file']}:{unit['start']}-{unit['stop']}"
+        crashes = self._start(key, f"rows {unit['start']}-{unit['stop'] - 1} of {unit['file']}")
+        if crashes is False:  # the run is stopping: leave the unit to the resume
+            yield self._send(self._report(), BatchStats(), [])
+            return
         unit = unit_todo(self.store, unit)
         writer = PartWriter(self.store, self.schema, self.provenance, self.part_bytes)
         report, stats, last = self._report(), BatchStats(), time.monotonic()
         try:
-            for table, rows, prepared in self._prepared(unit):
+            for table, rows, prepared in self._batches(unit, crashes):
                 started = time.perf_counter()
-                if table is None:  # an unreadable row group, input.on_unreadable: skip
-                    out = self.runner.error_table(len(rows), self.schema, RowError(prepared, "unreadable"), stats)
-                else:
-                    out = self.runner.complete_table(table, prepared, self.schema, stats)
+                out = self._output(key, table, rows, prepared, stats)
                 committed = writer.write(unit["file"], out, rows, unit["fingerprint"])
                 report.busy_s += time.perf_counter() - started
                 if committed or time.monotonic() - last >= REPORT_EVERY_S:
                     yield self._send(report, stats, committed)
                     report, stats, last = self._report(), BatchStats(), time.monotonic()
+                    if self.stopping:  # commit what is done; a resume does the rest
+                        break
             committed = writer.close()
         except BaseException:
             writer.abort()
             raise
         yield self._send(report, stats, committed)
+
+    def retry_part(self, unit: dict[str, Any]) -> Iterator[pa.Table]:
+        """Run a part's error rows again (``rayinfer retry-errors``) and replace them in the part,
+        atomically, with what they give now."""
+        crashes = self._start(f"retry:{unit['part']}", f"the error rows of {unit['part']}")
+        if crashes is False:
+            yield self._send(self._report(), BatchStats(), [])
+            return
+        report, stats, outs, last = self._report(), BatchStats(), [], time.monotonic()
+        for table, rows, prepared in self._batches(unit, crashes):
+            started = time.perf_counter()
+            outs.append(self._output(f"retry:{unit['part']}", table, rows, prepared, stats))
+            report.busy_s += time.perf_counter() - started
+            if time.monotonic() - last >= REPORT_EVERY_S:
+                yield self._send(report, stats, [])
+                report, stats, last = self._report(), BatchStats(), time.monotonic()
+        new = pa.concat_tables(outs) if outs else self.schema.empty_table()
+        errors = len(new.column(ERROR_COL).drop_null())
+        retry = {k: self.provenance.get(k) for k in ("run_id", "options", "plugin_version", "rayinfer_version")}
+        retry.update(rows=len(unit["rows"]), fixed=len(unit["rows"]) - errors, rows_at=unit["rows"])
+        changed = (unit["file"], unit["fingerprint"]) if unit["fingerprint"] != unit["was"] else None
+        replace_rows(self.store, unit["part"], unit["positions"], new, self.schema, self.runner.id_column, retry, changed)
+        yield self._send(report, stats, [(unit["part"], len(unit["rows"]))])
+
+    def _start(self, key: str, what: str) -> dict[tuple[int, int], int] | None | bool:
+        """Tell the coordinator that work ``key`` starts. Returns False when the run is stopping,
+        None on its first attempt, else the batches in flight when its earlier workers died."""
+        state = self._call("start", key)
+        if state["stop"]:
+            return False
+        if state["deaths"] > self.max_worker_deaths:
+            raise RunFailed(
+                f"{what} killed {state['deaths']} worker processes (over runtime.max_worker_deaths="
+                f"{self.max_worker_deaths}): more than a bad row explains (out of memory? a failing node?); the workers' "
+                "own logs are in Ray's session folder (session_latest/logs)"
+            )
+        if state["attempt"] == 1:
+            return None
+        log.warning("rayinfer: a worker died running %s (%s death(s) so far); running them batch by batch under "
+                    "watch, to isolate a row that kills", what, state["deaths"])
+        return {(a, b): n for a, b, n in state["crashes"]}
+
+    def _output(self, key: str, table: pa.Table | None, rows: pa.Array, prepared: Any, stats: BatchStats) -> pa.Table:
+        """The output rows of one batch from ``_batches``."""
+        if table is None:  # an unreadable row group, input.on_unreadable: skip
+            return self.runner.error_table(len(rows), self.schema, RowError(prepared, "unreadable"), stats)
+        if isinstance(prepared, RowError):  # a row that killed its worker, isolated
+            return self.runner.error_table(len(rows), self.schema, prepared, stats, table)
+        if prepared is None:  # a batch of work whose worker died: run under watch
+            self._call("begin", key, rows[0].as_py(), rows[-1].as_py())
+            out = self.runner.complete_table(table, self.runner.prepare_table(table), self.schema, stats)
+            self._call("end", key)
+            return out
+        return self.runner.complete_table(table, prepared, self.schema, stats)
+
+    def _read(self, unit: dict[str, Any]) -> Iterator[tuple[pa.Table | None, pa.Array, str | None]]:
+        if unit.get("part"):
+            return read_rows(unit["file"], unit["rows"], self.read_columns, self.batch_size, self.on_unreadable)
+        return read_unit(unit, self.read_columns, self.batch_size, self.on_unreadable)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """Call the run's coordinator (none when the actor runs outside a run, as in some tests)."""
+        if self.coordinator is None:
+            return {"attempt": 1, "deaths": 0, "stop": False, "crashes": []} if method == "start" else False
+        import ray
+
+        return ray.get(getattr(self.coordinator, method).remote(*args))
+
+    def _batches(self, unit: dict[str, Any], crashes: dict[tuple[int, int], int] | None
+                 ) -> Iterator[tuple[pa.Table | None, pa.Array, Any]]:
+        """The unit's batches as (table, rows, prepared). On a unit's first attempt: prepared by
+        ``_prepared``. After its worker died (``crashes``: the batches in flight at each death):
+        pieces of batches, not prepared (the actor names each to the coordinator first, as
+        tokenizing may be what kills), a piece that keeps killing cut in halves, and a row that
+        killed its worker more than ``worker_crash_retries`` times alone with its RowError."""
+        if crashes is None:
+            yield from self._prepared(unit)
+            return
+        for table, rows, problem in self._read(unit):
+            if table is None:
+                yield table, rows, problem
+                continue
+            numbers = rows.to_pylist()
+            for lo, hi, kills in crash_pieces(numbers, crashes, self.crash_retries):
+                error = None
+                if kills:
+                    n = crashes[(numbers[lo], numbers[lo])]
+                    error = RowError(f"this row killed the worker process running it, also when run alone ({n}x): a "
+                                     "crash in the task or a library it calls (a segfault), or out of memory", "worker_crash")
+                yield table.slice(lo, hi - lo), rows.slice(lo, hi - lo), error
 
     def _report(self) -> WorkReport:
         return WorkReport(actor=self.where, ready_at=self.ready_at)
@@ -132,6 +240,7 @@ class TaskActor:
         report.parts = [name for name, _ in committed]
         report.committed_rows = sum(n for _, n in committed)
         report.at = time.time()
+        self.stopping = self.stopping or bool(self._call("stopping"))
         release_memory()  # about once a second: cheap next to a second of work
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         report.rss_mb = _rss_mb()
@@ -143,7 +252,7 @@ class TaskActor:
         the GPU computes; CPU actors in turn with the model, as their cores are busy with it (the
         second thread cost CPU actors 15% of their speed: 9,323 -> 8,077 rows/s on 1M rows)."""
         if not self.prefetch:
-            for table, rows, problem in read_unit(unit, self.read_columns, self.batch_size, self.on_unreadable):
+            for table, rows, problem in self._read(unit):
                 yield table, rows, problem if table is None else self.runner.prepare_table(table)
             return
         q: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
@@ -161,7 +270,7 @@ class TaskActor:
 
         def produce() -> None:
             try:
-                for table, rows, problem in read_unit(unit, self.read_columns, self.batch_size, self.on_unreadable):
+                for table, rows, problem in self._read(unit):
                     if not put((table, rows, problem if table is None else self.runner.prepare_table(table))):
                         return
                 put(end)
@@ -220,10 +329,10 @@ def init_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    # Ray takes SIGTERM over in the driver (a stack dump, then death); keep the caller's handler
-    # (`rayinfer run` stops on SIGTERM as on Ctrl-C: exit 130 and how to resume)
+    # Ray takes SIGTERM over in the driver (a stack dump, then death); keep the caller's handlers
+    # (`rayinfer run` stops cleanly on SIGTERM and Ctrl-C: exit 130 and how to resume)
     main = threading.current_thread() is threading.main_thread()
-    sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
@@ -236,8 +345,22 @@ def init_ray(address: str | None) -> bool:
         )
         return True
     finally:
-        if main and callable(sigterm):
-            signal.signal(signal.SIGTERM, sigterm)
+        for sig, handler in handlers.items():
+            if callable(handler) and signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+
+
+def start_coordinator() -> Any:
+    """The run's Coordinator actor, on the driver's node (whose loss ends the run anyway)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:  # a Ray Client driver has no node of its own
+        node = None
+    where = NodeAffinitySchedulingStrategy(node, soft=True) if node else None
+    return ray.remote(Coordinator).options(num_cpus=0, max_restarts=0, scheduling_strategy=where).remote()
 
 
 def default_batch_tokens(plan: Plan) -> int:
@@ -276,10 +399,13 @@ def actor_args(plan: Plan, out_dir: str, run_id: str) -> dict[str, Any]:
         provenance=plan.provenance(run_id),
         part_bytes=spec.output.part_bytes,
         prefetch=rt.num_gpus > 0,
+        crash_retries=rt.worker_crash_retries,
+        max_worker_deaths=rt.max_worker_deaths,
     )
 
 
-def build_dataset(plan: Plan, units: list[dict[str, Any]], out_dir: str, run_id: str, pool: tuple[int, int]) -> Any:
+def build_dataset(plan: Plan, units: list[dict[str, Any]], out_dir: str, run_id: str, pool: tuple[int, int],
+                  coordinator: Any = None) -> Any:
     """The whole Ray Data graph: one unit per block, mapped by an actor pool, one unit at a time
     per actor (so a big unit never waits queued behind another while an actor idles)."""
     import ray.data
@@ -288,7 +414,7 @@ def build_dataset(plan: Plan, units: list[dict[str, Any]], out_dir: str, run_id:
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     return ds.map_batches(
         TaskActor,
-        fn_constructor_kwargs=actor_args(plan, out_dir, run_id),
+        fn_constructor_kwargs={**actor_args(plan, out_dir, run_id), "coordinator": coordinator},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1], max_tasks_in_flight_per_actor=1),
@@ -340,10 +466,14 @@ def versions() -> dict[str, str]:
 
 
 def execute(plan: Plan, address: str | None = None,
-            progress: bool | Callable[[dict[str, Any]], None] = False) -> dict[str, Any]:
-    """Run a planned job and return its manifest (also written to ``output.path``)."""
+            progress: bool | Callable[[dict[str, Any]], None] = False,
+            stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run a planned job and return its manifest (also written to ``output.path``).
+
+    Setting ``stop`` (from a signal handler or another thread) stops the run cleanly: no new
+    unit starts, the actors commit the rows they hold (for up to ``runtime.stop_timeout_s``, then
+    the main thread is interrupted), and ``Stopped`` is raised; a resume goes on from there."""
     spec = plan.spec
-    rt = spec.runtime
     out_dir = spec.output.path if is_uri(spec.output.path) else os.path.abspath(os.path.expanduser(spec.output.path))
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
     started_at = datetime.now(timezone.utc)
@@ -357,42 +487,105 @@ def execute(plan: Plan, address: str | None = None,
     todo = sum(f.num_rows - covered_count(coverage.get(f.path, []), 0, f.num_rows) for f in plan.files)
 
     totals = RunTotals(todo=todo)
-    channel = TerminalProgress() if progress is True else (progress or None)
     if todo:
-        import ray
+        def units(pool: tuple[int, int]) -> list[dict[str, Any]]:
+            found = make_units(plan.files, coverage, unit_rows(todo, pool[1], spec.output.part_rows))
+            return sorted(found, key=lambda u: -u["todo"])  # largest first: small ones (file tails) fill in at the end
 
-        local = init_ray(address)
-        cluster = ray.cluster_resources()
-        pool = pool_size(plan, cluster, can_grow=not local)
-        check_resources(plan, cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")], pool[0], can_grow=not local)
-        check_paths_visible(plan, out_dir)
-        units = make_units(plan.files, coverage, unit_rows(todo, pool[1], spec.output.part_rows))
-        units.sort(key=lambda u: -u["todo"])  # largest first: the small ones (file tails) fill in at the end
-        last = 0.0
-        try:
-            with data_context(rt.actor_start_timeout_s):
-                for report in _reports(build_dataset(plan, units, out_dir, run_id, pool), plan, pool[0]):
-                    totals.add(report)
-                    if rt.max_error_rate is not None and totals.rows >= min(todo, ERROR_RATE_MIN_ROWS):
-                        rate = totals.errors / max(1, totals.rows)
-                        if rate > rt.max_error_rate:
-                            raise RunFailed(
-                                f"aborted: {totals.errors} of {totals.rows} rows failed ({rate:.1%}), over "
-                                f"runtime.max_error_rate {rt.max_error_rate:.1%}. Errors by kind: {dict(totals.error_kinds)}. "
-                                f"Committed parts stay in {out_dir}; fix the input and rerun with --resume."
-                            )
-                    if channel and (time.monotonic() - last >= 0.5 or totals.rows == todo):
-                        last = time.monotonic()
-                        channel(totals.snapshot())
-        except Exception as exc:  # anything Ray raised: one line for the user, the traceback in a file
-            if isinstance(exc, RayInferError) and not isinstance(getattr(exc, "cause", None), BaseException):
-                raise  # rayinfer's own, raised here in the driver (error budget, pool start timeout)
-            raise run_failure(exc, run_id, out_dir) from None
-        finally:
-            if isinstance(channel, TerminalProgress):
-                channel.close()
-
+        run_units(plan, address, out_dir, run_id, units, totals, progress, stop, "a resume does the other")
     return finish(plan, out_dir, run_id, started_at, time.perf_counter() - t0, totals, resumed_rows)
+
+
+def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
+              units: Callable[[tuple[int, int]], list[dict[str, Any]]], totals: RunTotals,
+              progress: bool | Callable[[dict[str, Any]], None], stop: threading.Event | None, rest: str) -> None:
+    """Start (or join) Ray, size the pool, and run the work ``units(pool)`` on it, adding every
+    actor report to ``totals``. Failures come out as one-line RayInferErrors; a stop as Stopped
+    (``rest``: who does the rows left, e.g. "a resume does the other")."""
+    import ray
+
+    rt = plan.spec.runtime
+    local = init_ray(address)
+    cluster = ray.cluster_resources()
+    pool = pool_size(plan, cluster, can_grow=not local)
+    check_resources(plan, cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")], pool[0], can_grow=not local)
+    check_paths_visible(plan, out_dir)
+    work = units(pool)
+    channel = TerminalProgress() if progress is True else (progress or None)
+    coordinator = start_coordinator()
+    watcher = _StopWatcher(stop, coordinator, rt.stop_timeout_s)
+    last = 0.0
+    try:
+        with data_context(rt.actor_start_timeout_s), watcher:
+            for report in _reports(build_dataset(plan, work, out_dir, run_id, pool, coordinator), plan, pool[0]):
+                totals.add(report)
+                if rt.max_error_rate is not None and totals.rows >= min(totals.todo, ERROR_RATE_MIN_ROWS):
+                    rate = totals.errors / max(1, totals.rows)
+                    if rate > rt.max_error_rate:
+                        raise RunFailed(
+                            f"aborted: {totals.errors} of {totals.rows} rows failed ({rate:.1%}), over "
+                            f"runtime.max_error_rate {rt.max_error_rate:.1%}. Errors by kind: {dict(totals.error_kinds)}. "
+                            f"Committed parts stay in {out_dir}; fix the input and rerun with --resume."
+                        )
+                if channel and (time.monotonic() - last >= 0.5 or totals.rows == totals.todo):
+                    last = time.monotonic()
+                    channel(totals.snapshot())
+        totals.worker_deaths = ray.get(coordinator.worker_deaths.remote())
+    except Exception as exc:  # anything Ray raised: one line for the user, the traceback in a file
+        if isinstance(exc, RayInferError) and not isinstance(getattr(exc, "cause", None), BaseException):
+            raise  # rayinfer's own, raised here in the driver (error budget, pool start timeout)
+        raise run_failure(exc, run_id, out_dir) from None
+    finally:
+        if isinstance(channel, TerminalProgress):
+            channel.close()
+        try:
+            ray.kill(coordinator)
+        except Exception:  # Ray already going down (a second Ctrl-C)
+            pass
+    if watcher.stopped and totals.committed_rows < totals.todo:
+        raise Stopped(f"stopped: {totals.committed_rows} rows committed in this run, in complete parts that stay in "
+                      f"{out_dir}; {rest} {totals.todo - totals.committed_rows}")
+
+
+class _StopWatcher:
+    """While a run is on: once ``stop`` is set, tell the actors (through the coordinator) to
+    commit what they hold and take no new unit; if they are not done within ``timeout_s``,
+    interrupt the main thread (KeyboardInterrupt: parts still open are dropped, never half-seen)."""
+
+    def __init__(self, stop: threading.Event | None, coordinator: Any, timeout_s: int) -> None:
+        self.stop, self.coordinator, self.timeout_s = stop, coordinator, timeout_s
+        self.done = threading.Event()
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_StopWatcher":
+        if self.stop is not None:
+            self.thread = threading.Thread(target=self._watch, name="rayinfer-stop", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _watch(self) -> None:
+        assert self.stop is not None
+        while not self.stop.wait(0.2):
+            if self.done.is_set():
+                return
+        if self.done.is_set():
+            return
+        self.stopped = True
+        self.coordinator.request_stop.remote()
+        log.warning("rayinfer: stopping: the actors commit the rows they hold (up to runtime.stop_timeout_s=%ss); "
+                    "interrupt again to stop at once", self.timeout_s)
+        if not self.done.wait(self.timeout_s):
+            log.warning("rayinfer: the actors did not finish within %ss: stopping now (parts still open are "
+                        "dropped; a resume redoes their rows)", self.timeout_s)
+            import _thread
+
+            _thread.interrupt_main()
 
 
 def run_failure(exc: BaseException, run_id: str, out_dir: str) -> RayInferError:
@@ -494,26 +687,13 @@ def _reports(ds: Any, plan: Plan, pool_min: int) -> Iterator[WorkReport]:
             ) from None
 
 
-def _count_errors(store: Store, name: str, md: pq.FileMetaData) -> int:
-    """Rows with an error, from the Parquet footer's null counts (no data read)."""
-    leaf = next(j for j in range(md.num_columns) if md.row_group(0).column(j).path_in_schema == ERROR_COL) if md.num_row_groups else None
-    count = 0
-    for rg in range(md.num_row_groups):
-        stats = md.row_group(rg).column(leaf).statistics
-        if stats is None or not stats.has_null_count:  # a writer without statistics: read the column
-            with store.open(name) as f:
-                return len(pq.read_table(f, columns=[ERROR_COL]).column(ERROR_COL).drop_null())
-        count += md.row_group(rg).num_rows - stats.null_count
-    return count
-
-
 def finish(
     plan: Plan, out_dir: str, run_id: str, started_at: datetime, duration: float, totals: RunTotals, resumed_rows: int
 ) -> dict[str, Any]:
     """Check that the committed parts cover every input row exactly once, then write the manifest."""
     store = Store(out_dir)
     out_rows, footers = verify_coverage(store, plan.files)
-    errors = sum(_count_errors(store, name, md) for name, md in footers)
+    errors = sum(count_errors(store, name, md) for name, md in footers)
     spec = plan.spec
     first = totals.first_commit_at
     manifest = {
@@ -528,10 +708,12 @@ def finish(
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "duration_s": round(duration, 3),
         "cold_start_s": round(first - started_at.timestamp(), 3) if first is not None else None,
-        "input": {"path": spec.input.path, "files": len(plan.files), "rows": plan.total_rows},
+        "input": {"path": spec.input.path, "files": len(plan.files), "rows": plan.total_rows,
+                  "resolved": spec.input.path if is_uri(spec.input.path) else os.path.abspath(os.path.expanduser(spec.input.path))},
         "rows": out_rows,
         "rows_this_run": totals.rows,
         "rows_resumed": resumed_rows,
+        "worker_deaths": totals.worker_deaths,
         "errors": errors,
         "errors_this_run_by_kind": dict(totals.error_kinds),
         "rows_per_s": round(totals.rows / duration, 2) if duration > 0 else None,

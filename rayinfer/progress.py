@@ -67,6 +67,7 @@ class RunTotals:
     padded_tokens: int = 0
     parts: int = 0
     committed_rows: int = 0
+    worker_deaths: int = 0  # actors that died mid-unit (set at the end from the coordinator)
     first_commit_at: float | None = None
     actor_rows: Counter = field(default_factory=Counter)
     actor_busy_s: Counter = field(default_factory=Counter)

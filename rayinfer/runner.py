@@ -222,13 +222,19 @@ class TaskRunner:
     def prepare_table(self, table: pa.Table) -> Prepared:
         return self.prepare({name: table.column(col).to_pylist() for name, col in self.column_map.items()})
 
-    def error_table(self, n: int, schema: pa.Schema, error: RowError, stats: BatchStats | None = None) -> pa.Table:
-        """Output for ``n`` rows that could not even be read: every column null but ``error``."""
+    def error_table(self, n: int, schema: pa.Schema, error: RowError, stats: BatchStats | None = None,
+                    table: pa.Table | None = None) -> pa.Table:
+        """Output for ``n`` rows that all get ``error`` and null outputs: rows that could not even be
+        read (no ``table``: their id is null too), or the rows of ``table`` that the task cannot run
+        (a row that kills its worker: id and keep columns come from ``table``)."""
         if stats is not None:
             stats.rows += n
             stats.errors += n
             stats.error_kinds[error.kind] += n
         columns = {f.name: pa.nulls(n, f.type) for f in schema if f.name != ERROR_COL}
+        if table is not None:
+            for name in [self.id_column, *self.keep]:
+                columns[name] = table.column(name)
         return pa.table({**columns, ERROR_COL: pa.array([error.message] * n, pa.string())}, schema=schema)
 
     def complete_table(self, table: pa.Table, prepared: Prepared, schema: pa.Schema, stats: BatchStats | None = None) -> pa.Table:

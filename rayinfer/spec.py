@@ -107,6 +107,26 @@ class RuntimeSpec(_Strict):
         description="Rows flow once the pool's first actors (actors, or actors.min) have loaded the model; the "
         "run fails if they are not up within this many seconds (leave time for an autoscaler to add nodes).",
     )
+    worker_crash_retries: int = Field(
+        1,
+        ge=0,
+        description="A batch whose rows killed their worker process (a segfault, an OOM kill) is run again "
+        "as it was this many times, then split in halves until the row that kills is alone; that row gets "
+        "an error (worker_crash), every other row its output.",
+    )
+    max_worker_deaths: int = Field(
+        30,
+        gt=0,
+        description="The run fails once the rows of one work unit have killed this many worker processes "
+        "(isolating one such row costs about (worker_crash_retries + 1) x log2(batch_size) + 1 deaths): "
+        "deaths that many are a sick node or a model too big for memory, not a bad row.",
+    )
+    stop_timeout_s: int = Field(
+        60,
+        ge=0,
+        description="On Ctrl-C, SIGTERM or `rayinfer stop`: how long actors may take to commit the rows they "
+        "hold before the run ends anyway (a second Ctrl-C ends it at once).",
+    )
 
     @model_validator(mode="after")
     def _actors(self) -> "RuntimeSpec":

@@ -60,7 +60,11 @@ def submit(
     except ValidationError as exc:
         raise SpecError(f"options for task {spec.task!r}: " + format_validation_error(exc, task_cls.Options, prefix="options.")) from None
 
-    runtime_env: dict[str, Any] = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    # `rayinfer stop` (Ray's stop_job) sends the driver SIGTERM, and SIGKILL 3 s later by default:
+    # leave the actors time to commit the rows they hold (runtime.stop_timeout_s), and the driver
+    # time to say how far it got
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", "RAY_JOB_STOP_WAIT_TIME_S": str(spec.runtime.stop_timeout_s + 15)}
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if working_dir is not None:
         runtime_env["working_dir"] = str(working_dir)
         runtime_env["excludes"] = EXCLUDES

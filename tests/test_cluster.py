@@ -154,6 +154,11 @@ def test_stop_a_running_job_and_resume_it(cluster, tmp_path, bert_mlm):
         time.sleep(0.5)
     assert "STOPPED" in cli(cluster, "status", sid).stdout
     assert not (tmp_path / "out" / "_manifest.json").exists()
+    # the driver stopped cleanly: the actor committed the rows it held, and the log says how far it got
+    log = cli(cluster, "logs", sid).stdout
+    assert "rayinfer: stopped: " in log and "rows committed in this run" in log, log[-3000:]
+    for part in (tmp_path / "out").glob("part-*.parquet"):
+        assert pq.read_metadata(part).num_rows > 0
 
     resumed = cli(cluster, "submit", str(job), "--working-dir", str(work), "--set", "output.mode=resume", "--wait")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

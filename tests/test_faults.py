@@ -12,6 +12,7 @@ import threading
 import time
 
 import psutil
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -257,3 +258,135 @@ def test_sigterm_stops_a_run_with_exit_130_and_resume_finishes_it_exactly_once(t
     assert manifest["rows"] == 3000 and manifest["rows_resumed"] + manifest["rows_this_run"] == 3000
     assert sorted(pq.read_table(out).column("doc_id").to_pylist()) == list(range(1000, 4000))
     assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed
+
+
+def test_ctrl_c_commits_the_rows_in_hand_and_a_second_stops_at_once(tmp_path, bert_mlm):
+    """Ctrl-C in a terminal signals the whole process group (driver and Ray's workers): the first
+    stops the run cleanly (the actor commits what it holds, exit 130, how far it got and how to
+    resume), a second one during that stop ends it at once; resumes cover every row once."""
+    job = fill_mask_job(tmp_path, bert_mlm, rows=3000, files=3, row_group_size=100,
+                        runtime={"batch_size": 20, "actors": 1}, output={"part_rows": 100})
+    out = tmp_path / "out"
+
+    def interrupt(times: int) -> str:
+        before = set(list_parts(out))
+        driver = subprocess.Popen([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet", "--resume"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline and len(set(list_parts(out)) - before) < 2 and driver.poll() is None:
+            time.sleep(0.05)
+        assert driver.poll() is None, driver.stderr.read()[-3000:]
+        for _ in range(times):
+            os.killpg(driver.pid, signal.SIGINT)
+            time.sleep(0.2)
+        _, stderr = driver.communicate(timeout=120)
+        assert driver.returncode == 130, stderr[-3000:]
+        assert f"Resume: rayinfer run {job} --resume" in stderr and "Traceback" not in stderr, stderr[-3000:]
+        assert not (out / MANIFEST).exists() and not any((out / ".tmp").iterdir())
+        for name in list_parts(out):  # every visible part is complete
+            assert pq.read_metadata(out / name).num_rows > 0
+        return stderr
+
+    first = interrupt(1)
+    assert "rayinfer: stopping: the actors commit the rows they hold" in first
+    stopped = [line for line in first.splitlines() if line.startswith("rayinfer: stopped: ")]
+    assert len(stopped) == 1, first[-3000:]
+    committed = int(stopped[0].split("rayinfer: stopped: ")[1].split()[0])
+    rows = sum(pq.read_metadata(out / name).num_rows for name in list_parts(out))
+    assert committed == rows and 200 <= rows < 3000  # two whole parts and what the actor held, committed
+    assert f"a resume does the other {3000 - rows}" in stopped[0]
+
+    second = interrupt(2)
+    assert "rayinfer: interrupted: the committed parts stay in the output folder" in second
+
+    manifest = run_job(job, resume=True)
+    assert manifest["rows"] == 3000 and manifest["rows_resumed"] + manifest["rows_this_run"] == 3000
+    assert sorted(pq.read_table(out).column("doc_id").to_pylist()) == list(range(1000, 4000))
+
+
+CRASHY = '''
+import os
+import signal
+
+from rayinfer import hookimpl
+from rayinfer_tasks.fill_mask import FillMaskTask
+
+
+class CrashyFillMask(FillMaskTask):
+    name = "crashy-fill-mask"
+    description = "fill-mask, except that a text holding KILL-THIS-WORKER kills its process, as a segfault would."
+
+    def preprocess(self, batch):
+        if any("KILL-THIS-WORKER" in (text or "") for text in batch["text"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().preprocess(batch)
+
+
+@hookimpl
+def register_tasks(register):
+    register(CrashyFillMask)
+'''
+
+
+def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_path, bert_mlm):
+    """A task that kills its own process on a marker row: Ray restarts the actor and reruns the
+    unit; rayinfer pins each death on the batch in flight, halves it until the row is alone, and
+    gives that row a worker_crash error, every other row its output. With the marker removed from
+    the input, `rayinfer retry-errors` reruns only the error rows: the fixed row gets its output,
+    a null row keeps its error, every other row and part stays byte for byte as it was."""
+    from test_plugins import install_fake_dist
+
+    site = tmp_path / "site"
+    install_fake_dist(site, "rayinfer-crashy", "rayinfer_crashy", CRASHY)
+    corpus = masked_corpus(120)
+    corpus["sentence"][45] = "KILL-THIS-WORKER " + corpus["sentence"][45]
+    corpus["sentence"][100] = None
+    # units of 30 rows, batches of 8: row 45 is the last of the batch 38-45
+    job = fill_mask_job(tmp_path, bert_mlm, corpus=corpus, files=2, task="crashy-fill-mask",
+                        runtime={"batch_size": 8, "actors": 1, "worker_crash_retries": 0})
+    env = {**os.environ, "PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    ran = subprocess.run([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "120 rows (120 this run, 0 resumed), 2 with errors" in ran.stdout
+    out = tmp_path / "out"
+    manifest = json.loads((out / MANIFEST).read_text())
+    # the unwatched first attempt, then batches 38-45, 42-45, 44-45 and row 45 alone
+    assert manifest["worker_deaths"] == 5
+    assert manifest["errors_this_run_by_kind"] == {"worker_crash": 1, "null_input": 1}
+    rows = {r["doc_id"]: r for r in pq.read_table(out).to_pylist()}
+    assert sorted(rows) == corpus["doc_id"]
+    assert rows[1045]["error"].startswith("this row killed the worker process running it, also when run alone (1x)")
+    assert rows[1045]["predictions"] is None and rows[1045]["source"] == corpus["source"][45]
+    good = [i for i in range(120) if i not in (45, 100)]
+    direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in good], bert_mlm, {"top_k": 3})
+    for i, d in zip(good, direct):
+        assert rows[corpus["doc_id"][i]]["error"] is None and rows[corpus["doc_id"][i]]["filled"] == d["filled"]
+
+    # fix the input in place (same rows, same places), then retry only the error rows
+    fixed_file = sorted((tmp_path / "in").glob("*.parquet"))[0]
+    table = pq.read_table(fixed_file)
+    texts = [t.replace("KILL-THIS-WORKER ", "") if t else t for t in table.column("sentence").to_pylist()]
+    pq.write_table(table.set_column(table.schema.get_field_index("sentence"), "sentence", pa.array(texts)), fixed_file)
+    before = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
+    retried = subprocess.run([sys.executable, "-m", "rayinfer", "retry-errors", str(out), "--quiet"],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    assert ("rayinfer: retried 2 rows with errors in 2 parts: 1 fixed, 1 failed again {'null_input': 1}; "
+            "1 of 120 rows have errors now") in retried.stdout, retried.stdout
+    after = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
+    changed = sorted(n for n in before if before[n] != after[n])
+    assert after.keys() == before.keys() and len(changed) == 2
+    now = {r["doc_id"]: r for r in pq.read_table(out).to_pylist()}
+    assert sorted(now) == corpus["doc_id"]  # every row exactly once
+    [fixed] = run_task(FillMaskTask, [{"text": texts[45]}], bert_mlm, {"top_k": 3})
+    assert now[1045]["error"] is None and now[1045]["filled"] == fixed["filled"] and now[1045]["source"] == corpus["source"][45]
+    assert now[1100]["error"] == rows[1100]["error"]
+    assert {k: v for k, v in now.items() if k != 1045} == {k: v for k, v in rows.items() if k != 1045}
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["errors"] == 1 and manifest["rows"] == 120 and manifest["worker_deaths"] == 5  # the first run's
+    [retry] = manifest["retries"]
+    assert retry["rows_retried"] == 2 and retry["rows_fixed"] == 1 and retry["errors_by_kind"] == {"null_input": 1}
+    for name in changed:
+        made = json.loads(pq.read_metadata(out / name).metadata[b"rayinfer"])
+        assert made["run_id"] == manifest["run_id"] and made["retries"][0]["run_id"] == retry["run_id"]

@@ -148,7 +148,7 @@ def test_every_entry_point_lists_every_command(entry):
     out = subprocess.run([sys.executable, *entry, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     listed = {line.split()[0] for line in out.stdout.split("Commands:")[1].splitlines() if line.strip()}
-    assert listed == {"demo", "jobs", "logs", "models", "new-plugin", "plugins", "run", "status", "stop", "submit",
+    assert listed == {"demo", "jobs", "logs", "models", "new-plugin", "plugins", "retry-errors", "run", "status", "stop", "submit",
                       "tasks", "validate"}
 
 

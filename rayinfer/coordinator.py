@@ -1,0 +1,89 @@
+"""What the actors of one run share: the rows in flight when a worker died, and the stop flag.
+
+One small Ray actor per run (``Coordinator``, no CPU) holds it; the driver creates it and hands
+its handle to every TaskActor.
+
+Isolating a row that kills its worker process (a segfault in a tokenizer, an OOM kill): Ray
+restarts a dead actor and runs its unit again, forever. So an actor tells the coordinator when it
+starts a unit; a unit started a second time means the actor that ran it died. From then on (and
+only then: it costs two calls per batch) the actor names each batch to the coordinator before
+running it, so the next death is pinned on that batch. A batch that killed a worker more than
+``worker_crash_retries`` times is split in halves (``crash_pieces``), and the halves are run
+the same way, until the row that kills is alone: it gets a ``worker_crash`` error, every other row
+its output. A unit whose rows killed more than ``max_worker_deaths`` workers ends the run: that
+many deaths are a sick node or a model too big for memory, not a bad row.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from typing import Any
+
+Range = tuple[int, int]  # first and last input row of a batch
+
+
+class Coordinator:
+    """The run's shared state (a Ray actor in a run; a plain object in tests)."""
+
+    def __init__(self) -> None:
+        self.units: dict[str, dict[str, Any]] = {}
+        self.stop_requested = False
+
+    def start(self, unit: str) -> dict[str, Any]:
+        """An actor starts ``unit``: how many times it was started before, and the batches that
+        were running when its actors died, with how often each did."""
+        u = self.units.setdefault(unit, {"attempts": 0, "deaths": 0, "in_flight": None, "crashes": {}})
+        if u["attempts"]:  # Ray runs a unit again only when the actor running it died
+            u["deaths"] += 1
+            if u["in_flight"] is not None:
+                u["crashes"][u["in_flight"]] = u["crashes"].get(u["in_flight"], 0) + 1
+                u["in_flight"] = None
+        u["attempts"] += 1
+        return {"attempt": u["attempts"], "deaths": u["deaths"], "stop": self.stop_requested,
+                "crashes": [[a, b, n] for (a, b), n in u["crashes"].items()]}
+
+    def begin(self, unit: str, first: int, last: int) -> None:
+        """Input rows ``first``..``last`` of ``unit`` are about to run."""
+        self.units[unit]["in_flight"] = (first, last)
+
+    def end(self, unit: str) -> None:
+        self.units[unit]["in_flight"] = None
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+    def stopping(self) -> bool:
+        return self.stop_requested
+
+    def worker_deaths(self) -> int:
+        return sum(u["deaths"] for u in self.units.values())
+
+
+def crash_pieces(rows: list[int], crashes: dict[Range, int], retries: int) -> list[tuple[int, int, bool]]:
+    """Cut a batch (its input row numbers, ascending) of a unit whose workers died: returns
+    (lo, hi, kills) slices of the batch, in order. A slice whose rows were in flight at more than
+    ``retries`` deaths is halved, recursively; a single row that was is returned with kills=True.
+
+    The batch is first cut at the edges of every recorded range, so a range recorded by an earlier
+    attempt is found again even where this attempt's batches start elsewhere (rows committed
+    since)."""
+    if not rows:
+        return []
+    cuts = {0, len(rows)}
+    for a, b in crashes:
+        cuts |= {bisect_left(rows, a), bisect_right(rows, b)}
+    edges = sorted(cuts)
+    out: list[tuple[int, int, bool]] = []
+    for lo, hi in zip(edges, edges[1:]):
+        if lo < hi:
+            out += _halve(rows, lo, hi, crashes, retries)
+    return out
+
+
+def _halve(rows: list[int], lo: int, hi: int, crashes: dict[Range, int], retries: int) -> list[tuple[int, int, bool]]:
+    if crashes.get((rows[lo], rows[hi - 1]), 0) <= retries:
+        return [(lo, hi, False)]
+    if hi - lo == 1:
+        return [(lo, hi, True)]
+    mid = (lo + hi) // 2
+    return _halve(rows, lo, mid, crashes, retries) + _halve(rows, mid, hi, crashes, retries)

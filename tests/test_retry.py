@@ -1,0 +1,87 @@
+"""retry-errors' pieces without Ray: reading given input rows, replacing rows in a part
+atomically, and refusing another job's output (the end-to-end retry is in test_faults.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayinfer.errors import OutputError, RunError, SpecError
+from rayinfer.inputs import read_rows, scan
+from rayinfer.output import MANIFEST, PartWriter, Store, part_coverage, replace_rows, write_manifest
+from rayinfer.plan import plan_job
+from rayinfer.retry import error_units, plan_retry
+from rayinfer.testing import write_dataset
+
+from helpers import fill_mask_job
+
+
+def test_read_rows_decodes_only_the_groups_it_needs_and_batches_them(tmp_path):
+    write_dataset(tmp_path / "in", {"id": list(range(100)), "text": [f"t{i}" for i in range(100)]}, row_group_size=10)
+    [f], _ = scan(str(tmp_path / "in"))
+    wanted = [0, 9, 10, 35, 36, 37, 99]
+    got = list(read_rows(f.path, wanted, ["id", "text"], batch_rows=3))
+    assert [t.num_rows for t, _, _ in got] == [3, 3, 1]
+    assert [i for t, _, _ in got for i in t.column("id").to_pylist()] == wanted
+    assert [i for _, r, _ in got for i in r.to_pylist()] == wanted
+    with pytest.raises(Exception, match="has 100 rows now; row 100 is gone"):
+        list(read_rows(f.path, [5, 100], ["id"]))
+
+
+def _part(store: Store, ids: list[int], errors: list[str | None]) -> tuple[str, pa.Schema]:
+    schema = pa.schema([("id", pa.int64()), ("label", pa.string()), ("error", pa.string())])
+    writer = PartWriter(store, schema, {"run_id": "first"}, 1 << 30)
+    table = pa.table({"id": ids, "label": [None if e else f"l{i}" for i, e in zip(ids, errors)], "error": errors},
+                     schema=schema)
+    writer.write("/data/in.parquet", table, pa.array(range(len(ids)), pa.int64()), "10:1")
+    [(name, _)] = writer.close()
+    return name, schema
+
+
+def test_replace_rows_swaps_only_the_given_rows_and_keeps_the_footer(tmp_path):
+    store = Store(str(tmp_path / "out"))
+    name, schema = _part(store, [7, 8, 9, 10], [None, "boom", None, "bad"])
+    new = pa.table({"id": [8, 10], "label": ["fixed", None], "error": [None, "still bad"]}, schema=schema)
+    replace_rows(store, name, [1, 3], new, schema, "id", {"run_id": "retry", "rows": 2, "rows_at": [1, 3]},
+                 ("/data/in.parquet", "11:2"))
+    got = pq.read_table(tmp_path / "out" / name)
+    assert got.to_pylist() == [{"id": 7, "label": "l7", "error": None}, {"id": 8, "label": "fixed", "error": None},
+                               {"id": 9, "label": "l9", "error": None}, {"id": 10, "label": None, "error": "still bad"}]
+    assert part_coverage(store, name) == {"/data/in.parquet": [(0, 4)]}
+    made = json.loads(pq.read_metadata(tmp_path / "out" / name).metadata[b"rayinfer"])
+    assert made["run_id"] == "first" and made["retries"] == [{"run_id": "retry", "rows": 2}]
+    assert made["inputs"] == {"/data/in.parquet": "11:2"}
+    assert not list((tmp_path / "out" / ".tmp").iterdir())
+
+
+def test_replace_rows_refuses_rows_that_are_not_the_same_rows(tmp_path):
+    store = Store(str(tmp_path / "out"))
+    name, schema = _part(store, [7, 8, 9], [None, "boom", None])
+    before = (tmp_path / "out" / name).read_bytes()
+    new = pa.table({"id": [80], "label": ["x"], "error": [None]}, schema=schema)
+    with pytest.raises(RunError, match=r"input row 1 now has id 80, the part holds 8 there: the input file changed"):
+        replace_rows(store, name, [1], new, schema, "id", {"run_id": "retry", "rows_at": [1]})
+    assert (tmp_path / "out" / name).read_bytes() == before
+
+
+def test_retry_errors_refuses_an_unfinished_output_and_another_job(tmp_path, bert_mlm):
+    job = fill_mask_job(tmp_path, bert_mlm, rows=20)
+    with pytest.raises(OutputError, match="does not exist"):
+        plan_retry(str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputError, match="has no _manifest.json: only a finished run's errors can be retried"):
+        plan_retry(str(tmp_path / "out"))
+    plan = plan_job(job)
+    write_manifest(str(tmp_path / "out"), {"spec": plan.spec.to_dict(), "identity": plan.identity(),
+                                           "input": {"path": str(tmp_path / "in")}})
+    again, _ = plan_retry(str(tmp_path / "out"), ["options.top_k=5"])  # options may change
+    assert again.options.top_k == 5 and again.spec.output.mode == "resume"
+    assert error_units(Store(str(tmp_path / "out")), again) == ([], 0)
+    shutil.copytree(bert_mlm, tmp_path / "other-model")
+    with pytest.raises(SpecError, match=r"cannot retry the errors of .* with another job: model was '.*bert-mlm', now '.*other-model'"):
+        plan_retry(str(tmp_path / "out"), [f"model={tmp_path / 'other-model'}"])
+    assert (tmp_path / "out" / MANIFEST).exists()
