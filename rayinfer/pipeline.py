@@ -88,7 +88,12 @@ class TaskActor:
         import ray
 
         self.task = task_cls(task_cls.Options.model_validate(options), context)
-        self.task.load()
+        try:
+            self.task.load()
+        except Exception as exc:  # rayinfer's line for the driver, instead of Ray's "actor died"
+            what = f"model {context.model!r}" + (f" with adapter {context.adapter!r}" if context.adapter else "")
+            raise RunFailed(f"the {what} failed to load in an actor on {ray.util.get_node_ip_address()}: "
+                            f"{type(exc).__name__}: {_first_line(exc)}") from None
         self.runner = TaskRunner(
             self.task, column_map=column_map, id_column=id_column, keep=keep, max_batch_tokens=max_batch_tokens
         )
@@ -607,6 +612,9 @@ def run_failure(exc: BaseException, run_id: str, out_dir: str) -> RayInferError:
     kept = f"committed parts stay in {out_dir} (--resume goes on from them)"
     if cause is not None:
         return RunFailed(f"{_first_line(cause)}; {kept}; {where}")
+    init = _actor_init_failure(exc)
+    if init is not None:
+        return RunFailed(f"{init}; {kept}; {where}")
     inner = getattr(exc, "cause", None) or exc
     if isinstance(inner, OSError) and (inner.errno == errno.ENOSPC or "No space left on device" in str(inner)):
         return RunFailed(f"no space left on the device holding {out_dir} (or its temporary files); free space or "
@@ -634,6 +642,33 @@ def _rayinfer_cause(exc: BaseException) -> RayInferError | None:
             return cause
         if isinstance(e, RayInferError) and not isinstance(cause, BaseException):
             return e
+        stack += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+    return None
+
+
+def _actor_init_failure(exc: BaseException) -> str | None:
+    """What made an actor's __init__ fail, from Ray's ActorDiedError (which holds it only as the
+    text of the worker's traceback): rayinfer's own line where it raised one (a model that does
+    not load), else the exception's last line."""
+    import re
+
+    import ray
+
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ray.exceptions.RayActorError) and getattr(e, "_actor_init_failed", False):
+            lines = [line.strip() for line in str(e).splitlines()]
+            ours = [line.split(": ", 1)[1] for line in lines if re.match(r"rayinfer\.errors\.\w+: ", line)]
+            if ours:
+                return ours[-1]
+            raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b.*: ", line)]
+            return "an actor failed to start: " + (raised[-1] if raised else _first_line(e))
+        cause = getattr(e, "cause", None)
         stack += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
     return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -306,6 +307,7 @@ def test_ctrl_c_commits_the_rows_in_hand_and_a_second_stops_at_once(tmp_path, be
 
 CRASHY = '''
 import os
+import shutil
 import signal
 
 from rayinfer import hookimpl
@@ -390,3 +392,26 @@ def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_p
     for name in changed:
         made = json.loads(pq.read_metadata(out / name).metadata[b"rayinfer"])
         assert made["run_id"] == manifest["run_id"] and made["retries"][0]["run_id"] == retry["run_id"]
+
+
+def test_a_model_that_fails_to_load_in_the_actors_is_one_line_and_resume_finishes(tmp_path, bert_mlm):
+    """Weights damaged after validation (the file cut short, the config intact):
+    the actors cannot load them; the run ends with one rayinfer line naming the model and the
+    loader's error, exit 3; with the weights restored, --resume covers every row once."""
+    model = tmp_path / "model"
+    shutil.copytree(bert_mlm, model)
+    weights = model / "model.safetensors"
+    good = weights.read_bytes()
+    job = fill_mask_job(tmp_path, model, rows=40)
+    weights.write_bytes(good[: len(good) // 2])
+    env = {**os.environ, "RAYINFER_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rayinfer: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"rayinfer: error: the model '{model}' failed to load in an actor on ")
+    assert ": SafetensorError: " in errors[0] and f"Once fixed, resume: rayinfer run {job} --resume" in errors[0]
+    weights.write_bytes(good)
+    manifest = run_job(job, resume=True)
+    assert manifest["rows"] == 40 and sorted(pq.read_table(tmp_path / "out").column("doc_id").to_pylist()) == list(range(1000, 1040))
