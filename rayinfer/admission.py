@@ -123,7 +123,10 @@ def check_paths_visible(plan: Plan, out_dir: str) -> None:
         for n in nodes
     }
     for node, ref in pending.items():
-        missing = ray.get(ref, timeout=60)
+        try:
+            missing = ray.get(ref, timeout=60)
+        except ray.exceptions.TaskUnschedulableError:  # the node died since ray.nodes() listed it
+            continue
         if missing:
             raise InputError(
                 f"node {node} cannot see {', '.join(missing[:3])}: on a multi-node cluster input and output "

@@ -28,6 +28,19 @@ class Coordinator:
     def __init__(self) -> None:
         self.units: dict[str, dict[str, Any]] = {}
         self.stop_requested = False
+        self.actors: dict[str, tuple[Any, str]] = {}  # actor id -> (handle, node id)
+
+    def register(self, actor: str, handle: Any, node: str) -> None:
+        """A pool actor (re)started on ``node``."""
+        self.actors[actor] = (handle, node)
+
+    def all_actors(self) -> list[Any]:
+        return [handle for handle, _ in self.actors.values()]
+
+    def actors_on(self, nodes: list[str]) -> list[Any]:
+        """The handles of the pool actors last started on ``nodes`` (each handed out once)."""
+        gone = [a for a, (_, node) in self.actors.items() if node in nodes]
+        return [self.actors.pop(a)[0] for a in gone]
 
     def start(self, unit: str) -> dict[str, Any]:
         """An actor starts ``unit``: how many times it was started before, and the batches that

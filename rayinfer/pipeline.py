@@ -44,7 +44,7 @@ from rayinfer.coordinator import Coordinator, crash_pieces
 from rayinfer.admission import actor_need, check_paths_visible, check_resources, describe, pool_size
 from rayinfer.errors import RayInferError, RowError, RunError, RunFailed, Stopped
 from rayinfer.inputs import covered_count, make_units, read_rows, read_unit
-from rayinfer.output import (PartWriter, Store, count_errors, prepare, replace_rows, resume_coverage, unit_todo,
+from rayinfer.output import (PartWriter, Store, committed_coverage, count_errors, prepare, replace_rows, resume_coverage, unit_todo,
                              verify_coverage, write_manifest)
 from rayinfer.plan import Plan
 from rayinfer.progress import RunTotals, TerminalProgress, WorkReport
@@ -58,6 +58,9 @@ log = logging.getLogger("rayinfer")
 REPORT_EVERY_S = 1.0  # an actor's progress reports, besides one per committed part
 UNITS_PER_ACTOR = 4  # a job too small for this many part_rows units per actor gets smaller units
 PREFETCH_BATCHES = 2  # batches read and tokenized ahead of the model, per actor
+NODE_CHECK_S = 5.0  # how often the driver looks for nodes that died under the pool
+NODE_DEATH_WAIT_S = 90.0  # after a lost worker: how long to wait for Ray to declare its node dead
+POOL_RESTARTS = 3  # times a run goes on with a new pool after losing workers Ray could not bring back
 ERROR_RATE_MIN_ROWS = 1000  # runtime.max_error_rate is judged once this many rows are done (or all)
 
 
@@ -109,7 +112,10 @@ class TaskActor:
         self.crash_retries = crash_retries
         self.max_worker_deaths = max_worker_deaths
         self.stopping = False
-        self.where = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
+        runtime = ray.get_runtime_context()
+        self.where = f"{runtime.get_node_id()[:12]}:{os.getpid()}"
+        if coordinator is not None:
+            self._call("register", runtime.get_actor_id(), runtime.current_actor, runtime.get_node_id())
         self.ready_at = time.time()  # model loaded: what follows is steady-state work
 
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
@@ -356,7 +362,8 @@ def init_ray(address: str | None) -> bool:
 
 
 def start_coordinator() -> Any:
-    """The run's Coordinator actor, on the driver's node (whose loss ends the run anyway)."""
+    """The run's Coordinator actor, on the driver's node (whose loss ends the run anyway; placed
+    elsewhere, soft affinity let it land on a node whose loss then failed every actor's call)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -364,7 +371,7 @@ def start_coordinator() -> Any:
         node = ray.get_runtime_context().get_node_id()
     except Exception:  # a Ray Client driver has no node of its own
         node = None
-    where = NodeAffinitySchedulingStrategy(node, soft=True) if node else None
+    where = NodeAffinitySchedulingStrategy(node, soft=False) if node else None
     return ray.remote(Coordinator).options(num_cpus=0, max_restarts=0, scheduling_strategy=where).remote()
 
 
@@ -492,28 +499,49 @@ def execute(plan: Plan, address: str | None = None,
     todo = sum(f.num_rows - covered_count(coverage.get(f.path, []), 0, f.num_rows) for f in plan.files)
 
     totals = RunTotals(todo=todo)
-    if todo:
+    left, restarts = todo, 0
+    while left:
         def units(pool: tuple[int, int]) -> list[dict[str, Any]]:
-            found = make_units(plan.files, coverage, unit_rows(todo, pool[1], spec.output.part_rows))
+            found = make_units(plan.files, coverage, unit_rows(left, pool[1], spec.output.part_rows))
             return sorted(found, key=lambda u: -u["todo"])  # largest first: small ones (file tails) fill in at the end
 
-        run_units(plan, address, out_dir, run_id, units, totals, progress, stop, "a resume does the other")
+        try:
+            run_units(plan, address, out_dir, run_id, units, totals, progress, stop, "a resume does the other",
+                      after_loss=restarts > 0)
+            break
+        except PoolLost as exc:  # a node gone mid-unit: a new pool goes on from the committed parts
+            restarts += 1
+            if restarts > POOL_RESTARTS or (stop is not None and stop.is_set()):
+                raise RunFailed(f"{exc} (after {restarts - 1} restart(s) of the pool)") from None
+            log.warning("rayinfer: %s; going on from the committed parts with a new pool (restart %d of at most %d)",
+                        str(exc).split("; committed parts")[0], restarts, POOL_RESTARTS)
+            _wait_for_node_death(exc.nodes)
+            coverage, _ = committed_coverage(out_dir)
+            left = sum(f.num_rows - covered_count(coverage.get(f.path, []), 0, f.num_rows) for f in plan.files)
+            totals.rows = totals.committed_rows  # rows done but not committed are done again
+            totals.worker_deaths += 1
     return finish(plan, out_dir, run_id, started_at, time.perf_counter() - t0, totals, resumed_rows)
 
 
 def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
               units: Callable[[tuple[int, int]], list[dict[str, Any]]], totals: RunTotals,
-              progress: bool | Callable[[dict[str, Any]], None], stop: threading.Event | None, rest: str) -> None:
+              progress: bool | Callable[[dict[str, Any]], None], stop: threading.Event | None, rest: str,
+              after_loss: bool = False) -> None:
     """Start (or join) Ray, size the pool, and run the work ``units(pool)`` on it, adding every
     actor report to ``totals``. Failures come out as one-line RayInferErrors; a stop as Stopped
-    (``rest``: who does the rows left, e.g. "a resume does the other")."""
+    (``rest``: who does the rows left, e.g. "a resume does the other"). ``after_loss``: the pool
+    starts from one actor (and grows to its max as they fit), as a lost node may still be listed
+    alive for a while and its resources with it."""
     import ray
 
     rt = plan.spec.runtime
     local = init_ray(address)
     cluster = ray.cluster_resources()
     pool = pool_size(plan, cluster, can_grow=not local)
-    check_resources(plan, cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")], pool[0], can_grow=not local)
+    if after_loss:
+        pool = (1, pool[1])
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    check_resources(plan, cluster, [n["Resources"] for n in alive], pool[0], can_grow=not local)
     check_paths_visible(plan, out_dir)
     work = units(pool)
     channel = TerminalProgress() if progress is True else (progress or None)
@@ -521,7 +549,7 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
     watcher = _StopWatcher(stop, coordinator, rt.stop_timeout_s)
     last = 0.0
     try:
-        with data_context(rt.actor_start_timeout_s), watcher:
+        with data_context(rt.actor_start_timeout_s), watcher, _NodeWatcher(coordinator):
             for report in _reports(build_dataset(plan, work, out_dir, run_id, pool, coordinator), plan, pool[0]):
                 totals.add(report)
                 if rt.max_error_rate is not None and totals.rows >= min(totals.todo, ERROR_RATE_MIN_ROWS):
@@ -535,11 +563,20 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
                 if channel and (time.monotonic() - last >= 0.5 or totals.rows == totals.todo):
                     last = time.monotonic()
                     channel(totals.snapshot())
-        totals.worker_deaths = ray.get(coordinator.worker_deaths.remote())
+        totals.worker_deaths += ray.get(coordinator.worker_deaths.remote())
     except Exception as exc:  # anything Ray raised: one line for the user, the traceback in a file
         if isinstance(exc, RayInferError) and not isinstance(getattr(exc, "cause", None), BaseException):
             raise  # rayinfer's own, raised here in the driver (error budget, pool start timeout)
-        raise run_failure(exc, run_id, out_dir) from None
+        failure = run_failure(exc, run_id, out_dir)
+        if isinstance(failure, PoolLost):
+            failure.nodes = {n["NodeID"] for n in alive}
+            # Ray Data may leave the failed pool's actors alive, holding the resources a new pool needs
+            try:
+                for handle in ray.get(coordinator.all_actors.remote(), timeout=30):
+                    ray.kill(handle, no_restart=True)
+            except Exception as err:
+                log.debug("rayinfer: releasing the lost pool: %s", err)
+        raise failure from None
     finally:
         if isinstance(channel, TerminalProgress):
             channel.close()
@@ -593,6 +630,39 @@ class _StopWatcher:
             _thread.interrupt_main()
 
 
+class _NodeWatcher:
+    """While a run is on, every NODE_CHECK_S: has a node with pool actors on it died? Ray would
+    restart those actors elsewhere, but only where their resources are free, and the pool's other
+    actors keep theirs while a unit is outstanding: a pool that filled the cluster then waited
+    forever (seen on the two-node test cluster). So the dead node's actors are killed for good;
+    their units fail, and ``execute`` goes on from the committed parts with a new pool."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self.coordinator = coordinator
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="rayinfer-nodes", daemon=True)
+
+    def __enter__(self) -> "_NodeWatcher":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        import ray
+
+        while not self.done.wait(NODE_CHECK_S):
+            try:
+                dead = [n["NodeID"] for n in ray.nodes() if not n.get("Alive")]
+                for handle in ray.get(self.coordinator.actors_on.remote(dead)) if dead else []:
+                    log.warning("rayinfer: a node of the pool died: its actor is replaced, its open part redone")
+                    ray.kill(handle, no_restart=True)
+            except Exception as exc:  # Ray going down with the run: nothing left to watch
+                log.debug("rayinfer: node watch: %s", exc)
+
+
 def run_failure(exc: BaseException, run_id: str, out_dir: str) -> RayInferError:
     """What the user sees when a run fails inside Ray: one line (rayinfer's own message where an
     actor raised one, such as an unreadable row group), where the full traceback went, and that
@@ -615,11 +685,56 @@ def run_failure(exc: BaseException, run_id: str, out_dir: str) -> RayInferError:
     init = _actor_init_failure(exc)
     if init is not None:
         return RunFailed(f"{init}; {kept}; {where}")
+    lost = _lost_worker(exc)
+    if lost is not None:
+        return PoolLost(f"the actor pool lost a worker that Ray could not bring back ({type(lost).__name__}: "
+                        f"{_first_line(lost)}); {kept}; {where}")
     inner = getattr(exc, "cause", None) or exc
     if isinstance(inner, OSError) and (inner.errno == errno.ENOSPC or "No space left on device" in str(inner)):
         return RunFailed(f"no space left on the device holding {out_dir} (or its temporary files); free space or "
                          f"choose another output.path; {kept}; {where}")
     return RunFailed(f"the run failed: {type(inner).__name__}: {_first_line(inner)}; {kept}; {where}")
+
+
+class PoolLost(RunFailed):
+    """The pool lost a worker (its node died, it became unreachable) in a way Ray Data did not
+    recover from by itself: ``execute`` goes on from the committed parts with a new pool.
+    ``nodes``: the nodes alive when the pool started."""
+
+    nodes: set[str] = set()
+
+
+def _wait_for_node_death(nodes: set[str], timeout_s: float = NODE_DEATH_WAIT_S) -> None:
+    """Before a new pool starts: wait until Ray has marked dead the node that was lost (it does
+    after missed health checks, ~30 s), else the new pool's actors are placed on it and wait
+    forever. A worker lost without its node costs the whole wait."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if nodes - {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:
+            return
+        time.sleep(1.0)
+
+
+def _lost_worker(exc: BaseException) -> BaseException | None:
+    """The Ray exception saying that a worker or its node is gone (not an error in the task)."""
+    import ray
+
+    lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+            ray.exceptions.ObjectLostError)
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, lost) and not getattr(e, "_actor_init_failed", False):
+            return e
+        cause = getattr(e, "cause", None)
+        stack += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -71,13 +71,16 @@ def cluster():
             env=env, capture_output=True, text=True, timeout=180,
         )
         assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
+        head_raylets = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
         worker = subprocess.run(
             [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"slot": 1}',
              "--node-ip-address=127.0.0.1"],
             env=env, capture_output=True, text=True, timeout=180,
         )
         assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp": temp}
+        worker_raylets = [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"
+                          and p.pid not in head_raylets and temp in " ".join(p.cmdline())]
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp": temp, "worker_raylets": worker_raylets}
     finally:
         kill_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -185,3 +188,28 @@ def test_a_pool_the_cluster_cannot_hold_fails_clearly(cluster, tmp_path, bert_ml
     logs = cli(cluster, "logs", sid).stdout
     assert "the actor pool's first 3 actor(s) (CPU=1, slot=1 each) did not load within runtime.actor_start_timeout_s=15s" in logs
     assert not list((tmp_path / "out").glob("part-*.parquet"))
+
+
+def test_a_worker_node_lost_mid_run_costs_no_row(cluster, tmp_path, bert_mlm):
+    """Last in this module: it kills the worker node (its raylet, SIGKILL) mid-run. Either Ray
+    restarts its actor on the head and reruns its unit, or (the head's slot being held by the
+    pool) rayinfer sees the dead node, kills its actor for good and goes on from the committed
+    parts with a new pool; before both fixes this run hung or failed about one time in three.
+    The job succeeds with every row exactly once."""
+    assert cluster["worker_raylets"], "the worker node's raylet was not found"
+    work, job = job_folder(tmp_path, bert_mlm, 3000, output={"part_rows": 100}, actors=2, resources={"slot": 1})
+    sub = cli(cluster, "submit", str(job), "--working-dir", str(work))
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    sid = sub.stdout.strip()
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list((tmp_path / "out").glob("part-*.parquet"))) < 4:
+        time.sleep(0.1)
+    for pid in cluster["worker_raylets"]:
+        os.kill(pid, signal.SIGKILL)
+    while time.time() < deadline + 240 and "SUCCEEDED" not in (state := cli(cluster, "status", sid).stdout):
+        assert "FAILED" not in state and "STOPPED" not in state, cli(cluster, "logs", sid).stdout[-3000:]
+        time.sleep(1)
+    assert "SUCCEEDED" in state, cli(cluster, "logs", sid).stdout[-3000:]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["rows"] == 3000
+    assert sorted(pq.read_table(tmp_path / "out").column("doc_id").to_pylist()) == list(range(1000, 4000))
