@@ -473,7 +473,8 @@ def verify_coverage(out_dir: str | Store, files: list[InputFile]) -> tuple[int, 
         if merged != ([(0, f.num_rows)] if f.num_rows else []):
             raise RunError(
                 f"output check failed: the parts in {redact(store.location)} cover rows {merged[:5]} of {f.path} "
-                f"({f.num_rows} rows). This is a bug; please report it with the manifest."
+                f"({f.num_rows} rows): parts were deleted (or the folder replaced) while the run went on, or this "
+                "is a bug (please report it with the manifest). --resume redoes the rows no part holds."
             )
     if covered_rows != sum(f.num_rows for f in files):
         raise RunError(f"output check failed: the parts cover {covered_rows} input rows for {sum(f.num_rows for f in files)} "
