@@ -94,8 +94,11 @@ def load_registry(only: Iterable[str] | None = None) -> Registry:
         infos[ep.name] = info
         try:
             plugin = ep.load()
-            pm.register(plugin, name=ep.name)
+            pm.register(plugin, name=ep.name)  # a hook with the wrong arguments fails here (pluggy)
+            _check_hooks(pm, plugin, ep.name)
         except Exception as exc:  # a broken plugin must not break the others
+            if pm.has_plugin(ep.name):  # registered, but its hooks are wrong: none of them runs
+                pm.unregister(name=ep.name)
             info.error = f"{type(exc).__name__}: {exc}"
             log.warning("rayinfer: warning: plugin %r failed to load: %s", ep.name, info.error)
 
@@ -123,6 +126,24 @@ def load_registry(only: Iterable[str] | None = None) -> Registry:
         except Exception as exc:
             raise PluginError(f"plugin {pname!r} failed in register_tasks: {type(exc).__name__}: {exc}") from exc
     return Registry(tasks=tasks, task_plugin=owner, plugins=list(infos.values()))
+
+
+def _check_hooks(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """A plugin's hooks must be rayinfer's: a misspelt one (``register_task``) would otherwise be
+    dropped in silence, leaving a plugin with no tasks and no reason given."""
+    import difflib
+
+    specs = [n for n in dir(hookspecs) if isinstance(getattr(pm.hook, n, None), pluggy.HookCaller)
+             and getattr(pm.hook, n).has_spec()]
+    callers = pm.get_hookcallers(plugin) or []
+    for caller in callers:
+        if not caller.has_spec():
+            near = difflib.get_close_matches(caller.name, specs, n=1)
+            raise PluginError(f"hook {caller.name!r} is not a rayinfer hook"
+                              + (f" (did you mean {near[0]!r}?)" if near else f" (rayinfer's hooks: {', '.join(specs)})"))
+    if not callers:
+        raise PluginError(f"module {getattr(plugin, '__name__', plugin)!r} implements no rayinfer hook: mark its "
+                          "register_tasks function with @rayinfer.hookimpl")
 
 
 def _check_task_class(task_cls: type, plugin: str) -> None:

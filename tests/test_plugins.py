@@ -112,13 +112,14 @@ def test_duplicate_task_names_name_both_plugins(tmp_path, monkeypatch):
     assert sorted(load_registry().tasks) == ["classify", "fill-mask"]
 
 
-def test_a_broken_plugin_is_contained_and_named(tmp_path, monkeypatch, capsys):
+def test_a_broken_plugin_is_contained_and_named(tmp_path, monkeypatch, capsys, caplog):
     site = tmp_path / "site"
     install_fake_dist(site, "broken-plugin", "broken_plugin", "import not_a_module_anywhere\n")
     monkeypatch.syspath_prepend(str(site))
     registry = load_registry()
     assert {"classify", "fill-mask"} <= set(registry.tasks)
-    assert "plugin 'broken-plugin' failed to load: ModuleNotFoundError" in capsys.readouterr().err
+    # on stderr once the CLI's handler is installed, else in the log records
+    assert "plugin 'broken-plugin' failed to load: ModuleNotFoundError" in capsys.readouterr().err + caplog.text
     with pytest.raises(UnknownTaskError, match=r"unknown task 'embed'.*failed to load: broken-plugin \(ModuleNotFoundError"):
         registry.get("embed")
 
@@ -158,3 +159,34 @@ def test_user_errors_exit_non_zero_without_traceback(tmp_path, bert_mlm):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("rayinfer: error: unknown task 'nope'")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(("def register_task(register):", "hook 'register_task' is not a rayinfer hook (did you mean 'register_tasks'?)"),
+                 id="misspelt hook"),
+    pytest.param(("def register_tasks(register, extra):", "register_tasks"), id="wrong arguments"),
+    pytest.param(("def other_name(register):", "hook 'other_name' is not a rayinfer hook (rayinfer's hooks: register_tasks)"),
+                 id="unknown hook"),
+])
+def test_a_plugin_with_a_wrong_hook_is_a_load_error_naming_it(tmp_path, monkeypatch, capsys, caplog, case):
+    line, message = case
+    body = TOKEN_COUNT.format(task="token-count").replace("def register_tasks(register):", line)
+    site = tmp_path / "site"
+    install_fake_dist(site, "rayinfer-tokcount", f"rayinfer_tokcount_{tmp_path.name}", body)
+    monkeypatch.syspath_prepend(str(site))
+    registry = load_registry()
+    [info] = [p for p in registry.plugins if p.name == "rayinfer-tokcount"]
+    assert info.error and message in info.error and not info.tasks
+    assert "plugin 'rayinfer-tokcount' failed to load" in capsys.readouterr().err + caplog.text
+    with pytest.raises(UnknownTaskError, match="Plugins that failed to load: rayinfer-tokcount"):
+        registry.get("token-count")
+    assert {"classify", "fill-mask"} <= set(registry.tasks)
+
+
+def test_a_plugin_module_without_hooks_says_how_to_mark_one(tmp_path, monkeypatch):
+    body = TOKEN_COUNT.format(task="token-count").replace("@hookimpl\n", "")
+    site = tmp_path / "site"
+    install_fake_dist(site, "rayinfer-tokcount", f"rayinfer_tokcount_{tmp_path.name}", body)
+    monkeypatch.syspath_prepend(str(site))
+    [info] = [p for p in load_registry().plugins if p.name == "rayinfer-tokcount"]
+    assert "implements no rayinfer hook: mark its register_tasks function with @rayinfer.hookimpl" in info.error
