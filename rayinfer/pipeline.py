@@ -723,6 +723,12 @@ def _lost_worker(exc: BaseException) -> BaseException | None:
 
     lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
             ray.exceptions.ObjectLostError)
+    return next((e for e in _chain(exc) if isinstance(e, lost) and not getattr(e, "_actor_init_failed", False)), None)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception inside it, once each: Ray's ``cause`` (the exception raised in
+    the worker), ``__cause__`` and ``__context__``."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -730,11 +736,9 @@ def _lost_worker(exc: BaseException) -> BaseException | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, lost) and not getattr(e, "_actor_init_failed", False):
-            return e
+        yield e
         cause = getattr(e, "cause", None)
         stack += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
-    return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -745,19 +749,12 @@ def _first_line(exc: BaseException) -> str:
 
 def _rayinfer_cause(exc: BaseException) -> RayInferError | None:
     """The RayInferError an actor raised, from inside the exceptions Ray wrapped it in."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _chain(exc):
         cause = getattr(e, "cause", None)  # a RayTaskError: the exception raised in the worker
         if isinstance(cause, RayInferError):
             return cause
         if isinstance(e, RayInferError) and not isinstance(cause, BaseException):
             return e
-        stack += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
     return None
 
 
@@ -769,13 +766,7 @@ def _actor_init_failure(exc: BaseException) -> str | None:
 
     import ray
 
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _chain(exc):
         if isinstance(e, ray.exceptions.RayActorError) and getattr(e, "_actor_init_failed", False):
             lines = [line.strip() for line in str(e).splitlines()]
             ours = [line.split(": ", 1)[1] for line in lines if re.match(r"rayinfer\.errors\.\w+: ", line)]
@@ -783,8 +774,6 @@ def _actor_init_failure(exc: BaseException) -> str | None:
                 return ours[-1]
             raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b.*: ", line)]
             return "an actor failed to start: " + (raised[-1] if raised else _first_line(e))
-        cause = getattr(e, "cause", None)
-        stack += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
     return None
 
 

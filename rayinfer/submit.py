@@ -20,7 +20,7 @@ from rayinfer.errors import RayInferError, RunError, SpecError
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 3, "STOPPED": 130}
 # never uploaded with the working directory: environments, outputs, caches, VCS
-AGENT_WAIT_S = 60  # how long to wait for a just-started head node's job agent
+AGENT_WAIT_S = 120  # how long to wait for a just-started head node's job agent (over 60 s on a busy 2-core machine)
 
 EXCLUDES = [".venv", "venv", ".git", "out", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info", "build"]
 
