@@ -310,13 +310,15 @@ class PartWriter:
 
 
 def replace_rows(store: Store, name: str, positions: list[int], rows: pa.Table, schema: pa.Schema, id_column: str,
-                 retry: dict[str, Any], fingerprint: tuple[str, str] | None = None) -> None:
+                 retry: dict[str, Any], fingerprint: tuple[str, str] | None = None,
+                 input_rows: list[int] | None = None) -> None:
     """Replace rows ``positions`` of part ``name`` with ``rows`` (in that order), atomically: the new
     part is written beside it and moved over it (uploaded whole on object stores), so a reader
     sees the old part or the new one. Every other row stays as it was; the footer keeps the
     part's coverage and provenance, with ``retry`` added to its ``retries`` (and the input file's
     new ``fingerprint``, (file, size:mtime), when it changed). Refuses rows whose id differs from
-    the row they replace: the input no longer holds the same rows at the same places."""
+    the row they replace (``input_rows``: their input row numbers, for the message): the input no
+    longer holds the same rows at the same places."""
     md = part_metadata(store, name)
     with store.open(name) as f:
         old = pq.read_table(f).replace_schema_metadata(None)
@@ -325,7 +327,7 @@ def replace_rows(store: Store, name: str, positions: list[int], rows: pa.Table, 
     differ = pc.and_(pc.is_valid(was), pc.not_equal(was, now).fill_null(True))
     if pc.any(differ).as_py():
         i = pc.indices_nonzero(differ)[0].as_py()
-        raise RunError(f"part {name}: input row {retry['rows_at'][i]} now has {id_column} {now[i].as_py()!r}, the part holds "
+        raise RunError(f"part {name}: input row {(input_rows or positions)[i]} now has {id_column} {now[i].as_py()!r}, the part holds "
                        f"{was[i].as_py()!r} there: the input file changed its rows. retry-errors needs the same rows in the "
                        "same places (fix rows in place), or rerun the job from scratch")
     order = list(range(old.num_rows))
@@ -334,8 +336,7 @@ def replace_rows(store: Store, name: str, positions: list[int], rows: pa.Table, 
     merged = pa.concat_tables([old.cast(schema.remove_metadata()), rows.replace_schema_metadata(None).cast(schema.remove_metadata())])
     merged = merged.take(pa.array(order, pa.int64()))
     provenance = footer_provenance(md)
-    record = {k: v for k, v in retry.items() if k != "rows_at"}
-    provenance.setdefault("retries", []).append(record)
+    provenance.setdefault("retries", []).append(retry)
     if fingerprint is not None:
         provenance.setdefault("inputs", {})[fingerprint[0]] = fingerprint[1]
     meta = {META_PROVENANCE: json.dumps(provenance, sort_keys=True, default=str).encode()}

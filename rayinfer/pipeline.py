@@ -170,9 +170,10 @@ class TaskActor:
         new = pa.concat_tables(outs) if outs else self.schema.empty_table()
         errors = len(new.column(ERROR_COL).drop_null())
         retry = {k: self.provenance.get(k) for k in ("run_id", "options", "plugin_version", "rayinfer_version")}
-        retry.update(rows=len(unit["rows"]), fixed=len(unit["rows"]) - errors, rows_at=unit["rows"])
+        retry.update(rows=len(unit["rows"]), fixed=len(unit["rows"]) - errors)
         changed = (unit["file"], unit["fingerprint"]) if unit["fingerprint"] != unit["was"] else None
-        replace_rows(self.store, unit["part"], unit["positions"], new, self.schema, self.runner.id_column, retry, changed)
+        replace_rows(self.store, unit["part"], unit["positions"], new, self.schema, self.runner.id_column, retry, changed,
+                     input_rows=unit["rows"])
         yield self._send(report, stats, [(unit["part"], len(unit["rows"]))])
 
     def _start(self, key: str, what: str) -> dict[tuple[int, int], int] | None | bool:

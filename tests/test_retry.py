@@ -46,8 +46,8 @@ def test_replace_rows_swaps_only_the_given_rows_and_keeps_the_footer(tmp_path):
     store = Store(str(tmp_path / "out"))
     name, schema = _part(store, [7, 8, 9, 10], [None, "boom", None, "bad"])
     new = pa.table({"id": [8, 10], "label": ["fixed", None], "error": [None, "still bad"]}, schema=schema)
-    replace_rows(store, name, [1, 3], new, schema, "id", {"run_id": "retry", "rows": 2, "rows_at": [1, 3]},
-                 ("/data/in.parquet", "11:2"))
+    replace_rows(store, name, [1, 3], new, schema, "id", {"run_id": "retry", "rows": 2},
+                 ("/data/in.parquet", "11:2"), input_rows=[1, 3])
     got = pq.read_table(tmp_path / "out" / name)
     assert got.to_pylist() == [{"id": 7, "label": "l7", "error": None}, {"id": 8, "label": "fixed", "error": None},
                                {"id": 9, "label": "l9", "error": None}, {"id": 10, "label": None, "error": "still bad"}]
@@ -64,7 +64,7 @@ def test_replace_rows_refuses_rows_that_are_not_the_same_rows(tmp_path):
     before = (tmp_path / "out" / name).read_bytes()
     new = pa.table({"id": [80], "label": ["x"], "error": [None]}, schema=schema)
     with pytest.raises(RunError, match=r"input row 1 now has id 80, the part holds 8 there: the input file changed"):
-        replace_rows(store, name, [1], new, schema, "id", {"run_id": "retry", "rows_at": [1]})
+        replace_rows(store, name, [1], new, schema, "id", {"run_id": "retry"}, input_rows=[1])
     assert (tmp_path / "out" / name).read_bytes() == before
 
 
