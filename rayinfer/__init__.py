@@ -9,7 +9,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from rayinfer.errors import RayInferError, RowError  # noqa: E402
 from rayinfer.hookspecs import hookimpl  # noqa: E402
-from rayinfer.task import Batch, InputColumn, LoadContext, Task, TaskOptions  # noqa: E402
+from rayinfer.task import Batch, InputColumn, LoadContext, ModelRequirement, Task, TaskOptions  # noqa: E402
 from rayinfer.runner import TaskRunner  # noqa: E402
 from rayinfer.spec import JobSpec, load_spec  # noqa: E402
 from rayinfer.api import Plan, plan_job, retry_errors, run_job  # noqa: E402
@@ -19,6 +19,7 @@ __all__ = [
     "InputColumn",
     "JobSpec",
     "LoadContext",
+    "ModelRequirement",
     "Plan",
     "RayInferError",
     "RowError",

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from rayinfer.errors import RowError
+from rayinfer.errors import ModelError, RowError
 
 Batch = dict[str, list[Any]]
 """Task inputs for a batch: input name -> one value per row."""
@@ -41,6 +41,55 @@ class InputColumn:
     description: str
     dtype: str = "string"  # "string", or any pyarrow type name such as "int64"
     allow_empty: bool = False  # a null value is always a row error; empty strings too unless allowed
+
+
+@dataclass(frozen=True)
+class ModelRequirement:
+    """What model a task takes, declared on the class (``requires = ModelRequirement(...)``).
+
+    With it the base class checks ``config.json`` before Ray starts (``check_model_config``) and
+    loads tokenizer and model in the actor (``load``), so a task writes neither."""
+
+    auto_class: str
+    """The transformers Auto class ``load()`` uses, by name (no import at class definition),
+    e.g. ``"AutoModelForSequenceClassification"``."""
+
+    architectures: tuple[str, ...] = ()
+    """Accepted endings of the config's ``architectures`` (e.g. ``("ForSequenceClassification",)``);
+    empty: any. A config that names no architecture passes (it is checked at load time)."""
+
+    what: str = ""
+    """How the refusal names what fits, e.g. ``"a sequence-classification head (*ForSequenceClassification)"``."""
+
+    hint: str = ""
+    """A sentence added to the refusal, e.g. which other task serves the model given."""
+
+    encoder_decoder: bool | None = None
+    """False: encoder-decoders are refused; True: they are accepted whatever their architecture;
+    None: only ``architectures`` decides."""
+
+    head: tuple[str, str] | None = None
+    """(weight-name fragment, what it is): refuse at load a checkpoint without those weights
+    instead of running a randomly initialised head (``rayinfer.models.load_model``'s ``head``)."""
+
+    adapter_task_types: frozenset[str] | None = None
+    """PEFT ``task_type`` values an adapter may have (None: any)."""
+
+    def check(self, task: str, config: dict[str, Any]) -> None:
+        archs = config.get("architectures") or []
+        encoder_decoder = bool(config.get("is_encoder_decoder"))
+        if self.encoder_decoder is True and encoder_decoder:
+            return
+        fits = not (self.encoder_decoder is False and encoder_decoder) and (
+            not archs or not self.architectures or any(a.endswith(self.architectures) for a in archs)
+        )
+        if not fits:
+            found = ", ".join(archs) or config.get("model_type") or "unknown"
+            if encoder_decoder and self.encoder_decoder is False:
+                found += " (an encoder-decoder)"
+            what = self.what or " or ".join(f"*{a}" for a in self.architectures)
+            hint = f" {self.hint}" if self.hint else ""
+            raise ModelError(f"{task} needs {what}, but the model is {found}.{hint}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +118,14 @@ class Task(ABC):
     inputs: ClassVar[dict[str, InputColumn]] = {"text": InputColumn("The text to process.")}
     """The task's input names; ``input.columns`` in the spec maps them to dataset columns."""
 
+    requires: ClassVar[ModelRequirement | None] = None
+    """The model this task takes; with it, the base class's ``check_model_config`` and ``load``
+    do the work. None: the task overrides both."""
+
+    max_length_option: ClassVar[str] = "max_length"
+    """The option that caps input tokens (``load`` sets ``self.max_length`` from it and the model's
+    limit); an option of that name is not required."""
+
     cpu_batch_tokens: ClassVar[int | None] = None
     """The token budget per forward pass on CPU actors when the spec sets none (None: 2048, good
     for encoders; generation tasks set more, since a decode step costs about the same for many rows)."""
@@ -89,18 +146,45 @@ class Task(ABC):
     def check_model_config(cls, config: dict[str, Any], options: TaskOptions) -> None:
         """Reject, before Ray starts, a model whose ``config.json`` cannot serve this task.
 
-        Raise ``rayinfer.errors.ModelError`` with a message that says what fits instead.
+        The default checks ``requires``. An override raises ``rayinfer.errors.ModelError`` with a
+        message that says what fits instead.
         """
+        if cls.requires is not None:
+            cls.requires.check(cls.name, config)
 
     @classmethod
     def adapter_task_types(cls, options: TaskOptions) -> set[str] | None:
         """PEFT ``task_type`` values an adapter may have for this task (None: any). An adapter
-        without a task_type always passes."""
-        return None
+        without a task_type always passes. The default reads ``requires``."""
+        types = cls.requires.adapter_task_types if cls.requires is not None else None
+        return set(types) if types is not None else None
 
-    @abstractmethod
     def load(self) -> None:
-        """Load the model and tokenizer once per actor. Heavy imports go here."""
+        """Load the model and tokenizer once per actor. Heavy imports go here.
+
+        The default, for tasks that declare ``requires``: ``self.tokenizer`` and ``self.model``
+        (``requires.auto_class`` through ``rayinfer.models.load_model``: device, dtype, adapter,
+        eval mode, head check), eos as pad token where the tokenizer has none, and
+        ``self.max_length`` (the ``max_length_option`` option capped by the model's limit). A
+        task with more to set up overrides this and calls ``super().load()`` first."""
+        if self.requires is None:
+            raise NotImplementedError(f"task {self.name!r} declares no `requires`, so it must implement load()")
+        import transformers
+
+        from rayinfer.models import load_model, load_tokenizer
+        from rayinfer.text import ensure_pad_token, max_input_length
+
+        self.tokenizer = load_tokenizer(self.context)
+        auto_class = getattr(transformers, self.auto_class())
+        self.model = load_model(self.context, auto_class, head=self.requires.head)
+        ensure_pad_token(self.tokenizer, self.model)
+        requested = getattr(self.options, self.max_length_option, None)
+        self.max_length = max_input_length(self.tokenizer, self.model, requested)
+
+    def auto_class(self) -> str:
+        """The Auto class ``load`` uses: ``requires.auto_class`` unless a task picks by model."""
+        assert self.requires is not None
+        return self.requires.auto_class
 
     @abstractmethod
     def preprocess(self, batch: Batch) -> list[Any]:
@@ -135,10 +219,10 @@ class Task(ABC):
                     "description": finfo.description or "",
                 }
             )
-        try:
-            schema = cls.output_schema(cls.Options())
+        try:  # the defaults, unvalidated: a required option (zero-shot labels) has no default
+            schema = cls.output_schema(cls.Options.model_construct())
             outputs = [{"name": f.name, "type": str(f.type)} for f in schema]
-        except Exception:  # options without defaults: the schema needs real options
+        except Exception:  # a schema that needs the real options
             outputs = []
         return {
             "name": cls.name,
@@ -160,4 +244,4 @@ def _type_name(annotation: Any) -> str:
     return text.replace("typing.", "")
 
 
-__all__ = ["Batch", "InputColumn", "LoadContext", "RowError", "Task", "TaskOptions"]
+__all__ = ["Batch", "InputColumn", "LoadContext", "ModelRequirement", "RowError", "Task", "TaskOptions"]

@@ -180,6 +180,7 @@ def build_causal_lm(path: str | Path, seed: int = 0, hidden_size: int = 32, laye
     tokenizer.pad_token = None
     tokenizer.eos_token = "[SEP]"
     tokenizer.bos_token = "[CLS]"
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # as Llama's tokenizers: no token types
     if chat:
         tokenizer.chat_template = (
             "{% for m in messages %}[CLS] {{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
@@ -200,6 +201,7 @@ def build_t5(path: str | Path, seed: int = 0, d_model: int = 32, layers: int = 2
     path = Path(path)
     tokenizer = build_wordpiece_tokenizer(model_max_length=256)
     tokenizer.eos_token = "[SEP]"
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # as T5's tokenizers: no token types
     config = transformers.T5Config(
         vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=d_model * 2, num_layers=layers,
         num_heads=4, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -14,8 +14,7 @@ from typing import Any
 from pydantic import Field
 
 from rayinfer import TaskOptions
-
-from rayinfer_tasks._encoding import pad
+from rayinfer.text import collate
 
 
 class SamplingOptions(TaskOptions):
@@ -76,7 +75,7 @@ def generate(
     )
 
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    inputs = pad(tokenizer, items, model.device, side="right" if encoder_decoder else "left")
+    inputs = collate(items, tokenizer, model.device, side="right" if encoder_decoder else "left")
     inputs.pop("token_type_ids", None)
     eos = tokenizer.eos_token_id
     config = GenerationConfig(
@@ -131,11 +130,3 @@ def generate(
                 text = text[:cut]
         results.append((text, n))
     return results
-
-
-def ensure_pad_token(tokenizer: Any, model: Any = None) -> None:
-    """Causal LMs often have no pad token: pad with eos (the attention mask hides it)."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model is not None and getattr(model.generation_config, "pad_token_id", None) is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id

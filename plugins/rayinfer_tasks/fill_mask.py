@@ -8,10 +8,9 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field
 
-from rayinfer import Batch, RowError, Task, TaskOptions, hookimpl
+from rayinfer import Batch, ModelRequirement, RowError, Task, TaskOptions, hookimpl
 from rayinfer.errors import ModelError
-
-from rayinfer_tasks._encoding import encode, max_input_length, pad
+from rayinfer.text import collate, encode
 
 CANDIDATE = pa.struct([("token_id", pa.int64()), ("token", pa.string()), ("score", pa.float64())])
 
@@ -19,6 +18,11 @@ CANDIDATE = pa.struct([("token_id", pa.int64()), ("token", pa.string()), ("score
 class FillMaskTask(Task):
     name = "fill-mask"
     description = "Predict the masked tokens of a text with a masked language model (BERT, RoBERTa, NEZHA, ...)."
+    requires = ModelRequirement(
+        "AutoModelForMaskedLM",
+        architectures=("ForMaskedLM", "ForPreTraining", "ForMaskedLMWithHead"),
+        what="a masked-LM head (*ForMaskedLM / *ForPreTraining)",
+    )
 
     class Options(TaskOptions):
         top_k: int = Field(5, ge=1, le=1000, description="Candidates kept per mask token, best first.")
@@ -40,25 +44,10 @@ class FillMaskTask(Task):
             ]
         )
 
-    @classmethod
-    def check_model_config(cls, config: dict[str, Any], options: TaskOptions) -> None:
-        archs = config.get("architectures") or []
-        if archs and not any(a.endswith(("ForMaskedLM", "ForPreTraining", "ForMaskedLMWithHead")) for a in archs):
-            raise ModelError(
-                f"fill-mask needs a masked-LM head, but the model is {', '.join(archs)}. "
-                "Use a *ForMaskedLM / *ForPreTraining checkpoint."
-            )
-
     def load(self) -> None:
-        from transformers import AutoModelForMaskedLM
-
-        from rayinfer.models import load_model, load_tokenizer
-
-        self.tokenizer = load_tokenizer(self.context)
+        super().load()
         if self.tokenizer.mask_token_id is None:
             raise ModelError(f"the tokenizer of {self.context.model!r} has no mask token")
-        self.model = load_model(self.context, AutoModelForMaskedLM)
-        self.max_length = max_input_length(self.tokenizer, self.model, self.options.max_length)
         self._token_text: dict[int, str] = {}
         self._split = split_mlm_head(self.model)
 
@@ -85,7 +74,7 @@ class FillMaskTask(Task):
     def forward(self, items: list[Any]) -> list[Any]:
         import torch
 
-        inputs = pad(self.tokenizer, items, self.model.device)
+        inputs = collate(items, self.tokenizer, self.model.device)
         rows, cols = torch.nonzero(inputs["input_ids"] == self.tokenizer.mask_token_id, as_tuple=True)
         if self._split is not None:  # the vocabulary projection only where the masks are
             base, head = self._split

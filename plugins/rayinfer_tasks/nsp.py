@@ -11,10 +11,8 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field
 
-from rayinfer import Batch, InputColumn, Task, TaskOptions, hookimpl
-from rayinfer.errors import ModelError
-
-from rayinfer_tasks._encoding import encode, max_input_length, pad
+from rayinfer import Batch, InputColumn, ModelRequirement, Task, TaskOptions, hookimpl
+from rayinfer.text import collate, encode
 
 
 class NextSentenceTask(Task):
@@ -24,6 +22,16 @@ class NextSentenceTask(Task):
         "text": InputColumn("The first sentence (segment A)."),
         "text_pair": InputColumn("The candidate next sentence (segment B)."),
     }
+    # Many BERT checkpoints (bert-base-uncased: "BertForMaskedLM") carry the NSP head's weights
+    # under another architecture name: the architectures are a first filter, `head` checks the
+    # weights themselves when they load.
+    requires = ModelRequirement(
+        "AutoModelForNextSentencePrediction",
+        architectures=("ForNextSentencePrediction", "ForPreTraining", "ForMaskedLM", "Model"),
+        what="a next-sentence-prediction head",
+        hint="Its head would be random: use a *ForNextSentencePrediction or *ForPreTraining checkpoint.",
+        head=("seq_relationship", "next-sentence head"),
+    )
 
     class Options(TaskOptions):
         threshold: float = Field(0.5, ge=0, le=1, description="is_next is true when score >= threshold.")
@@ -36,36 +44,13 @@ class NextSentenceTask(Task):
     def output_schema(cls, options: TaskOptions) -> pa.Schema:
         return pa.schema([pa.field("is_next", pa.bool_()), pa.field("score", pa.float64())])
 
-    @classmethod
-    def check_model_config(cls, config: dict[str, Any], options: TaskOptions) -> None:
-        # Many BERT checkpoints (bert-base-uncased: "BertForMaskedLM") carry the NSP head's weights
-        # under another architecture name; load() checks the weights themselves.
-        archs = config.get("architectures") or []
-        heads = ("ForNextSentencePrediction", "ForPreTraining", "ForMaskedLM", "Model")
-        if archs and not any(a.endswith(heads) for a in archs):
-            raise ModelError(
-                f"nsp needs a next-sentence-prediction head, but the model is {', '.join(archs)}; "
-                "its head would be random. Use a *ForNextSentencePrediction or *ForPreTraining checkpoint."
-            )
-
-    def load(self) -> None:
-        from transformers import AutoModelForNextSentencePrediction
-
-        from rayinfer.models import load_model, load_tokenizer
-
-        self.tokenizer = load_tokenizer(self.context)
-        self.model = load_model(
-            self.context, AutoModelForNextSentencePrediction, head=("seq_relationship", "next-sentence head")
-        )
-        self.max_length = max_input_length(self.tokenizer, self.model, self.options.max_length)
-
     def preprocess(self, batch: Batch) -> list[Any]:
         return encode(
             self.tokenizer, batch["text"], self.max_length, self.options.truncate, pairs=batch["text_pair"]
         )
 
     def forward(self, items: list[Any]) -> list[Any]:
-        logits = self.model(**pad(self.tokenizer, items, self.model.device)).logits.float()
+        logits = self.model(**collate(items, self.tokenizer, self.model.device)).logits.float()
         return logits.softmax(dim=-1)[:, 0].tolist()
 
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:

@@ -7,12 +7,10 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from rayinfer import Batch, Task, TaskOptions, hookimpl
-from rayinfer.errors import ModelError
+from rayinfer import Batch, ModelRequirement, Task, TaskOptions, hookimpl
+from rayinfer.text import cut_text, encode, encode_prompts, require_text_slot
 
-from rayinfer_tasks._encoding import encode, max_input_length, require_text_slot
-from rayinfer_tasks._generation import SamplingOptions, ensure_pad_token, generate
-from rayinfer_tasks.generate import chat_prompt
+from rayinfer_tasks._generation import SamplingOptions, generate
 
 DEFAULT_INSTRUCTION = "Summarize the following text in one or two sentences.\n\n{text}"
 
@@ -23,6 +21,14 @@ class SummarizeTask(Task):
     # (SmolLM2, 64 documents of ~200 tokens: 4096 -> 1.31, 8192 -> 1.22, 16384 -> 0.79 rows/s).
     cpu_batch_tokens = 4096
     description = "Summarize texts: seq2seq (T5/BART, with a prefix) or a causal LM prompted by an instruction."
+    requires = ModelRequirement(
+        "AutoModelForSeq2SeqLM",  # or AutoModelForCausalLM: see auto_class
+        architectures=("ForCausalLM", "ForConditionalGeneration"),
+        what="a seq2seq or causal LM",
+        encoder_decoder=True,
+        adapter_task_types=frozenset({"CAUSAL_LM", "SEQ_2_SEQ_LM"}),
+    )
+    max_length_option = "max_input_tokens"
 
     class Options(SamplingOptions):
         prefix: str = Field("", description='Seq2seq: text put before each input (T5 expects "summarize: ").')
@@ -47,49 +53,30 @@ class SummarizeTask(Task):
     def output_schema(cls, options: TaskOptions) -> pa.Schema:
         return pa.schema([pa.field("summary", pa.string()), pa.field("truncated", pa.bool_())])
 
-    @classmethod
-    def check_model_config(cls, config: dict[str, Any], options: TaskOptions) -> None:
-        archs = config.get("architectures") or []
-        ok = config.get("is_encoder_decoder") or any(
-            a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs
-        )
-        if archs and not ok:
-            raise ModelError(f"summarize needs a seq2seq or causal LM, but the model is {', '.join(archs)}")
-
-    @classmethod
-    def adapter_task_types(cls, options: TaskOptions) -> set[str] | None:
-        return {"CAUSAL_LM", "SEQ_2_SEQ_LM"}
-
-    def load(self) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-        from rayinfer.models import load_model, load_tokenizer
+    def auto_class(self) -> str:
+        from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(self.context.model, trust_remote_code=self.context.trust_remote_code)
-        self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-        self.tokenizer = load_tokenizer(self.context)
-        self.model = load_model(self.context, AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM)
-        ensure_pad_token(self.tokenizer, self.model)
-        self.limit = max_input_length(self.tokenizer, self.model, self.options.max_input_tokens)
+        return "AutoModelForSeq2SeqLM" if getattr(config, "is_encoder_decoder", False) else "AutoModelForCausalLM"
+
+    def load(self) -> None:
+        super().load()
+        self.seq2seq = bool(getattr(self.model.config, "is_encoder_decoder", False))
         chat = self.options.chat
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if chat is None else chat
 
     def preprocess(self, batch: Batch) -> list[Any]:
         o = self.options
         if self.seq2seq:
-            items = encode(self.tokenizer, [o.prefix + t for t in batch["text"]], self.limit, truncate=True)
-            return [dict(it, seed_text=t) if isinstance(it, dict) else it for it, t in zip(items, batch["text"])]
+            items = encode(self.tokenizer, [o.prefix + t for t in batch["text"]], self.max_length, truncate=True)
+            return [dict(it, seed_text=t) for it, t in zip(items, batch["text"])]
         # causal: cut the document itself to the limit, then put it in the prompt
-        docs = self.tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-        items = []
-        for text, ids in zip(batch["text"], docs):
-            truncated = len(ids) > self.limit
-            doc = self.tokenizer.decode(ids[: self.limit]) if truncated else text
-            user = o.instruction.replace("{text}", doc)
-            prompt = chat_prompt(self.tokenizer, user, o.system) if self.chat else user
-            enc = self.tokenizer(prompt, add_special_tokens=not self.chat)["input_ids"]
-            items.append({"input_ids": enc, "attention_mask": [1] * len(enc), "truncated": truncated, "seed_text": text})
-        return items
+        docs = cut_text(self.tokenizer, batch["text"], self.max_length)
+        prompts = encode_prompts(self.tokenizer, [o.instruction.replace("{text}", d) for d, _ in docs], self.chat, o.system)
+        return [
+            {"input_ids": ids, "truncated": n > self.max_length, "seed_text": text}
+            for ids, (_, n), text in zip(prompts, docs, batch["text"])
+        ]
 
     def length(self, item: Any) -> int:
         return len(item["input_ids"]) + self.options.max_new_tokens
@@ -101,8 +88,7 @@ class SummarizeTask(Task):
             extra["length_penalty"] = o.length_penalty
         if o.no_repeat_ngram_size:
             extra["no_repeat_ngram_size"] = o.no_repeat_ngram_size
-        clean = [{k: v for k, v in it.items() if k in ("input_ids", "attention_mask")} for it in items]
-        outs = generate(self.model, self.tokenizer, clean, o, seeds_from=[i["seed_text"] for i in items], **extra)
+        outs = generate(self.model, self.tokenizer, items, o, seeds_from=[i["seed_text"] for i in items], **extra)
         return [(text.strip(), it["truncated"]) for (text, _), it in zip(outs, items)]
 
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:

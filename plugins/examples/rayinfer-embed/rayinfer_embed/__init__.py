@@ -9,13 +9,16 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field
 
-from rayinfer import Batch, Task, TaskOptions, hookimpl
-from rayinfer.errors import ModelError
+from rayinfer import Batch, ModelRequirement, Task, TaskOptions, hookimpl
+from rayinfer.text import collate, encode
 
 
 class EmbedTask(Task):
     name = "embed"
     description = "Sentence embeddings: mean-pooled last hidden states of an encoder (e.g. all-MiniLM-L6-v2)."
+    # The base class loads tokenizer and model from this (self.tokenizer, self.model,
+    # self.max_length) and refuses an encoder-decoder before Ray starts.
+    requires = ModelRequirement("AutoModel", what="an encoder (BERT-style)", encoder_decoder=False)
 
     class Options(TaskOptions):
         normalize: bool = Field(True, description="Scale each vector to unit length (for cosine similarity).")
@@ -25,43 +28,14 @@ class EmbedTask(Task):
     def output_schema(cls, options: TaskOptions) -> pa.Schema:
         return pa.schema([pa.field("embedding", pa.list_(pa.float32())), pa.field("truncated", pa.bool_())])
 
-    @classmethod
-    def check_model_config(cls, config: dict[str, Any], options: TaskOptions) -> None:
-        if config.get("is_encoder_decoder"):
-            raise ModelError("embed needs an encoder (BERT-style); this model is an encoder-decoder")
-
-    def load(self) -> None:
-        # heavy imports belong here, not at module level: `rayinfer tasks` must stay fast
-        from transformers import AutoModel
-
-        from rayinfer.models import load_model, load_tokenizer
-
-        self.tokenizer = load_tokenizer(self.context)
-        self.model = load_model(self.context, AutoModel)
-        limit = self.options.max_length or self.tokenizer.model_max_length
-        self.max_length = min(limit, getattr(self.model.config, "max_position_embeddings", limit))
-
     def preprocess(self, batch: Batch) -> list[Any]:
-        enc = self.tokenizer(batch["text"], truncation=False, verbose=False)
-        items = []
-        for ids, types in zip(enc["input_ids"], enc.get("token_type_ids", enc["input_ids"])):
-            cut = len(ids) > self.max_length
-            if cut:  # keep the head and the closing [SEP]
-                ids, types = ids[: self.max_length - 1] + ids[-1:], types[: self.max_length]
-            items.append({"input_ids": ids, "token_type_ids": types, "truncated": cut})
-        return items
+        # one item per row, cut to max_length with its closing [SEP] kept, flagged `truncated`
+        return encode(self.tokenizer, batch["text"], self.max_length, truncate=True)
 
     def forward(self, items: list[Any]) -> list[Any]:
-        import torch
+        import torch  # heavy imports inside methods: `rayinfer tasks` must stay fast
 
-        longest = max(len(it["input_ids"]) for it in items)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([it["input_ids"] + [pad] * (longest - len(it["input_ids"])) for it in items])
-        mask = torch.tensor([[1] * len(it["input_ids"]) + [0] * (longest - len(it["input_ids"])) for it in items])
-        inputs = {"input_ids": ids.to(self.model.device), "attention_mask": mask.to(self.model.device)}
-        if "token_type_ids" in self.tokenizer.model_input_names:
-            types = [it["token_type_ids"] + [0] * (longest - len(it["token_type_ids"])) for it in items]
-            inputs["token_type_ids"] = torch.tensor(types, device=self.model.device)
+        inputs = collate(items, self.tokenizer, self.model.device)
         hidden = self.model(**inputs).last_hidden_state.float()
         weights = inputs["attention_mask"].unsqueeze(-1).float()
         vectors = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
