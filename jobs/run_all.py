@@ -7,7 +7,9 @@ print a quality number where the data has an answer key:
 - fill-mask (reaction BERT): top-1 recovery of the masked product atom, against the
   most-common-answer baseline (always guessing the atom that is most often the answer);
 - classify (reaction classifier): the class codes given;
-- zero-shot classify (SmolLM2): accuracy against the hand labels, and the majority baseline;
+- zero-shot-classify (SmolLM2): accuracy against the hand labels, and the majority baseline;
+- perplexity (SmolLM2): median perplexity of the prose and of the shuffled-word copies, and in
+  how many documents the prose scores lower than its shuffled copy;
 - nsp: accuracy against which pairs really follow on (hub model: skipped when offline).
 
 Usage: python jobs/run_all.py [JOB_NAME ...]     (names without .yaml; default: all)
@@ -17,6 +19,7 @@ Exit status 1 when a job fails or a check does not hold.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from collections import Counter
@@ -29,7 +32,8 @@ JOBS = Path(__file__).resolve().parent
 ROOT = JOBS.parent
 
 # the column that must be non-empty in every row, per task
-PREDICTION = {"fill-mask": "filled", "classify": "label", "nsp": "score", "generate": "generated", "summarize": "summary"}
+PREDICTION = {"fill-mask": "filled", "classify": "label", "zero-shot-classify": "label", "nsp": "score",
+              "generate": "generated", "summarize": "summary", "perplexity": "perplexity"}
 
 
 def offline() -> bool:
@@ -65,7 +69,7 @@ def quality(task: str, spec: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             hits += r["predictions"][0][0]["token"].strip() == product[i]
         base = Counter(answers).most_common(1)[0][1]
         return f"masked atom top-1 {hits}/{len(rows)}; most-common-answer baseline {base}/{len(rows)}"
-    if task == "classify" and "gold" in rows[0]:
+    if task == "zero-shot-classify" and "gold" in rows[0]:
         hits = sum(r["label"] == r["gold"] for r in rows)
         base = Counter(r["gold"] for r in rows).most_common(1)[0][1]
         return f"accuracy {hits}/{len(rows)} ({hits / len(rows):.0%}); majority baseline {base}/{len(rows)}"
@@ -77,6 +81,13 @@ def quality(task: str, spec: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         return f"accuracy {hits}/{len(rows)}"
     if task == "generate":
         return f"mean {sum(r['num_tokens'] for r in rows) / len(rows):.0f} new tokens per row"
+    if task == "perplexity" and "kind" in rows[0]:
+        by_doc = {(r["doc"], r["kind"]): r["perplexity"] for r in rows}
+        docs = sorted({r["doc"] for r in rows})
+        lower = sum(by_doc[d, "prose"] < by_doc[d, "shuffled"] for d in docs)
+        median = {k: statistics.median(by_doc[d, k] for d in docs) for k in ("prose", "shuffled")}
+        return (f"median perplexity: prose {median['prose']:.1f}, shuffled words {median['shuffled']:.1f}; "
+                f"prose lower in {lower}/{len(docs)} documents")
     if task == "summarize":
         return f"mean summary {sum(len(r['summary']) for r in rows) / len(rows):.0f} characters"
     return ""

@@ -35,13 +35,13 @@ def make_lora(base: Path, out: Path, auto_class, task_type: str, targets: list[s
 
 
 @pytest.fixture(scope="module")
-def cls_adapter(bert_classifier, models_dir):
-    return make_lora(bert_classifier, models_dir / "lora-cls", AutoModelForSequenceClassification, "SEQ_CLS", ["query", "value"])
+def cls_adapter(rayinfer_bert_classifier, rayinfer_models_dir):
+    return make_lora(rayinfer_bert_classifier, rayinfer_models_dir / "lora-cls", AutoModelForSequenceClassification, "SEQ_CLS", ["query", "value"])
 
 
 @pytest.fixture(scope="module")
-def causal_adapter(llama, models_dir):
-    return make_lora(llama, models_dir / "lora-llama", AutoModelForCausalLM, "CAUSAL_LM", ["q_proj", "v_proj", "o_proj"])
+def causal_adapter(rayinfer_llama, rayinfer_models_dir):
+    return make_lora(rayinfer_llama, rayinfer_models_dir / "lora-llama", AutoModelForCausalLM, "CAUSAL_LM", ["q_proj", "v_proj", "o_proj"])
 
 
 def direct_peft_scores(base, adapter, texts):
@@ -57,13 +57,13 @@ def score_lists(rows, labels):
     return [[{s["label"]: s["score"] for s in r["scores"]}[label] for label in labels] for r in rows]
 
 
-def test_classify_adapter_merged_unmerged_and_peft_model_agree(bert_classifier, cls_adapter):
+def test_classify_adapter_merged_unmerged_and_peft_model_agree(rayinfer_bert_classifier, cls_adapter):
     labels = ["neg", "neu", "pos"]
     rows = [{"text": t} for t in TEXTS]
-    merged = run_task(ClassifyTask, rows, bert_classifier, adapter=str(cls_adapter), max_batch_tokens=64)
-    unmerged = run_task(ClassifyTask, rows, bert_classifier, adapter=str(cls_adapter), merge_adapter=False)
-    base = run_task(ClassifyTask, rows, bert_classifier)
-    ref = direct_peft_scores(bert_classifier, cls_adapter, TEXTS)
+    merged = run_task(ClassifyTask, rows, rayinfer_bert_classifier, adapter=str(cls_adapter), max_batch_tokens=64)
+    unmerged = run_task(ClassifyTask, rows, rayinfer_bert_classifier, adapter=str(cls_adapter), merge_adapter=False)
+    base = run_task(ClassifyTask, rows, rayinfer_bert_classifier)
+    ref = direct_peft_scores(rayinfer_bert_classifier, cls_adapter, TEXTS)
     for got in (merged, unmerged):
         for row, probs in zip(score_lists(got, labels), ref):
             assert row == pytest.approx(probs, abs=1e-5)
@@ -71,18 +71,18 @@ def test_classify_adapter_merged_unmerged_and_peft_model_agree(bert_classifier, 
     assert diff > 1e-2  # the adapter changes the outputs: the comparison has teeth
 
 
-def test_generate_adapter_merged_unmerged_and_peft_model_agree(llama, causal_adapter):
+def test_generate_adapter_merged_unmerged_and_peft_model_agree(rayinfer_llama, causal_adapter):
     from peft import PeftModel
 
     prompts = [t[:80] for t in TEXTS[:4]]
     opts = {"max_new_tokens": 8}
-    merged = run_task(GenerateTask, [{"prompt": p} for p in prompts], llama, opts, adapter=str(causal_adapter))
+    merged = run_task(GenerateTask, [{"prompt": p} for p in prompts], rayinfer_llama, opts, adapter=str(causal_adapter))
     unmerged = run_task(
-        GenerateTask, [{"prompt": p} for p in prompts], llama, opts, adapter=str(causal_adapter), merge_adapter=False
+        GenerateTask, [{"prompt": p} for p in prompts], rayinfer_llama, opts, adapter=str(causal_adapter), merge_adapter=False
     )
-    base = run_task(GenerateTask, [{"prompt": p} for p in prompts], llama, opts)
-    tok = AutoTokenizer.from_pretrained(llama)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama), causal_adapter).eval()
+    base = run_task(GenerateTask, [{"prompt": p} for p in prompts], rayinfer_llama, opts)
+    tok = AutoTokenizer.from_pretrained(rayinfer_llama)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(rayinfer_llama), causal_adapter).eval()
     ref = []
     for p in prompts:
         ids = tok(p, return_tensors="pt")
@@ -104,27 +104,27 @@ def job(tmp_path, model, adapter, task="classify", options=None):
     }
 
 
-def test_validate_accepts_a_fitting_adapter(tmp_path, bert_classifier, cls_adapter):
-    plan = plan_job(job(tmp_path, bert_classifier, cls_adapter))
+def test_validate_accepts_a_fitting_adapter(tmp_path, rayinfer_bert_classifier, cls_adapter):
+    plan = plan_job(job(tmp_path, rayinfer_bert_classifier, cls_adapter))
     assert plan.adapter is not None and plan.adapter.config["task_type"] == "SEQ_CLS"
 
 
-def test_validate_refuses_an_adapter_for_another_base_model(tmp_path, models_dir, cls_adapter):
-    other = build_bert(models_dir / "bert-cls-wide", head="sequence-classification", hidden_size=64)
+def test_validate_refuses_an_adapter_for_another_base_model(tmp_path, rayinfer_models_dir, cls_adapter):
+    other = build_bert(rayinfer_models_dir / "bert-cls-wide", head="sequence-classification", hidden_size=64)
     with pytest.raises(ModelError, match=r"adapter was trained on .*\(hidden_size=32\), which does not fit .*\(hidden_size=64\)"):
         plan_job(job(tmp_path, other, cls_adapter))
 
 
-def test_validate_refuses_an_adapter_of_another_task_type(tmp_path, bert_classifier, llama, causal_adapter):
+def test_validate_refuses_an_adapter_of_another_task_type(tmp_path, rayinfer_bert_classifier, rayinfer_llama, causal_adapter):
     with pytest.raises(ModelError, match="is a CAUSAL_LM adapter; task 'classify' .* takes SEQ_CLS adapters"):
-        plan_job(job(tmp_path, bert_classifier, causal_adapter))
-    # zero-shot classify on the same causal LM takes it
-    plan = plan_job(job(tmp_path, llama, causal_adapter, options={"labels": ["a", "b"]}))
+        plan_job(job(tmp_path, rayinfer_bert_classifier, causal_adapter))
+    # zero-shot-classify on the same causal LM takes it
+    plan = plan_job(job(tmp_path, rayinfer_llama, causal_adapter, "zero-shot-classify", {"labels": ["a", "b"]}))
     assert plan.adapter is not None
 
 
-def test_an_adapter_that_does_not_load_is_a_model_error(tmp_path, bert_mlm, cls_adapter):
+def test_an_adapter_that_does_not_load_is_a_model_error(tmp_path, rayinfer_bert, cls_adapter):
     from rayinfer_tasks.fill_mask import FillMaskTask
 
     with pytest.raises(ModelError, match="cannot load adapter"):
-        run_task(FillMaskTask, [{"text": "a [MASK] b"}], bert_mlm, adapter=str(tmp_path))
+        run_task(FillMaskTask, [{"text": "a [MASK] b"}], rayinfer_bert, adapter=str(tmp_path))

@@ -3,13 +3,15 @@ exactly once, and outputs equal to the same task run without Ray."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
 from rayinfer.api import run_job
-from rayinfer.testing import JAPANESE_SENTENCES, build_t5, english_sentences, run_task, write_dataset
+from rayinfer.testing import JAPANESE_SENTENCES, english_sentences, run_task, write_dataset
 
 from helpers import write_job
 
@@ -28,52 +30,59 @@ def nezha_text(i):
     return sents[i % len(sents)]
 
 
-def cases(models_dir: Path, fixtures: dict[str, Path]) -> dict[str, tuple]:
-    """task -> (model, input columns by task input name, options, output columns compared)."""
-    n = 24
-    return {
-        "classify": (fixtures["bert_classifier"], {"text": SENTS[:n]}, {"top_k": 2}, ["label", "score"]),
-        "classify-zero-shot": (
-            fixtures["llama"], {"text": SENTS[:n]}, {"labels": ["code", "prose"], "prompt": "{text}\nKind:"},
-            ["label", "score"],
-        ),
-        "nsp": (fixtures["bert_nsp"], {"text": SENTS[:n], "text_pair": SENTS[1 : n + 1]}, {}, ["is_next", "score"]),
-        "nsp-nezha": (NEZHA, {"text": [nezha_text(i) for i in range(n)], "text_pair": [nezha_text(i + 1) for i in range(n)]},
-                      {}, ["is_next", "score"]),
-        "fill-mask-nezha": (NEZHA, {"text": [nezha_text(0), nezha_text(2)] * (n // 2)}, {"top_k": 2}, ["filled"]),
-        "generate": (fixtures["llama"], {"prompt": SENTS[:n]}, {"max_new_tokens": 6}, ["generated", "num_tokens"]),
-        "generate-japanese": (
-            fixtures["neox_ja"], {"prompt": list(JAPANESE_SENTENCES) * 3}, {"max_new_tokens": 6, "do_sample": True, "seed": 1},
-            ["generated"],
-        ),
-        "summarize": (
-            fixtures["t5"], {"text": SENTS[:n]}, {"prefix": "summarize: ", "max_new_tokens": 6, "num_beams": 2},
-            ["summary", "truncated"],
-        ),
-    }
+@dataclass(frozen=True)
+class Case:
+    task: str
+    model: str  # the fixture that gives the model folder
+    inputs: dict[str, list[str]]  # task input -> one value per row
+    options: dict[str, Any]
+    compared: list[str]  # output columns that must equal the task run without Ray
+
+
+N = 24
+CASES = [
+    pytest.param(Case("classify", "rayinfer_bert_classifier", {"text": SENTS[:N]}, {"top_k": 2}, ["label", "score"]),
+                 id="classify"),
+    pytest.param(Case("zero-shot-classify", "rayinfer_llama", {"text": SENTS[:N]},
+                      {"labels": ["code", "prose"], "prompt": "{text}\nKind:"}, ["label", "score"]),
+                 id="zero-shot-classify"),
+    pytest.param(Case("perplexity", "rayinfer_llama", {"text": SENTS[:N]}, {}, ["nll", "tokens", "truncated"]),
+                 id="perplexity"),
+    pytest.param(Case("nsp", "rayinfer_bert_nsp", {"text": SENTS[:N], "text_pair": SENTS[1 : N + 1]}, {},
+                      ["is_next", "score"]), id="nsp"),
+    pytest.param(Case("nsp", "nezha_tiny", {"text": [nezha_text(i) for i in range(N)],
+                                             "text_pair": [nezha_text(i + 1) for i in range(N)]}, {},
+                      ["is_next", "score"]), id="nsp-nezha"),
+    pytest.param(Case("fill-mask", "nezha_tiny", {"text": [nezha_text(0), nezha_text(2)] * (N // 2)}, {"top_k": 2},
+                      ["filled"]), id="fill-mask-nezha"),
+    pytest.param(Case("generate", "rayinfer_llama", {"prompt": SENTS[:N]}, {"max_new_tokens": 6},
+                      ["generated", "num_tokens"]), id="generate"),
+    pytest.param(Case("generate", "gpt_neox_japanese", {"prompt": list(JAPANESE_SENTENCES) * 3},
+                      {"max_new_tokens": 6, "do_sample": True, "seed": 1}, ["generated"]), id="generate-japanese"),
+    pytest.param(Case("summarize", "rayinfer_t5", {"text": SENTS[:N]},
+                      {"prefix": "summarize: ", "max_new_tokens": 6, "num_beams": 2}, ["summary", "truncated"]),
+                 id="summarize"),
+]
 
 
 @pytest.fixture(scope="module")
-def fixtures(models_dir, bert_classifier, bert_nsp, llama):
+def nezha_tiny() -> Path:
+    """The committed tiny NEZHA (tests/data/nezha-tiny), with its original weight names."""
+    return NEZHA
+
+
+@pytest.fixture(scope="module")
+def gpt_neox_japanese(rayinfer_models_dir: Path) -> Path:
     from rayinfer.testing import build_gpt_neox_japanese
 
-    return {
-        "bert_classifier": bert_classifier, "bert_nsp": bert_nsp, "llama": llama,
-        "t5": build_t5(models_dir / "t5-e2e"), "neox_ja": build_gpt_neox_japanese(models_dir / "neox-ja-e2e"),
-    }
+    return build_gpt_neox_japanese(rayinfer_models_dir / "neox-ja-e2e")
 
 
-TASK = {"classify-zero-shot": "classify", "nsp-nezha": "nsp", "fill-mask-nezha": "fill-mask", "generate-japanese": "generate"}
-
-
-@pytest.mark.parametrize(
-    "case", ["classify", "classify-zero-shot", "nsp", "nsp-nezha", "fill-mask-nezha", "generate", "generate-japanese", "summarize"]
-)
-def test_job_per_task(case, tmp_path, models_dir, fixtures, ray_session):
+@pytest.mark.parametrize("case", CASES)
+def test_job_per_task(case, tmp_path, request, ray_session):
     from rayinfer.plugins import load_registry
 
-    model, inputs, options, compared = cases(models_dir, fixtures)[case]
-    task = TASK.get(case, case)
+    model, inputs, options, compared, task = request.getfixturevalue(case.model), case.inputs, case.options, case.compared, case.task
     n = len(next(iter(inputs.values())))
     ids = [f"row-{i:03d}" for i in range(n)]
     columns = {"uid": ids, **{f"col_{k}": v for k, v in inputs.items()}}

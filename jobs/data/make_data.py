@@ -2,9 +2,11 @@
 
 The reactions are textbook transformations written as reaction SMILES; the prompts are plain
 questions; the reviews are short sentences labelled positive/negative by hand (for zero-shot
-classify); the sentence pairs come from the Python reference (`for` statement topic). The summarize job reads the Python documentation corpus that `rayinfer demo` writes.
+classify); the sentence pairs come from the Python reference (`for` statement topic). The summarize job reads the Python documentation corpus that `rayinfer demo` writes; the perplexity job reads
+that corpus's documents (their first 600 characters) each beside a copy with its words shuffled.
 """
 
+import random
 import re
 from pathlib import Path
 
@@ -116,6 +118,16 @@ def main() -> None:
         }),
         HERE / "sentence-pairs.parquet",
     )
+    # the demo corpus's documents as written, and each with the same words in a random order
+    from rayinfer.demo import documents
+
+    rows = []
+    for doc in documents(max_chars=600):
+        words = doc["text"].split()
+        shuffled = random.Random(doc["doc_id"]).sample(words, len(words))
+        rows.append({"id": f"{doc['doc_id']}/prose", "doc": doc["doc_id"], "kind": "prose", "text": " ".join(words)})
+        rows.append({"id": f"{doc['doc_id']}/shuffled", "doc": doc["doc_id"], "kind": "shuffled", "text": " ".join(shuffled)})
+    pq.write_table(pa.Table.from_pylist(rows), HERE / "prose-vs-shuffled.parquet")
 
 
 if __name__ == "__main__":
