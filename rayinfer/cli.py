@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import click
 
 from rayinfer.errors import RayInferError
+from rayinfer.scaffold import TEMPLATES
 
 
 class _Group(click.Group):
@@ -271,25 +272,39 @@ def models_fetch(names: tuple[str, ...], force: bool) -> None:
 
 @main.command()
 def plugins() -> None:
-    """List the loaded plugins: distribution, version, tasks (and load errors)."""
+    """List the loaded plugins: distribution, version, tasks (and load errors). Exit status 1
+    when a plugin failed to load, so that a deployment check can rely on it."""
     from rayinfer.plugins import load_registry
 
+    failed = []
     for p in load_registry().plugins:
         where = f"{p.distribution} {p.version}" if p.distribution else "(not from a distribution)"
         status = f"FAILED: {p.error}" if p.error else ", ".join(p.tasks) or "(no tasks)"
         click.echo(f"{p.name}  {where}  {p.module}  -> {status}")
+        if p.error:
+            failed.append(p.name)
+    if failed:
+        click.echo(f"rayinfer: error: plugins that failed to load: {', '.join(failed)} (their tasks are missing)", err=True)
+        sys.exit(1)
+
 
 @main.command("new-plugin")
 @click.argument("name")
 @click.option("--dir", "parent", default=".", type=click.Path(file_okay=False), help="Where to create the package.")
-def new_plugin_cmd(name: str, parent: str) -> None:
-    """Scaffold a task plugin package rayinfer-NAME (pyproject with the entry point, a task, tests)."""
+@click.option(
+    "--template",
+    type=click.Choice(list(TEMPLATES)),
+    default="encoder",
+    show_default=True,
+    help="What the task does: " + "; ".join(f"{name}: {what}" for name, what in TEMPLATES.items()) + ".",
+)
+def new_plugin_cmd(name: str, parent: str, template: str) -> None:
+    """Scaffold a task plugin package rayinfer-NAME: a pyproject with the entry point, a task built
+    on rayinfer's toolkit, and tests that pass as generated."""
     from rayinfer.scaffold import new_plugin
 
-    root = new_plugin(name, parent)
+    root = new_plugin(name, parent, template)
     click.echo(f"created {root}: pip install -e '{root}[test]', then `pytest {root}` and `rayinfer tasks show {name}`")
-
-
 
 
 # ---- Ray Jobs: submit to a cluster and follow ----------------------------------------------

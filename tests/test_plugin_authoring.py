@@ -9,9 +9,12 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 import rayinfer.hookspecs as hookspecs
@@ -46,8 +49,29 @@ def run(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, env=env_with(site), cwd=cwd, timeout=600)
 
 
-def test_a_scaffolded_plugin_installs_passes_its_own_tests_and_runs_a_job(tmp_path, bert_classifier):
-    root = new_plugin("toxicity-score", tmp_path)
+@dataclass(frozen=True)
+class Scaffold:
+    template: str
+    model: str  # the rayinfer pytest-plugin fixture its tests and the job use
+    inputs: dict[str, str]  # task input -> dataset column of the job
+    check: Callable[[dict[str, Any]], bool]  # an output row is right
+
+
+SCAFFOLDS = [
+    pytest.param(Scaffold("encoder", "rayinfer_bert_classifier", {"text": "body"},
+                          lambda r: r["label"] in ("neg", "neu", "pos") and 0 < r["score"] <= 1), id="encoder"),
+    pytest.param(Scaffold("causal-lm", "rayinfer_llama", {"prompt": "body", "completion": "next"},
+                          lambda r: r["logprob"] < 0 and r["tokens"] > 0), id="causal-lm"),
+    pytest.param(Scaffold("seq2seq", "rayinfer_t5", {"text": "body"},
+                          lambda r: isinstance(r["output"], str) and r["truncated"] is False), id="seq2seq"),
+]
+
+
+@pytest.mark.parametrize("case", SCAFFOLDS)
+def test_a_scaffolded_plugin_installs_passes_its_own_tests_and_runs_a_job(tmp_path, request, case):
+    model = request.getfixturevalue(case.model)
+    task = f"my-{case.template}"
+    root = new_plugin(task, tmp_path, case.template)
     site = tmp_path / "site"
     pip_install(root, site)
 
@@ -55,22 +79,32 @@ def test_a_scaffolded_plugin_installs_passes_its_own_tests_and_runs_a_job(tmp_pa
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
     assert "3 passed" in tests.stdout
 
+    package = "rayinfer_" + task.replace("-", "_")
     listed = run([sys.executable, "-m", "rayinfer", "plugins"], site, tmp_path)
-    assert "toxicity-score  rayinfer-toxicity-score 0.1.0  rayinfer_toxicity_score  -> toxicity-score" in listed.stdout
+    assert f"{task}  rayinfer-{task} 0.1.0  {package}  -> {task}" in listed.stdout
 
-    texts = list(english_sentences()[:30])
-    write_dataset(tmp_path / "in", {"doc": [f"d{i}" for i in range(30)], "body": texts}, files=2)
+    texts = list(english_sentences()[:31])
+    write_dataset(tmp_path / "in", {"doc": [f"d{i}" for i in range(30)], "body": texts[:30], "next": texts[1:]}, files=2)
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({
-        "task": "toxicity-score", "model": str(bert_classifier),
-        "input": {"path": str(tmp_path / "in"), "id_column": "doc", "columns": {"text": "body"}},
-        "output": {"path": str(tmp_path / "out")}, "runtime": {"num_cpus": 1},
+        "task": task, "model": str(model),
+        "input": {"path": str(tmp_path / "in"), "id_column": "doc", "columns": case.inputs},
+        "output": {"path": str(tmp_path / "out")}, "options": {"max_new_tokens": 4} if case.template == "seq2seq" else {},
+        "runtime": {"num_cpus": 1},
     }))
     ran = run([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"], site, tmp_path)
     assert ran.returncode == 0, ran.stderr[-3000:]
     out = pq.read_table(tmp_path / "out").to_pylist()
     assert sorted(r["doc"] for r in out) == sorted(f"d{i}" for i in range(30))
-    assert all(r["error"] is None and r["label"] in ("neg", "neu", "pos") for r in out)
+    assert all(r["error"] is None and case.check(r) for r in out), out[:3]
+
+
+def test_an_unknown_template_is_refused_with_the_choices(tmp_path):
+    from rayinfer.errors import SpecError
+
+    with pytest.raises(SpecError, match="template 'decoder': choose one of encoder, causal-lm, seq2seq"):
+        new_plugin("x", tmp_path, "decoder")
+    assert not (tmp_path / "rayinfer-x").exists()
 
 
 def test_the_example_plugin_installs_and_passes_its_tests(tmp_path):
@@ -102,7 +136,8 @@ def test_every_hook_is_documented_and_tested():
     doc = DOCS.read_text()
     tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
     for hook in hooks:
-        assert f"`{hook}(" in doc, f"hook {hook} is not in docs/plugins.md"
+        signature = f"{hook}({', '.join(inspect.signature(getattr(hookspecs, hook)).parameters)})"
+        assert f"| `{signature}` |" in doc, f"hook {signature} is not in the hooks table of docs/plugins.md"
         assert f"def {hook}(" in tests, f"no test implements hook {hook}"
 
 
@@ -118,7 +153,7 @@ def test_every_built_in_task_has_descriptions_and_an_example_job():
     registry = load_registry(only=None)
     jobs = {yaml.safe_load(p.read_text())["task"] for p in (ROOT / "jobs").glob("*.yaml")}
     built_in = [n for n, plugin in registry.task_plugin.items() if registry.tasks[n].__module__.startswith("rayinfer_tasks")]
-    assert sorted(built_in) == ["classify", "fill-mask", "generate", "nsp", "summarize"]
+    assert sorted(built_in) == ["classify", "fill-mask", "generate", "nsp", "perplexity", "summarize", "zero-shot-classify"]
     for name in built_in:
         info = registry.get(name).describe()
         assert info["description"] and info["outputs"], name
