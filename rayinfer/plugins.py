@@ -99,7 +99,8 @@ def load_registry(only: Iterable[str] | None = None) -> Registry:
         except Exception as exc:  # a broken plugin must not break the others
             if pm.has_plugin(ep.name):  # registered, but its hooks are wrong: none of them runs
                 pm.unregister(name=ep.name)
-            info.error = f"{type(exc).__name__}: {exc}"
+            # rayinfer's own verdict reads as it is; an exception from the plugin's code keeps its type
+            info.error = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
             log.warning("rayinfer: warning: plugin %r failed to load: %s", ep.name, info.error)
 
     tasks: dict[str, type[Task]] = {}
@@ -154,6 +155,11 @@ def _check_task_class(task_cls: type, plugin: str) -> None:
     if inspect.isabstract(task_cls):
         missing = ", ".join(sorted(task_cls.__abstractmethods__))
         raise PluginError(f"plugin {plugin!r}: task {task_cls.name!r} does not implement {missing}")
+    if task_cls.requires is None and task_cls.load is Task.load:
+        raise PluginError(
+            f"plugin {plugin!r}: task {task_cls.name!r} neither declares `requires = ModelRequirement(...)` "
+            "nor implements load(): it has no way to load a model"
+        )
     undocumented = [n for n, f in task_cls.Options.model_fields.items() if not f.description]
     if undocumented:
         raise PluginError(

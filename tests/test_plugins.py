@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -73,7 +74,7 @@ def cli(*args: str, site: Path | None = None, cwd: Path | None = None) -> subpro
     )
 
 
-def test_third_party_plugin_is_listed_and_runs(tmp_path, bert_mlm):
+def test_third_party_plugin_is_listed_and_runs(tmp_path, rayinfer_bert):
     site = tmp_path / "site"
     install_fake_dist(site, "rayinfer-tokcount", "rayinfer_tokcount", TOKEN_COUNT.format(task="token-count"))
 
@@ -84,7 +85,7 @@ def test_third_party_plugin_is_listed_and_runs(tmp_path, bert_mlm):
     shown = cli("tasks", "show", "token-count", "--json", site=site)
     assert json.loads(shown.stdout)["options"][0]["description"] == "Count [CLS]/[SEP] too."
 
-    job = fill_mask_job(tmp_path, bert_mlm, rows=40, task="token-count", options={})
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=40, task="token-count", options={})
     ran = cli("run", str(job), "--set", "task=token-count", "--set", "options={}", site=site)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "40 rows (40 this run, 0 resumed), 0 with errors" in ran.stdout
@@ -92,7 +93,7 @@ def test_third_party_plugin_is_listed_and_runs(tmp_path, bert_mlm):
     assert sorted(r["doc_id"] for r in out) == list(range(1000, 1040))
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(bert_mlm)
+    tok = AutoTokenizer.from_pretrained(rayinfer_bert)
     texts = {r["doc_id"]: r for r in out}
     from helpers import masked_corpus
 
@@ -153,23 +154,29 @@ def test_every_entry_point_lists_every_command(entry):
                       "tasks", "validate"}
 
 
-def test_user_errors_exit_non_zero_without_traceback(tmp_path, bert_mlm):
-    job = fill_mask_job(tmp_path, bert_mlm)
+def test_user_errors_exit_non_zero_without_traceback(tmp_path, rayinfer_bert):
+    job = fill_mask_job(tmp_path, rayinfer_bert)
     result = cli("run", str(job), "--set", "task=nope")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("rayinfer: error: unknown task 'nope'")
     assert "Traceback" not in result.stderr
 
 
+@dataclass(frozen=True)
+class WrongHook:
+    line: str  # replaces the plugin's `def register_tasks(register):`
+    message: str  # in the plugin's load error
+
+
 @pytest.mark.parametrize("case", [
-    pytest.param(("def register_task(register):", "hook 'register_task' is not a rayinfer hook (did you mean 'register_tasks'?)"),
-                 id="misspelt hook"),
-    pytest.param(("def register_tasks(register, extra):", "register_tasks"), id="wrong arguments"),
-    pytest.param(("def other_name(register):", "hook 'other_name' is not a rayinfer hook (rayinfer's hooks: register_tasks)"),
-                 id="unknown hook"),
+    pytest.param(WrongHook("def register_task(register):",
+                           "hook 'register_task' is not a rayinfer hook (did you mean 'register_tasks'?)"), id="misspelt hook"),
+    pytest.param(WrongHook("def register_tasks(register, extra):", "register_tasks"), id="wrong arguments"),
+    pytest.param(WrongHook("def other_name(register):",
+                           "hook 'other_name' is not a rayinfer hook (rayinfer's hooks: register_tasks)"), id="unknown hook"),
 ])
 def test_a_plugin_with_a_wrong_hook_is_a_load_error_naming_it(tmp_path, monkeypatch, capsys, caplog, case):
-    line, message = case
+    line, message = case.line, case.message
     body = TOKEN_COUNT.format(task="token-count").replace("def register_tasks(register):", line)
     site = tmp_path / "site"
     install_fake_dist(site, "rayinfer-tokcount", f"rayinfer_tokcount_{tmp_path.name}", body)
@@ -181,6 +188,30 @@ def test_a_plugin_with_a_wrong_hook_is_a_load_error_naming_it(tmp_path, monkeypa
     with pytest.raises(UnknownTaskError, match="Plugins that failed to load: rayinfer-tokcount"):
         registry.get("token-count")
     assert {"classify", "fill-mask"} <= set(registry.tasks)
+
+
+def test_rayinfer_plugins_names_a_misspelt_hook_and_exits_1(tmp_path):
+    body = TOKEN_COUNT.format(task="token-count").replace("def register_tasks(register):", "def register_task(register):")
+    site = tmp_path / "site"
+    install_fake_dist(site, "rayinfer-tokcount", "rayinfer_tokcount", body)
+    listed = cli("plugins", site=site)
+    assert listed.returncode == 1
+    assert ("rayinfer-tokcount  rayinfer-tokcount 0.3.1  rayinfer_tokcount  -> FAILED: "
+            "hook 'register_task' is not a rayinfer hook (did you mean 'register_tasks'?)") in listed.stdout
+    assert "fill-mask  rayinfer" in listed.stdout  # the others still load
+    assert listed.stderr.strip().endswith(
+        "rayinfer: error: plugins that failed to load: rayinfer-tokcount (their tasks are missing)")
+
+
+def test_a_task_with_no_way_to_load_a_model_is_a_load_error(tmp_path, monkeypatch):
+    body = TOKEN_COUNT.format(task="token-count").replace(
+        "    def load(self):\n        from rayinfer.models import load_tokenizer\n        self.tokenizer = load_tokenizer(self.context)\n", "")
+    assert "def load" not in body
+    site = tmp_path / "site"
+    install_fake_dist(site, "rayinfer-tokcount", f"rayinfer_tokcount_{tmp_path.name}", body)
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(PluginError, match="task 'token-count' neither declares `requires = ModelRequirement"):
+        load_registry()
 
 
 def test_a_plugin_module_without_hooks_says_how_to_mark_one(tmp_path, monkeypatch):
