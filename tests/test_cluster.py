@@ -110,8 +110,8 @@ def job_folder(tmp_path, model, rows, output=None, **runtime):
     return work, job
 
 
-def test_submit_wait_runs_on_both_nodes(cluster, tmp_path, bert_mlm):
-    work, job = job_folder(tmp_path, bert_mlm, 400, actors=2, resources={"slot": 1})
+def test_submit_wait_runs_on_both_nodes(cluster, tmp_path, rayinfer_bert):
+    work, job = job_folder(tmp_path, rayinfer_bert, 400, actors=2, resources={"slot": 1})
     done = cli(cluster, "submit", str(job), "--working-dir", str(work), "--wait")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     sid = done.stdout.strip().splitlines()[0]
@@ -141,9 +141,9 @@ def test_submit_wait_runs_on_both_nodes(cluster, tmp_path, bert_mlm):
     assert f"{sid}  SUCCEEDED  fill-mask" in listed.stdout
 
 
-def test_stop_a_running_job_and_resume_it(cluster, tmp_path, bert_mlm):
+def test_stop_a_running_job_and_resume_it(cluster, tmp_path, rayinfer_bert):
     # parts of 100 rows: the first lands early, with most of the job still to do
-    work, job = job_folder(tmp_path, bert_mlm, 4000, output={"part_rows": 100}, actors=1)
+    work, job = job_folder(tmp_path, rayinfer_bert, 4000, output={"part_rows": 100}, actors=1)
     sub = cli(cluster, "submit", str(job), "--working-dir", str(work))
     assert sub.returncode == 0, sub.stderr[-3000:]
     sid = sub.stdout.strip()
@@ -170,17 +170,17 @@ def test_stop_a_running_job_and_resume_it(cluster, tmp_path, bert_mlm):
     assert sorted(pq.read_table(tmp_path / "out").column("doc_id").to_pylist()) == list(range(1000, 5000))
 
 
-def test_a_wrong_token_and_a_bad_spec_are_clear_errors(cluster, tmp_path, bert_mlm):
-    work, job = job_folder(tmp_path, bert_mlm, 10)
+def test_a_wrong_token_and_a_bad_spec_are_clear_errors(cluster, tmp_path, rayinfer_bert):
+    work, job = job_folder(tmp_path, rayinfer_bert, 10)
     denied = cli(cluster, "jobs", token=False)
     assert denied.returncode == 2 and denied.stderr.startswith("rayinfer: error: ")
     bad = cli(cluster, "submit", str(job), "--set", "options.topk=3")
     assert bad.returncode == 2 and "did you mean 'options.top_k'" in bad.stderr
 
 
-def test_a_pool_the_cluster_cannot_hold_fails_clearly(cluster, tmp_path, bert_mlm):
+def test_a_pool_the_cluster_cannot_hold_fails_clearly(cluster, tmp_path, rayinfer_bert):
     # three actors of one "slot" each; the cluster has two slots
-    work, job = job_folder(tmp_path, bert_mlm, 50, actors=3, resources={"slot": 1}, actor_start_timeout_s=15)
+    work, job = job_folder(tmp_path, rayinfer_bert, 50, actors=3, resources={"slot": 1}, actor_start_timeout_s=15)
     done = cli(cluster, "submit", str(job), "--working-dir", str(work), "--wait")
     assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FAILED" in done.stderr
@@ -190,14 +190,14 @@ def test_a_pool_the_cluster_cannot_hold_fails_clearly(cluster, tmp_path, bert_ml
     assert not list((tmp_path / "out").glob("part-*.parquet"))
 
 
-def test_a_worker_node_lost_mid_run_costs_no_row(cluster, tmp_path, bert_mlm):
+def test_a_worker_node_lost_mid_run_costs_no_row(cluster, tmp_path, rayinfer_bert):
     """Last in this module: it kills the worker node (its raylet, SIGKILL) mid-run. Either Ray
     restarts its actor on the head and reruns its unit, or (the head's slot being held by the
     pool) rayinfer sees the dead node, kills its actor for good and goes on from the committed
     parts with a new pool; before both fixes this run hung or failed about one time in three.
     The job succeeds with every row exactly once."""
     assert cluster["worker_raylets"], "the worker node's raylet was not found"
-    work, job = job_folder(tmp_path, bert_mlm, 3000, output={"part_rows": 100}, actors=2, resources={"slot": 1})
+    work, job = job_folder(tmp_path, rayinfer_bert, 3000, output={"part_rows": 100}, actors=2, resources={"slot": 1})
     sub = cli(cluster, "submit", str(job), "--working-dir", str(work))
     assert sub.returncode == 0, sub.stderr[-3000:]
     sid = sub.stdout.strip()

@@ -23,10 +23,10 @@ def parts_of(out: Path) -> list[pq.FileMetaData]:
     return [pq.read_metadata(out / name) for name in list_parts(str(out))]
 
 
-def test_a_pool_of_four_actors_all_commit_rows(tmp_path, bert_mlm, ray_session):
+def test_a_pool_of_four_actors_all_commit_rows(tmp_path, rayinfer_bert, ray_session):
     """120 rows, batch_size 10, 4 actors (0.5 CPU each on the 2-CPU embedded Ray): work is cut
     so that every actor gets some, whatever order the actors come up in."""
-    job = fill_mask_job(tmp_path, bert_mlm, rows=120, files=1, runtime={"batch_size": 10, "actors": 4, "num_cpus": 0.5})
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=120, files=1, runtime={"batch_size": 10, "actors": 4, "num_cpus": 0.5})
     seen: list[dict] = []
     manifest = run_job(job, progress=seen.append)
     assert len(manifest["actors"]) == 4 and all(rows > 0 for rows in manifest["actors"].values()), manifest["actors"]
@@ -38,10 +38,10 @@ def test_a_pool_of_four_actors_all_commit_rows(tmp_path, bert_mlm, ray_session):
     assert sorted(ids) == list(range(1000, 1120))
 
 
-def test_parts_hold_part_rows_or_part_bytes_except_each_units_tail(tmp_path, bert_mlm, ray_session):
+def test_parts_hold_part_rows_or_part_bytes_except_each_units_tail(tmp_path, rayinfer_bert, ray_session):
     """A part is many actor batches: part_rows rows (or about part_bytes) except where its unit
     (a run of one file's rows) ends; its row groups are not one per batch."""
-    job = fill_mask_job(tmp_path, bert_mlm, rows=460, files=2, row_group_size=10,
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=460, files=2, row_group_size=10,
                         runtime={"batch_size": 16, "actors": 1}, output={"part_rows": 50})
     manifest = run_job(job)
     out = tmp_path / "out"
@@ -57,7 +57,7 @@ def test_parts_hold_part_rows_or_part_bytes_except_each_units_tail(tmp_path, ber
     assert manifest["part_rows"] == {"min": 30, "max": 50} and len(manifest["parts"]) == 10
 
     # by bytes: each part closes once it holds part_bytes (row groups are written as it fills)
-    job = fill_mask_job(tmp_path, bert_mlm, rows=460, files=2, row_group_size=10,
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=460, files=2, row_group_size=10,
                         runtime={"batch_size": 16, "actors": 1}, output={"part_bytes": 6000, "mode": "overwrite"})
     manifest = run_job(job)
     sizes: dict[str, list[tuple[int, int]]] = {}
@@ -78,10 +78,10 @@ def _resume(job: Path, *overrides: str):
     return result
 
 
-def test_resume_refuses_parts_another_job_wrote(tmp_path, bert_mlm, ray_session):
+def test_resume_refuses_parts_another_job_wrote(tmp_path, rayinfer_bert, ray_session):
     """Another model, other options, or an input file rewritten since: refused with exit 2 before
     Ray starts, naming what differs, and nothing written. The same job resumes."""
-    job = fill_mask_job(tmp_path, bert_mlm, rows=200, files=2, row_group_size=20, runtime={"batch_size": 20},
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=200, files=2, row_group_size=20, runtime={"batch_size": 20},
                         output={"part_rows": 40})
     run_job(job)
     out = tmp_path / "out"
@@ -165,7 +165,7 @@ def test_progress_is_one_line_every_few_seconds_when_not_on_a_terminal():
 
 
 @pytest.mark.parametrize("prefetch", [pytest.param(False, id="in-turn"), pytest.param(True, id="prefetch-thread")])
-def test_an_actor_gives_the_same_parts_with_or_without_its_prefetch_thread(tmp_path, bert_mlm, ray_session, prefetch):
+def test_an_actor_gives_the_same_parts_with_or_without_its_prefetch_thread(tmp_path, rayinfer_bert, ray_session, prefetch):
     """GPU actors read and tokenize on a second thread, CPU actors in turn: the same outputs,
     and a row group that cannot be read fails the unit (nothing committed from it) either way."""
     import pyarrow as pa
@@ -181,7 +181,7 @@ def test_an_actor_gives_the_same_parts_with_or_without_its_prefetch_thread(tmp_p
 
     from test_faults import damage_row_group
 
-    job = fill_mask_job(tmp_path, bert_mlm, rows=100, files=2, row_group_size=10, runtime={"batch_size": 8})
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=100, files=2, row_group_size=10, runtime={"batch_size": 8})
     plan = plan_job(job)
     out = str(tmp_path / "out")
     prepare(out, "error")
@@ -191,7 +191,7 @@ def test_an_actor_gives_the_same_parts_with_or_without_its_prefetch_thread(tmp_p
     assert sum(r.rows for r in reports) == 100 and sorted(p for r in reports for p in r.parts) == list_parts(out)
     rows = {r["doc_id"]: r for r in pq.read_table(out).to_pylist()}
     corpus = masked_corpus(100)
-    direct = run_task(FillMaskTask, [{"text": t} for t in corpus["sentence"]], bert_mlm, {"top_k": 3})
+    direct = run_task(FillMaskTask, [{"text": t} for t in corpus["sentence"]], rayinfer_bert, {"top_k": 3})
     assert [rows[i]["filled"] for i in corpus["doc_id"]] == [d["filled"] for d in direct]
 
     damage_row_group(sorted((tmp_path / "in").glob("*.parquet"))[0], 1, "sentence")

@@ -15,9 +15,9 @@ from rayinfer_tasks.fill_mask import FillMaskTask
 from helpers import fill_mask_job, masked_corpus
 
 
-def test_fill_mask_job_over_many_files(tmp_path, bert_mlm, ray_session):
+def test_fill_mask_job_over_many_files(tmp_path, rayinfer_bert, ray_session):
     rows = 1200
-    job = fill_mask_job(tmp_path, bert_mlm, rows=rows, files=4, runtime={"batch_size": 100})
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=rows, files=4, runtime={"batch_size": 100})
     manifest = run_job(job)
 
     out = pq.read_table(tmp_path / "out")  # the folder reads as one dataset: the manifest is hidden
@@ -32,7 +32,7 @@ def test_fill_mask_job_over_many_files(tmp_path, bert_mlm, ray_session):
 
     # outputs equal the task run directly, without Ray
     sample = [0, 1, 599, 1199]
-    direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in sample], bert_mlm, {"top_k": 3})
+    direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in sample], rayinfer_bert, {"top_k": 3})
     for i, d in zip(sample, direct):
         got = by_id[1000 + i]
         assert [[c["token_id"] for c in m] for m in got["predictions"]] == [[c["token_id"] for c in m] for m in d["predictions"]]
@@ -47,16 +47,16 @@ def test_fill_mask_job_over_many_files(tmp_path, bert_mlm, ray_session):
 
     meta = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet"))).metadata
     provenance = json.loads(meta[b"rayinfer"])
-    assert provenance["task"] == "fill-mask" and provenance["model"] == str(bert_mlm)
+    assert provenance["task"] == "fill-mask" and provenance["model"] == str(rayinfer_bert)
     assert provenance["options"] == {"top_k": 3, "max_length": None, "truncate": True}
     assert provenance["rayinfer_version"] and provenance["adapter"] is None
 
 
-def test_bad_rows_and_resume_and_modes(tmp_path, bert_mlm, ray_session):
+def test_bad_rows_and_resume_and_modes(tmp_path, rayinfer_bert, ray_session):
     corpus = masked_corpus(300)
     for i in range(0, 300, 20):  # 5% poisoned rows
         corpus["sentence"][i] = [None, "", "no mask at all", "\x00\x01 [MASK] \x7f"][i // 20 % 4]
-    job = fill_mask_job(tmp_path, bert_mlm, corpus=corpus, files=3, row_group_size=40)
+    job = fill_mask_job(tmp_path, rayinfer_bert, corpus=corpus, files=3, row_group_size=40)
 
     first = run_job(job)
     assert first["rows"] == 300 and first["errors"] == 12  # null, empty, no-mask rows; control chars are fine

@@ -48,10 +48,10 @@ def poisoned_corpus(n: int) -> tuple[dict, dict[int, str | None]]:
     return corpus, expected
 
 
-def test_poisoned_rows_get_errors_and_every_other_row_is_right(tmp_path, bert_mlm, ray_session):
+def test_poisoned_rows_get_errors_and_every_other_row_is_right(tmp_path, rayinfer_bert, ray_session):
     n = 400
     corpus, expected = poisoned_corpus(n)
-    job = fill_mask_job(tmp_path, bert_mlm, corpus=corpus, files=3, row_group_size=50, runtime={"batch_size": 40})
+    job = fill_mask_job(tmp_path, rayinfer_bert, corpus=corpus, files=3, row_group_size=50, runtime={"batch_size": 40})
     manifest = run_job(job)
     assert manifest["rows"] == n and manifest["errors"] == sum(1 for e in expected.values() if e)
     assert manifest["errors_this_run_by_kind"] == {"null_input": 4, "empty_input": 4, "too_long": 4}
@@ -63,18 +63,18 @@ def test_poisoned_rows_get_errors_and_every_other_row_is_right(tmp_path, bert_ml
             assert error in rows[doc_id]["error"] and rows[doc_id]["predictions"] is None
     # every row that is not an error equals the task run directly on that row alone
     good = [i for i, d in enumerate(corpus["doc_id"]) if not expected.get(d)]
-    direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in good], bert_mlm, {"top_k": 3})
+    direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in good], rayinfer_bert, {"top_k": 3})
     for i, d in zip(good, direct):
         got = rows[corpus["doc_id"][i]]
         assert got["error"] is None and got["filled"] == d["filled"]
         assert [[c["token_id"] for c in m] for m in got["predictions"]] == [[c["token_id"] for c in m] for m in d["predictions"]]
 
 
-def test_max_error_rate_aborts_with_a_clear_message(tmp_path, bert_mlm, ray_session):
+def test_max_error_rate_aborts_with_a_clear_message(tmp_path, rayinfer_bert, ray_session):
     corpus = masked_corpus(400)
     for i in range(0, 400, 20):  # 5% null rows
         corpus["sentence"][i] = None
-    job = fill_mask_job(tmp_path, bert_mlm, corpus=corpus, files=2, runtime={"batch_size": 40, "max_error_rate": 0.01})
+    job = fill_mask_job(tmp_path, rayinfer_bert, corpus=corpus, files=2, runtime={"batch_size": 40, "max_error_rate": 0.01})
     with pytest.raises(RunError, match=r"aborted: \d+ of \d+ rows failed .* over runtime.max_error_rate 1.0%"):
         run_job(job)
     assert not (tmp_path / "out" / MANIFEST).exists()  # not marked complete
@@ -95,9 +95,9 @@ def task_actor_pids() -> list[int]:
     return pids
 
 
-def test_an_actor_killed_mid_run_is_replaced_and_every_id_comes_out_once(tmp_path, bert_mlm, ray_session):
+def test_an_actor_killed_mid_run_is_replaced_and_every_id_comes_out_once(tmp_path, rayinfer_bert, ray_session):
     n = 3000
-    job = fill_mask_job(tmp_path, bert_mlm, rows=n, files=3, row_group_size=100, runtime={"batch_size": 20, "actors": 1})
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=n, files=3, row_group_size=100, runtime={"batch_size": 20, "actors": 1})
     out = tmp_path / "out"
     killed: list[int] = []
 
@@ -122,9 +122,9 @@ def test_an_actor_killed_mid_run_is_replaced_and_every_id_comes_out_once(tmp_pat
     assert pids - {str(killed[0])}, manifest["actors"]  # a replacement actor did the rest
 
 
-def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_parts(tmp_path, bert_mlm, ray_session):
+def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_parts(tmp_path, rayinfer_bert, ray_session):
     n = 3000
-    job = fill_mask_job(tmp_path, bert_mlm, rows=n, files=3, row_group_size=100, runtime={"batch_size": 20, "actors": 1})
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=n, files=3, row_group_size=100, runtime={"batch_size": 20, "actors": 1})
     out = tmp_path / "out"
     address = ray_session.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -163,12 +163,12 @@ def damage_row_group(path, row_group: int, column: str) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_damaged_row_group_stops_the_run_in_one_line_and_skip_finishes_it(tmp_path, bert_mlm, ray_session):
+def test_a_damaged_row_group_stops_the_run_in_one_line_and_skip_finishes_it(tmp_path, rayinfer_bert, ray_session):
     """Footer fine, one row group's data damaged: one rayinfer line naming file and row group,
     exit 3, the units read before it committed, no temp files; resumed with
     input.on_unreadable: skip, that row group's 25 rows become error rows and every other row
     comes out exactly once."""
-    job = fill_mask_job(tmp_path, bert_mlm, rows=300, files=3, row_group_size=25,
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=300, files=3, row_group_size=25,
                         runtime={"batch_size": 25, "actors": 1}, output={"part_rows": 25})
     damaged = sorted((tmp_path / "in").glob("*.parquet"))[1]
     damage_row_group(damaged, 2, "sentence")
@@ -212,10 +212,10 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, bert_mlm, small_disk):
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, rayinfer_bert, small_disk):
     """Output on a disk that fills up mid-run: one rayinfer line, exit 3, committed parts kept, no
     temporary file left; once the disk has room, --resume covers every row exactly once."""
-    job = fill_mask_job(tmp_path, bert_mlm, rows=3000, files=3, row_group_size=25,
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=3000, files=3, row_group_size=25,
                         runtime={"batch_size": 25, "actors": 1}, output={"path": str(small_disk / "out"), "part_rows": 25})
     env = {**os.environ, "RAYINFER_HOME": str(tmp_path / "home")}
     run = [sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"]
@@ -236,8 +236,8 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, 
     assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed
 
 
-def test_sigterm_stops_a_run_with_exit_130_and_resume_finishes_it_exactly_once(tmp_path, bert_mlm):
-    job = fill_mask_job(tmp_path, bert_mlm, rows=3000, files=3, row_group_size=100,
+def test_sigterm_stops_a_run_with_exit_130_and_resume_finishes_it_exactly_once(tmp_path, rayinfer_bert):
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=3000, files=3, row_group_size=100,
                         runtime={"batch_size": 20, "actors": 1}, output={"part_rows": 100})
     out = tmp_path / "out"
     driver = subprocess.Popen([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"],
@@ -261,11 +261,11 @@ def test_sigterm_stops_a_run_with_exit_130_and_resume_finishes_it_exactly_once(t
     assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed
 
 
-def test_ctrl_c_commits_the_rows_in_hand_and_a_second_stops_at_once(tmp_path, bert_mlm):
+def test_ctrl_c_commits_the_rows_in_hand_and_a_second_stops_at_once(tmp_path, rayinfer_bert):
     """Ctrl-C in a terminal signals the whole process group (driver and Ray's workers): the first
     stops the run cleanly (the actor commits what it holds, exit 130, how far it got and how to
     resume), a second one during that stop ends it at once; resumes cover every row once."""
-    job = fill_mask_job(tmp_path, bert_mlm, rows=3000, files=3, row_group_size=100,
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=3000, files=3, row_group_size=100,
                         runtime={"batch_size": 20, "actors": 1}, output={"part_rows": 100})
     out = tmp_path / "out"
 
@@ -330,7 +330,7 @@ def register_tasks(register):
 '''
 
 
-def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_path, bert_mlm):
+def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_path, rayinfer_bert):
     """A task that kills its own process on a marker row: Ray restarts the actor and reruns the
     unit; rayinfer pins each death on the batch in flight, halves it until the row is alone, and
     gives that row a worker_crash error, every other row its output. With the marker removed from
@@ -344,7 +344,7 @@ def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_p
     corpus["sentence"][45] = "KILL-THIS-WORKER " + corpus["sentence"][45]
     corpus["sentence"][100] = None
     # units of 30 rows, batches of 8: row 45 is the last of the batch 38-45
-    job = fill_mask_job(tmp_path, bert_mlm, corpus=corpus, files=2, task="crashy-fill-mask",
+    job = fill_mask_job(tmp_path, rayinfer_bert, corpus=corpus, files=2, task="crashy-fill-mask",
                         runtime={"batch_size": 8, "actors": 1, "worker_crash_retries": 0})
     env = {**os.environ, "PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     ran = subprocess.run([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"],
@@ -361,7 +361,7 @@ def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_p
     assert rows[1045]["error"].startswith("this row killed the worker process running it, also when run alone (1x)")
     assert rows[1045]["predictions"] is None and rows[1045]["source"] == corpus["source"][45]
     good = [i for i in range(120) if i not in (45, 100)]
-    direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in good], bert_mlm, {"top_k": 3})
+    direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in good], rayinfer_bert, {"top_k": 3})
     for i, d in zip(good, direct):
         assert rows[corpus["doc_id"][i]]["error"] is None and rows[corpus["doc_id"][i]]["filled"] == d["filled"]
 
@@ -381,7 +381,7 @@ def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_p
     assert after.keys() == before.keys() and len(changed) == 2
     now = {r["doc_id"]: r for r in pq.read_table(out).to_pylist()}
     assert sorted(now) == corpus["doc_id"]  # every row exactly once
-    [fixed] = run_task(FillMaskTask, [{"text": texts[45]}], bert_mlm, {"top_k": 3})
+    [fixed] = run_task(FillMaskTask, [{"text": texts[45]}], rayinfer_bert, {"top_k": 3})
     assert now[1045]["error"] is None and now[1045]["filled"] == fixed["filled"] and now[1045]["source"] == corpus["source"][45]
     assert now[1100]["error"] == rows[1100]["error"]
     assert {k: v for k, v in now.items() if k != 1045} == {k: v for k, v in rows.items() if k != 1045}
@@ -394,12 +394,12 @@ def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_p
         assert made["run_id"] == manifest["run_id"] and made["retries"][0]["run_id"] == retry["run_id"]
 
 
-def test_a_model_that_fails_to_load_in_the_actors_is_one_line_and_resume_finishes(tmp_path, bert_mlm):
+def test_a_model_that_fails_to_load_in_the_actors_is_one_line_and_resume_finishes(tmp_path, rayinfer_bert):
     """Weights damaged after validation (the file cut short, the config intact):
     the actors cannot load them; the run ends with one rayinfer line naming the model and the
     loader's error, exit 3; with the weights restored, --resume covers every row once."""
     model = tmp_path / "model"
-    shutil.copytree(bert_mlm, model)
+    shutil.copytree(rayinfer_bert, model)
     weights = model / "model.safetensors"
     good = weights.read_bytes()
     job = fill_mask_job(tmp_path, model, rows=40)

@@ -21,10 +21,10 @@ def _reference(pipe, text):
     return ref if isinstance(ref[0], list) else [ref]
 
 
-def test_matches_transformers_pipeline(bert_mlm):
-    pipe = pipeline("fill-mask", model=str(bert_mlm), top_k=4)
+def test_matches_transformers_pipeline(rayinfer_bert):
+    pipe = pipeline("fill-mask", model=str(rayinfer_bert), top_k=4)
     # a small token budget forces several micro-batches of mixed lengths
-    out = run_task(FillMaskTask, [{"text": t} for t in TEXTS], bert_mlm, {"top_k": 4}, max_batch_tokens=40)
+    out = run_task(FillMaskTask, [{"text": t} for t in TEXTS], rayinfer_bert, {"top_k": 4}, max_batch_tokens=40)
     for text, row in zip(TEXTS, out):
         assert row["error"] is None
         ref = _reference(pipe, text)
@@ -38,7 +38,7 @@ def test_matches_transformers_pipeline(bert_mlm):
         assert "[MASK]" not in row["filled"]
 
 
-def test_bad_rows_get_errors_and_the_rest_is_processed(bert_mlm):
+def test_bad_rows_get_errors_and_the_rest_is_processed(rayinfer_bert):
     rows = [
         {"text": TEXTS[0]},
         {"text": None},
@@ -47,23 +47,23 @@ def test_bad_rows_get_errors_and_the_rest_is_processed(bert_mlm):
         {"text": "word " * 400 + "[MASK]"},  # the mask lies beyond the 128-token limit
         {"text": TEXTS[1]},
     ]
-    out = run_task(FillMaskTask, rows, bert_mlm, {"top_k": 2})
+    out = run_task(FillMaskTask, rows, rayinfer_bert, {"top_k": 2})
     assert [r["error"] is None for r in out] == [True, False, False, False, False, True]
     assert "null" in out[1]["error"] and "empty" in out[2]["error"]
     assert "no [MASK]" in out[3]["error"] and "beyond" in out[4]["error"]
     assert all(r["predictions"] is None and r["filled"] is None for r in out[1:5])
-    alone = run_task(FillMaskTask, [rows[0]], bert_mlm, {"top_k": 2})[0]["predictions"]
+    alone = run_task(FillMaskTask, [rows[0]], rayinfer_bert, {"top_k": 2})[0]["predictions"]
     assert [[c["token_id"] for c in m] for m in out[0]["predictions"]] == [[c["token_id"] for c in m] for m in alone]
     assert [c["score"] for m in out[0]["predictions"] for c in m] == pytest.approx(
         [c["score"] for m in alone for c in m], abs=1e-6
     )
 
 
-def test_long_rows_are_truncated_or_rejected(bert_mlm):
+def test_long_rows_are_truncated_or_rejected(rayinfer_bert):
     text = "[MASK] is first. " + "word " * 400
-    kept = run_task(FillMaskTask, [{"text": text}], bert_mlm)[0]
+    kept = run_task(FillMaskTask, [{"text": text}], rayinfer_bert)[0]
     assert kept["error"] is None and len(kept["predictions"]) == 1
-    rejected = run_task(FillMaskTask, [{"text": text}], bert_mlm, {"truncate": False})[0]
+    rejected = run_task(FillMaskTask, [{"text": text}], rayinfer_bert, {"truncate": False})[0]
     assert "over the model's limit" in rejected["error"]
 
 

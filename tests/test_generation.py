@@ -13,11 +13,6 @@ from rayinfer_tasks.summarize import SummarizeTask
 PROMPTS = [s for s in english_sentences()[200:260] if len(s) < 160][:7]
 
 
-@pytest.fixture(scope="module")
-def t5(rayinfer_t5):
-    return rayinfer_t5
-
-
 def direct_greedy(model_dir, prompt, max_new_tokens):
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -30,36 +25,36 @@ def direct_greedy(model_dir, prompt, max_new_tokens):
     return tok.decode(new, skip_special_tokens=True), len(new)
 
 
-def test_left_padded_batches_equal_one_by_one_generation(llama):
+def test_left_padded_batches_equal_one_by_one_generation(rayinfer_llama):
     opts = {"max_new_tokens": 12}
-    batched = run_task(GenerateTask, [{"prompt": p} for p in PROMPTS], llama, opts)
+    batched = run_task(GenerateTask, [{"prompt": p} for p in PROMPTS], rayinfer_llama, opts)
     for prompt, row in zip(PROMPTS, batched):
         assert row["error"] is None
-        assert (row["generated"], row["num_tokens"]) == direct_greedy(llama, prompt, 12)
+        assert (row["generated"], row["num_tokens"]) == direct_greedy(rayinfer_llama, prompt, 12)
     # mixed lengths cut into several micro-batches give the same again
-    small = run_task(GenerateTask, [{"prompt": p} for p in PROMPTS], llama, opts, max_batch_tokens=80)
+    small = run_task(GenerateTask, [{"prompt": p} for p in PROMPTS], rayinfer_llama, opts, max_batch_tokens=80)
     assert [r["generated"] for r in small] == [r["generated"] for r in batched]
 
 
-def test_seeded_sampling_gives_a_row_the_same_text_whatever_its_batch(llama):
+def test_seeded_sampling_gives_a_row_the_same_text_whatever_its_batch(rayinfer_llama):
     opts = {"max_new_tokens": 10, "do_sample": True, "seed": 7, "temperature": 1.3, "top_k": 50, "top_p": 0.95}
-    alone = [run_task(GenerateTask, [{"prompt": p}], llama, opts)[0]["generated"] for p in PROMPTS[:4]]
-    together = [r["generated"] for r in run_task(GenerateTask, [{"prompt": p} for p in PROMPTS[:4]], llama, opts)]
-    shuffled = run_task(GenerateTask, [{"prompt": p} for p in reversed(PROMPTS[:4])], llama, opts)
+    alone = [run_task(GenerateTask, [{"prompt": p}], rayinfer_llama, opts)[0]["generated"] for p in PROMPTS[:4]]
+    together = [r["generated"] for r in run_task(GenerateTask, [{"prompt": p} for p in PROMPTS[:4]], rayinfer_llama, opts)]
+    shuffled = run_task(GenerateTask, [{"prompt": p} for p in reversed(PROMPTS[:4])], rayinfer_llama, opts)
     assert alone == together == [r["generated"] for r in reversed(shuffled)]
-    other_seed = run_task(GenerateTask, [{"prompt": p} for p in PROMPTS[:4]], llama, {**opts, "seed": 8})
+    other_seed = run_task(GenerateTask, [{"prompt": p} for p in PROMPTS[:4]], rayinfer_llama, {**opts, "seed": 8})
     assert [r["generated"] for r in other_seed] != together
-    greedy = run_task(GenerateTask, [{"prompt": p} for p in PROMPTS[:4]], llama, {"max_new_tokens": 10})
+    greedy = run_task(GenerateTask, [{"prompt": p} for p in PROMPTS[:4]], rayinfer_llama, {"max_new_tokens": 10})
     assert [r["generated"] for r in greedy] != together
 
 
-def test_chat_template_and_stop_strings(llama):
-    tok = AutoTokenizer.from_pretrained(llama)
-    row = run_task(GenerateTask, [{"prompt": PROMPTS[0]}], llama, {"chat": True, "system": "be brief", "max_new_tokens": 8})[0]
+def test_chat_template_and_stop_strings(rayinfer_llama):
+    tok = AutoTokenizer.from_pretrained(rayinfer_llama)
+    row = run_task(GenerateTask, [{"prompt": PROMPTS[0]}], rayinfer_llama, {"chat": True, "system": "be brief", "max_new_tokens": 8})[0]
     prompt = tok.apply_chat_template(
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True, tokenize=False
     )
-    model = AutoModelForCausalLM.from_pretrained(llama).eval()
+    model = AutoModelForCausalLM.from_pretrained(rayinfer_llama).eval()
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
@@ -69,18 +64,18 @@ def test_chat_template_and_stop_strings(llama):
     words = row["generated"].split()
     assert len(words) > 2, row
     stop = words[1]
-    stopped = run_task(GenerateTask, [{"prompt": PROMPTS[0]}], llama,
+    stopped = run_task(GenerateTask, [{"prompt": PROMPTS[0]}], rayinfer_llama,
                        {"chat": True, "system": "be brief", "max_new_tokens": 8, "stop": [stop]})[0]
     assert stopped["generated"] == row["generated"][: row["generated"].find(stop)]
 
 
 @pytest.mark.parametrize("beams", [1, 3])
-def test_seq2seq_summaries_equal_model_generate(t5, beams):
+def test_seq2seq_summaries_equal_model_generate(rayinfer_t5, beams):
     docs = PROMPTS[:5]
     opts = {"prefix": "summarize: ", "max_new_tokens": 10, "num_beams": beams, "no_repeat_ngram_size": 2}
-    rows = run_task(SummarizeTask, [{"text": d} for d in docs], t5, opts)
-    tok = AutoTokenizer.from_pretrained(t5)
-    model = AutoModelForSeq2SeqLM.from_pretrained(t5).eval()
+    rows = run_task(SummarizeTask, [{"text": d} for d in docs], rayinfer_t5, opts)
+    tok = AutoTokenizer.from_pretrained(rayinfer_t5)
+    model = AutoModelForSeq2SeqLM.from_pretrained(rayinfer_t5).eval()
     for doc, row in zip(docs, rows):
         ids = tok("summarize: " + doc, return_tensors="pt")
         with torch.inference_mode():
@@ -94,21 +89,21 @@ def test_an_instruction_without_a_text_slot_is_rejected():
         SummarizeTask.Options(instruction="Summarize.")
 
 
-def test_causal_summaries_use_the_instruction_and_flag_truncation(llama):
+def test_causal_summaries_use_the_instruction_and_flag_truncation(rayinfer_llama):
     long_doc = " ".join(english_sentences()[:40])
-    rows = run_task(SummarizeTask, [{"text": PROMPTS[0]}, {"text": long_doc}], llama,
+    rows = run_task(SummarizeTask, [{"text": PROMPTS[0]}, {"text": long_doc}], rayinfer_llama,
                     {"max_new_tokens": 6, "max_input_tokens": 64, "chat": False})
     assert [r["truncated"] for r in rows] == [False, True]
     prompt = "Summarize the following text in one or two sentences.\n\n" + PROMPTS[0]
-    assert rows[0]["summary"] == direct_greedy(llama, prompt, 6)[0].strip()
+    assert rows[0]["summary"] == direct_greedy(rayinfer_llama, prompt, 6)[0].strip()
 
 
-def test_gpt_neox_japanese_with_its_own_tokenizer(models_dir):
+def test_gpt_neox_japanese_with_its_own_tokenizer(rayinfer_models_dir):
     """GPT-NeoX-Japanese (sub-word tokenizer with byte fallback, pad = eos): left-padded batches of
     mixed lengths equal one-by-one greedy generation, and seeded samples do not depend on the batch."""
     from rayinfer.testing import JAPANESE_SENTENCES, build_gpt_neox_japanese
 
-    path = build_gpt_neox_japanese(models_dir / "neox-ja")
+    path = build_gpt_neox_japanese(rayinfer_models_dir / "neox-ja")
     prompts = list(JAPANESE_SENTENCES)
     tok = AutoTokenizer.from_pretrained(path)
     assert type(tok).__name__ == "GPTNeoXJapaneseTokenizer"

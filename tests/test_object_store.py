@@ -108,7 +108,7 @@ def test_missing_bucket_fails_at_validation(s3_env):
         prepare("s3://no-such-bucket/out", "error", check_only=True)
 
 
-def test_fill_mask_job_reads_and_writes_s3(tmp_path, s3_env, bert_mlm):
+def test_fill_mask_job_reads_and_writes_s3(tmp_path, s3_env, rayinfer_bert):
     """The user's path: `rayinfer run` (its own embedded Ray, credentials from the environment)
     reads Parquet from S3 and commits its parts and manifest there."""
     corpus = masked_corpus(120)
@@ -119,7 +119,7 @@ def test_fill_mask_job_reads_and_writes_s3(tmp_path, s3_env, bert_mlm):
     job = write_job(
         tmp_path / "job.yaml",
         task="fill-mask",
-        model=str(bert_mlm),
+        model=str(rayinfer_bert),
         input={"path": f"s3://{BUCKET}/job/in", "id_column": "doc_id", "columns": {"text": "sentence"}},
         output={"path": f"s3://{BUCKET}/job/out"},
         options={"top_k": 2},
@@ -134,7 +134,7 @@ def test_fill_mask_job_reads_and_writes_s3(tmp_path, s3_env, bert_mlm):
     assert sorted(out.column("doc_id").to_pylist()) == corpus["doc_id"]
     assert out.column("error").null_count == 120
     by_id = {r["doc_id"]: r for r in out.to_pylist()}
-    direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in (0, 59, 60, 119)], bert_mlm, {"top_k": 2})
+    direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in (0, 59, 60, 119)], rayinfer_bert, {"top_k": 2})
     for i, d in zip((0, 59, 60, 119), direct):
         assert by_id[1000 + i]["filled"] == d["filled"]
 

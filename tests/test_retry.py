@@ -68,8 +68,8 @@ def test_replace_rows_refuses_rows_that_are_not_the_same_rows(tmp_path):
     assert (tmp_path / "out" / name).read_bytes() == before
 
 
-def test_retry_errors_refuses_an_unfinished_output_and_another_job(tmp_path, bert_mlm):
-    job = fill_mask_job(tmp_path, bert_mlm, rows=20)
+def test_retry_errors_refuses_an_unfinished_output_and_another_job(tmp_path, rayinfer_bert):
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=20)
     with pytest.raises(OutputError, match="does not exist"):
         plan_retry(str(tmp_path / "out"))
     (tmp_path / "out").mkdir()
@@ -81,7 +81,7 @@ def test_retry_errors_refuses_an_unfinished_output_and_another_job(tmp_path, ber
     again, _ = plan_retry(str(tmp_path / "out"), ["options.top_k=5"])  # options may change
     assert again.options.top_k == 5 and again.spec.output.mode == "resume"
     assert error_units(Store(str(tmp_path / "out")), again) == ([], 0)
-    shutil.copytree(bert_mlm, tmp_path / "other-model")
+    shutil.copytree(rayinfer_bert, tmp_path / "other-model")
     with pytest.raises(SpecError, match=r"cannot retry the errors of .* with another job: model was '.*bert-mlm', now '.*other-model'"):
         plan_retry(str(tmp_path / "out"), [f"model={tmp_path / 'other-model'}"])
     assert (tmp_path / "out" / MANIFEST).exists()

@@ -18,8 +18,8 @@ def validate(job, *args):
     return result
 
 
-def test_a_good_job_validates(tmp_path, bert_mlm):
-    result = validate(fill_mask_job(tmp_path, bert_mlm))
+def test_a_good_job_validates(tmp_path, rayinfer_bert):
+    result = validate(fill_mask_job(tmp_path, rayinfer_bert))
     assert result.exit_code == 0, result.output
     assert "2 file(s), 50 rows" in result.output
     assert "doc_id, source, predictions, filled, error" in result.output
@@ -28,26 +28,26 @@ def test_a_good_job_validates(tmp_path, bert_mlm):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["input.columns.text=body"], "column 'body' is not in the input. Columns: doc_id, sentence, source"),
-        (["input.keep=[nope]"], "input.keep: column 'nope' is not in the input"),
-        (["input.id_column=source"], None),  # any column can be the id: valid
-        (["input.columns={text: doc_id}"], "column 'doc_id' must be a string column, but it is int64"),
-        (["task=summarise"], "unknown task 'summarise'. Known tasks: classify, fill-mask"),
-        (["options.top_k=0"], "options.top_k: Input should be greater than or equal to 1 (got 0)"),
-        (["options.topk=3"], "unknown key 'options.topk' (did you mean 'options.top_k'?)"),
-        (["runtime.batchsize=3"], "unknown key 'runtime.batchsize' (did you mean 'runtime.batch_size'?)"),
-        (["runtime.batch_size=lots"], "runtime.batch_size: Input should be a valid integer"),
-        (["runtime.actors={min: 3, max: 1}"], "max (1) must be >= min (3)"),
-        (["model=/no/such/model"], "model folder '/no/such/model' does not exist"),
-        (["input.path=/no/such/data"], "input.path '/no/such/data' does not exist"),
-        (["output.mode=sometimes"], "output.mode: Input should be 'error', 'overwrite' or 'resume'"),
-        (["output.path=s3://bucket/out?secret_key=abc"], "carries credentials (secret_key) in the URI"),
-        (["input.path=s3://bucket/in?access_key=a&secret_key=b"], "input.path 's3://bucket/in?access_key=***&secret_key=***'"),
-        (["output.path=nope://bucket/out"], "output.path 'nope://bucket/out': cannot open it"),
+        pytest.param(["input.columns.text=body"], "column 'body' is not in the input. Columns: doc_id, sentence, source", id="column-not-in-input"),
+        pytest.param(["input.keep=[nope]"], "input.keep: column 'nope' is not in the input", id="keep-column-missing"),
+        pytest.param(["input.id_column=source"], None, id="any-column-is-an-id"),  # any column can be the id: valid
+        pytest.param(["input.columns={text: doc_id}"], "column 'doc_id' must be a string column, but it is int64", id="text-column-not-string"),
+        pytest.param(["task=summarise"], "unknown task 'summarise'. Known tasks: classify, fill-mask", id="unknown-task"),
+        pytest.param(["options.top_k=0"], "options.top_k: Input should be greater than or equal to 1 (got 0)", id="option-out-of-range"),
+        pytest.param(["options.topk=3"], "unknown key 'options.topk' (did you mean 'options.top_k'?)", id="misspelt-option"),
+        pytest.param(["runtime.batchsize=3"], "unknown key 'runtime.batchsize' (did you mean 'runtime.batch_size'?)", id="misspelt-runtime-key"),
+        pytest.param(["runtime.batch_size=lots"], "runtime.batch_size: Input should be a valid integer", id="runtime-not-an-integer"),
+        pytest.param(["runtime.actors={min: 3, max: 1}"], "max (1) must be >= min (3)", id="actors-max-below-min"),
+        pytest.param(["model=/no/such/model"], "model folder '/no/such/model' does not exist", id="model-folder-missing"),
+        pytest.param(["input.path=/no/such/data"], "input.path '/no/such/data' does not exist", id="input-missing"),
+        pytest.param(["output.mode=sometimes"], "output.mode: Input should be 'error', 'overwrite' or 'resume'", id="bad-output-mode"),
+        pytest.param(["output.path=s3://bucket/out?secret_key=abc"], "carries credentials (secret_key) in the URI", id="credentials-in-output-uri"),
+        pytest.param(["input.path=s3://bucket/in?access_key=a&secret_key=b"], "input.path 's3://bucket/in?access_key=***&secret_key=***'", id="credentials-redacted-in-messages"),
+        pytest.param(["output.path=nope://bucket/out"], "output.path 'nope://bucket/out': cannot open it", id="unknown-uri-scheme"),
     ],
 )
-def test_bad_specs_are_rejected_with_clear_messages(tmp_path, bert_mlm, overrides, message):
-    job = fill_mask_job(tmp_path, bert_mlm)
+def test_bad_specs_are_rejected_with_clear_messages(tmp_path, rayinfer_bert, overrides, message):
+    job = fill_mask_job(tmp_path, rayinfer_bert)
     result = validate(job, *[a for o in overrides for a in ("--set", o)])
     if message is None:
         assert result.exit_code == 0, result.output
@@ -57,24 +57,24 @@ def test_bad_specs_are_rejected_with_clear_messages(tmp_path, bert_mlm, override
     assert message in result.output
 
 
-def test_model_folder_without_config_or_weights(tmp_path, bert_mlm):
+def test_model_folder_without_config_or_weights(tmp_path, rayinfer_bert):
     empty = tmp_path / "empty-model"
     empty.mkdir()
-    result = validate(fill_mask_job(tmp_path, bert_mlm), "--set", f"model={empty}")
+    result = validate(fill_mask_job(tmp_path, rayinfer_bert), "--set", f"model={empty}")
     assert result.exit_code == 2 and "has no config.json" in result.output
     (empty / "config.json").write_text(json.dumps({"model_type": "bert"}))
     result = validate(tmp_path / "job.yaml", "--set", f"model={empty}")
     assert result.exit_code == 2 and "has no weights" in result.output
 
 
-def test_task_checks_the_model_head(tmp_path, bert_mlm):
-    result = validate(fill_mask_job(tmp_path, bert_mlm), "--set", "task=classify")
+def test_task_checks_the_model_head(tmp_path, rayinfer_bert):
+    result = validate(fill_mask_job(tmp_path, rayinfer_bert), "--set", "task=classify")
     assert result.exit_code == 2
     assert "classify needs a sequence-classification head, but the model is BertForMaskedLM" in result.output
 
 
-def test_existing_output_is_refused_unless_overwrite(tmp_path, bert_mlm):
-    job = fill_mask_job(tmp_path, bert_mlm)
+def test_existing_output_is_refused_unless_overwrite(tmp_path, rayinfer_bert):
+    job = fill_mask_job(tmp_path, rayinfer_bert)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     result = validate(job)
@@ -95,16 +95,16 @@ def test_malformed_yaml_and_missing_keys(tmp_path):
     assert "validate" in CliRunner().invoke(main, ["--help"]).output
 
 
-def test_corrupt_parquet_file_is_named(tmp_path, bert_mlm):
-    job = fill_mask_job(tmp_path, bert_mlm)
+def test_corrupt_parquet_file_is_named(tmp_path, rayinfer_bert):
+    job = fill_mask_job(tmp_path, rayinfer_bert)
     (tmp_path / "in" / "part-0001.parquet").write_bytes(b"PAR1 this is not parquet")
     result = validate(job)
     assert result.exit_code == 2
     assert "part-0001.parquet" in result.output and "not a readable Parquet file" in result.output
 
 
-def test_run_with_a_bad_spec_exits_2_and_writes_nothing(tmp_path, bert_mlm):
-    job = fill_mask_job(tmp_path, bert_mlm)
+def test_run_with_a_bad_spec_exits_2_and_writes_nothing(tmp_path, rayinfer_bert):
+    job = fill_mask_job(tmp_path, rayinfer_bert)
     for overrides, message in [
         (["options.top_k=0"], "options.top_k"),
         (["input.columns.text=doc_id"], "must be a string column"),
@@ -125,10 +125,10 @@ def test_run_with_a_bad_spec_exits_2_and_writes_nothing(tmp_path, bert_mlm):
         pytest.param("{tmp}/link/out", "{tmp}/in", id="through-a-symlink"),
     ],
 )
-def test_output_and_input_must_not_overlap(tmp_path, bert_mlm, output, input_path):
+def test_output_and_input_must_not_overlap(tmp_path, rayinfer_bert, output, input_path):
     """A run reading `data` and writing `data/out` would read its own parts as input next time
     (4,000 rows out of a 2,000-row corpus); refused before Ray starts, nothing written."""
-    job = fill_mask_job(tmp_path, bert_mlm)
+    job = fill_mask_job(tmp_path, rayinfer_bert)
     (tmp_path / "link").symlink_to(tmp_path / "in")
     before = sorted(p.name for p in (tmp_path / "in").iterdir())
     overrides = [f"output.path={output.format(tmp=tmp_path)}", f"input.path={input_path.format(tmp=tmp_path)}"]
@@ -138,26 +138,26 @@ def test_output_and_input_must_not_overlap(tmp_path, bert_mlm, output, input_pat
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == before and not (tmp_path / "out").exists()
 
 
-def test_an_output_path_that_is_a_file_is_refused(tmp_path, bert_mlm):
-    job = fill_mask_job(tmp_path, bert_mlm)
+def test_an_output_path_that_is_a_file_is_refused(tmp_path, rayinfer_bert):
+    job = fill_mask_job(tmp_path, rayinfer_bert)
     (tmp_path / "out").write_text("a file")
     result = validate(job)
     assert result.exit_code == 2 and "exists and is not a folder" in result.output
 
 
-def test_an_actor_that_no_node_can_hold_fails_fast(tmp_path, bert_mlm):
+def test_an_actor_that_no_node_can_hold_fails_fast(tmp_path, rayinfer_bert):
     """Totals are not enough: 3 CPUs per actor on two 2-CPU nodes can never be placed."""
     from rayinfer.admission import check_resources
     from rayinfer.api import plan_job
     from rayinfer.errors import RunError
 
-    plan = plan_job(fill_mask_job(tmp_path, bert_mlm, runtime={"num_cpus": 3}))
+    plan = plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime={"num_cpus": 3}))
     with pytest.raises(RunError, match=r"no node can hold one actor \(CPU=3\); nodes have: CPU=2; CPU=2"):
         check_resources(plan, {"CPU": 4}, [{"CPU": 2}, {"CPU": 2}])
     check_resources(plan, {"CPU": 5.5}, [{"CPU": 2}, {"CPU": 3.5}])  # one node fits: fine
 
 
-def test_a_fixed_pool_must_fit_the_local_ray(tmp_path, bert_mlm, caplog):
+def test_a_fixed_pool_must_fit_the_local_ray(tmp_path, rayinfer_bert, caplog):
     """Three 1-CPU actors on a 2-CPU local Ray would wait out actor_start_timeout_s: that run
     fails before any row is read; a cluster may grow, so there it is a warning. Actors read their
     own units, so two 1-CPU actors fit on 2 CPUs (no read task needs a CPU beside them)."""
@@ -172,7 +172,7 @@ def test_a_fixed_pool_must_fit_the_local_ray(tmp_path, bert_mlm, caplog):
     assert actors_that_fit({"CPU": 0.5}, [{"CPU": 2}]) == 4
     assert actors_that_fit({"CPU": 1, "GPU": 1}, [{"CPU": 16}]) == 0
 
-    plan = plan_job(fill_mask_job(tmp_path, bert_mlm, runtime={"actors": 3, "num_cpus": 1}))
+    plan = plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime={"actors": 3, "num_cpus": 1}))
     with pytest.raises(RunError, match=r"runtime.actors asks for 3 actors of CPU=1 from the start; the local Ray "
                                        r"holds 2\. Set runtime.actors to at most 2"):
         check_pool_fits(plan, 3, [{"CPU": 2}], can_grow=False)
@@ -182,6 +182,6 @@ def test_a_fixed_pool_must_fit_the_local_ray(tmp_path, bert_mlm, caplog):
     check_pool_fits(plan, 3, [{"CPU": 3}], can_grow=False)  # fits: fine
 
     # unset actors: every actor the cluster holds; all from the start on the local Ray
-    unset = plan_job(fill_mask_job(tmp_path, bert_mlm, runtime={"num_cpus": 0.5}))
+    unset = plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime={"num_cpus": 0.5}))
     assert pool_size(unset, {"CPU": 2}, can_grow=False) == (4, 4)
     assert pool_size(unset, {"CPU": 2}, can_grow=True) == (1, 4)
