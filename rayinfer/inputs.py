@@ -1,6 +1,8 @@
-"""Finding the input Parquet files, checking their schemas, and cutting them into work units.
+"""Finding the input files, checking their schemas, and cutting them into work units.
 
-A work unit is a range of rows of one file (whole row groups where they are small enough).
+The formats themselves (Parquet, Arrow IPC, Hugging Face ``save_to_disk`` folders, JSON Lines,
+CSV) are read by ``rayinfer.formats``, all in chunks (row groups, record batches, blocks of
+lines). A work unit is a range of rows of one file (whole chunks where they are small enough).
 Every row read comes with its coordinates (file, row index within the file), so output parts
 can record exactly which input rows they cover: that is what makes commits deterministic and
 resume possible without keeping every id in memory.
@@ -9,6 +11,7 @@ resume possible without keeping every id in memory.
 from __future__ import annotations
 
 import glob as globlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -16,9 +19,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from rayinfer.errors import InputError, UnreadableInput
+from rayinfer.errors import InputError, RowError, UnreadableInput
+from rayinfer.formats import FORMATS, Piece, Source, describe, format_of, open_chunks
 from rayinfer.storage import filesystem, uri_for
 
 READ_BATCH_ROWS = 4096
@@ -32,40 +35,89 @@ Ranges = list[tuple[int, int]]
 class InputFile:
     path: str  # the key used in coverage: an absolute local path or a URI
     num_rows: int
-    row_group_rows: tuple[int, ...]
+    chunk_rows: tuple[int, ...]  # rows per chunk: row group, record batch or block of lines
     fingerprint: str = ""  # "size:mtime_ns": a rewritten file gets another (resume checks it)
+    source: Source = Source("parquet")  # how its chunks are read
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return filesystem(path, "input.path", InputError)
 
 
-def list_files(path: str) -> list[str]:
-    """The Parquet files a spec's ``input.path`` names, sorted; an InputError when there are none."""
+def list_files(path: str, fmt: str = "auto") -> list[tuple[str, str]]:
+    """(file, format) of each input file a spec's ``input.path`` names, sorted; an InputError
+    when there are none. A folder with a ``state.json`` is a Hugging Face ``save_to_disk``
+    dataset: its Arrow files, in the order state.json lists them (other .arrow files there, such
+    as the caches ``map()`` leaves, are not data)."""
     if "://" not in path and any(ch in path for ch in "*?["):
         found = sorted(
             os.path.abspath(p) for p in globlib.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(p)
         )
         if not found:
             raise InputError(f"input.path {path!r}: the glob matches no files")
-        return found
+        return _of_one_format(path, [(f, format_of(f, fmt)) for f in found], fmt)
     fs, fpath = _filesystem(path)
     info = fs.get_file_info(fpath)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input.path {path!r} does not exist")
     if info.type == pafs.FileType.File:
-        return [uri_for(fpath, path)]
+        found_fmt = format_of(fpath, fmt)
+        if found_fmt is None:
+            raise InputError(f"input.path {path!r}: cannot tell its format from the extension; set input.format "
+                             f"({', '.join(FORMATS)})")
+        return [(uri_for(fpath, path), found_fmt)]
+    hf = _hugging_face_files(fs, fpath, path)
+    if hf is not None:
+        return [(f, "arrow") for f in hf]
     selector = pafs.FileSelector(fpath, recursive=True)
     files = [
-        uri_for(i.path, path)
+        (uri_for(i.path, path), format_of(i.path, fmt))
         for i in fs.get_file_info(selector)
         if i.type == pafs.FileType.File
         and not any(part.startswith((".", "_")) for part in os.path.relpath(i.path, fpath).split(os.sep))
-        and i.path.endswith((".parquet", ".pq", ".parq"))
     ]
+    files = sorted((f, k) for f, k in files if k is not None)
     if not files:
-        raise InputError(f"input.path {path!r} is a folder with no .parquet files in it")
-    return sorted(files)
+        kinds = "files of format " + fmt if fmt != "auto" else "input files (.parquet, .arrow, .jsonl, .csv, ...)"
+        raise InputError(f"input.path {path!r} is a folder with no {kinds} in it")
+    return _of_one_format(path, files, fmt)
+
+
+def _of_one_format(path: str, files: list[tuple[str, str | None]], fmt: str) -> list[tuple[str, str]]:
+    kinds = sorted({k for _, k in files if k is not None})
+    if len(kinds) > 1:
+        raise InputError(f"input.path {path!r} holds files of several formats ({', '.join(kinds)}): "
+                         "point it at one kind (a glob such as dir/*.parquet) or set input.format")
+    unknown = [f for f, k in files if k is None]
+    if unknown:
+        raise InputError(f"input.path {path!r}: cannot tell the format of {unknown[0]!r} from its extension; "
+                         f"set input.format ({', '.join(FORMATS)})")
+    return [(f, k) for f, k in files if k is not None]
+
+
+def _hugging_face_files(fs: pafs.FileSystem, folder: str, path: str) -> list[str] | None:
+    """The data files of a ``datasets`` save_to_disk folder (None: the folder is not one)."""
+    def read_json(name: str) -> Any:
+        try:
+            with fs.open_input_stream(f"{folder}/{name}") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:
+            raise InputError(f"input.path {path!r}: {name} is not valid JSON ({exc})") from None
+
+    splits = read_json("dataset_dict.json")
+    if splits is not None:
+        names = ", ".join(splits.get("splits", []))
+        raise InputError(f"input.path {path!r} is a Hugging Face DatasetDict; point it at one split's folder "
+                         f"({names})")
+    state = read_json("state.json")
+    if state is None:
+        return None
+    data = [d.get("filename") for d in state.get("_data_files") or []]
+    if not data or not all(isinstance(d, str) for d in data):
+        raise InputError(f"input.path {path!r}: its state.json lists no data files (_data_files)")
+    return [uri_for(f"{folder}/{name}", path) for name in data]
 
 
 def fingerprint(path: str) -> str:
@@ -75,29 +127,28 @@ def fingerprint(path: str) -> str:
     return f"{info.size}:{mtime}"
 
 
-def open_parquet(path: str) -> pq.ParquetFile:
-    fs, fpath = _filesystem(path)
-    try:
-        return pq.ParquetFile(fs.open_input_file(fpath))
-    except FileNotFoundError:
-        raise InputError(f"input file {path!r} disappeared") from None
-    except PermissionError:
-        raise InputError(f"input file {path!r} is not readable (permission denied)") from None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"input file {path!r} is not a readable Parquet file: {exc}") from None
-
-
-def scan(path: str) -> tuple[list[InputFile], pa.Schema]:
-    """Read every file's footer: row counts, row groups, and one schema they all agree on."""
+def scan(path: str, fmt: str = "auto", column_types: dict[str, str] | None = None,
+         delimiter: str | None = None) -> tuple[list[InputFile], pa.Schema]:
+    """Describe every input file (rows per chunk; for text formats the index of their blocks) and
+    find one schema they all agree on. JSON Lines and CSV columns are typed once, from the first
+    file (``column_types`` win), and every file is parsed into that schema."""
+    types = {name: _data_type(name, t) for name, t in (column_types or {}).items()}
     files: list[InputFile] = []
     schema: pa.Schema | None = None
+    text_schema: pa.Schema | None = None
     first = ""
-    for f in list_files(path):
-        pf = open_parquet(f)
-        md = pf.metadata
-        rg_rows = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
-        files.append(InputFile(path=f, num_rows=md.num_rows, row_group_rows=rg_rows, fingerprint=fingerprint(f)))
-        fschema = pf.schema_arrow
+    for f, kind in list_files(path, fmt):
+        chunk_rows, fschema, source = describe(f, kind, types, delimiter, text_schema)
+        if kind in ("jsonl", "csv"):
+            if source.schema is None:  # an empty text file: it has no rows, its columns are the others'
+                files.append(InputFile(path=f, num_rows=0, chunk_rows=(), fingerprint=fingerprint(f), source=source))
+                continue
+            text_schema = fschema
+        elif types:
+            raise InputError(f"input.column_types is for JSON Lines and CSV inputs; {f!r} is {kind}, which "
+                             "carries its own types")
+        files.append(InputFile(path=f, num_rows=sum(chunk_rows), chunk_rows=chunk_rows, fingerprint=fingerprint(f),
+                               source=source))
         if schema is None:
             schema, first = fschema, f
         else:
@@ -109,8 +160,15 @@ def scan(path: str) -> tuple[list[InputFile], pa.Schema]:
                     raise InputError(
                         f"column {field.name!r} is {other.type} in {f!r} but {field.type} in {first!r}"
                     )
-    assert schema is not None
-    return files, schema
+    return files, schema if schema is not None else pa.schema([])
+
+
+def _data_type(column: str, name: str) -> pa.DataType:
+    try:
+        return pa.type_for_alias(name)
+    except ValueError:
+        raise InputError(f"input.column_types.{column}: {name!r} is not an Arrow type name (string, int64, "
+                         "float64, bool, timestamp[s], ...)") from None
 
 
 def is_string_type(t: pa.DataType) -> bool:
@@ -167,9 +225,9 @@ def make_units(
 ) -> list[dict[str, Any]]:
     """Cut files into work units of about ``unit_rows`` rows; drop the units resume finds covered.
 
-    Consecutive row groups are joined up to ``unit_rows``; a row group larger than that is split
-    into equal row ranges (each unit then decodes the whole row group and keeps its slice: the
-    price of feeding many actors from a small file). A unit never spans two files.
+    Consecutive chunks are joined up to ``unit_rows``; a chunk larger than that is split into
+    equal row ranges (each unit then decodes the whole chunk and keeps its slice: the price of
+    feeding many actors from a small file). A unit never spans two files.
     """
     coverage = coverage or {}
     unit_rows = max(1, unit_rows)
@@ -184,11 +242,11 @@ def make_units(
 
     for f in files:
         run_start = offset = 0
-        for n in f.row_group_rows:
+        for n in f.chunk_rows:
             if offset > run_start and offset + n - run_start > unit_rows:
                 add(f, run_start, offset)
                 run_start = offset
-            if n > unit_rows:  # one big row group: equal slices of it
+            if n > unit_rows:  # one big chunk: equal slices of it
                 pieces = -(-n // unit_rows)
                 size = -(-n // pieces)
                 for a in range(offset, offset + n, size):
@@ -200,58 +258,72 @@ def make_units(
     return units
 
 
-def read_unit(
-    unit: dict[str, Any], columns: list[str], batch_rows: int = READ_BATCH_ROWS, on_unreadable: str = "fail"
-) -> Iterator[tuple[pa.Table | None, pa.Array, str | None]]:
-    """Yield the unit's rows (only ``columns``) as (table, input row indices, None) in tables of at
-    most ``batch_rows`` rows; rows in ``unit["covered"]`` are skipped.
+Batch = tuple[pa.Table | None, pa.Array, "str | RowError | None"]
+"""What the readers yield: (rows, their input row numbers, None), or for rows that could not be
+read (None, row numbers, the problem): a damaged chunk's text (``on_unreadable: skip``), or a
+malformed record's RowError."""
 
-    A row group whose data cannot be read (its footer was fine: a damaged page, a bad
-    decompression) raises UnreadableInput naming the file, row group and rows; with
-    ``on_unreadable="skip"`` its rows not yet read come out as (None, row indices, message)."""
-    pf = open_parquet(unit["file"])
-    md = pf.metadata
+
+def read_unit(
+    file: InputFile, unit: dict[str, Any], columns: list[str], batch_rows: int = READ_BATCH_ROWS,
+    on_unreadable: str = "fail",
+) -> Iterator[Batch]:
+    """Yield the unit's rows (only ``columns``) in tables of at most ``batch_rows`` rows, in
+    order; rows in ``unit["covered"]`` are skipped.
+
+    A chunk whose data cannot be read (its footer was fine: a damaged page, a bad
+    decompression) raises UnreadableInput naming the file, chunk and rows; with
+    ``on_unreadable="skip"`` its rows not yet read come out with the problem instead. A
+    malformed record of a text file always comes out with its RowError."""
+    reader = open_chunks(file.path, file.source)
     start, stop = unit["start"], unit["stop"]
     covered = [tuple(r) for r in unit.get("covered") or []]
     pending: list[tuple[pa.Table, pa.Array]] = []
     pending_rows = 0
-    group_start = 0
-    for i in range(md.num_row_groups):
-        group_stop = group_start + md.row_group(i).num_rows
-        if group_stop <= start or group_start >= stop:
-            group_start = group_stop
+    chunk_start = 0
+    for i, n in enumerate(file.chunk_rows):
+        chunk_stop = chunk_start + n
+        if chunk_stop <= start or chunk_start >= stop:
+            chunk_start = chunk_stop
             continue
-        offset = group_start
-        batches = pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=columns, use_threads=False)
-        while offset < min(group_stop, stop):
+        offset = chunk_start
+        pieces = reader.chunk(i, columns, batch_rows)
+        while offset < min(chunk_stop, stop):
             try:
-                rb = next(batches)
+                piece = next(pieces)
             except StopIteration:
                 break
             except (pa.ArrowException, OSError) as exc:
-                problem = (f"input file {unit['file']!r}, row group {i} (rows {group_start}-{group_stop - 1}) cannot "
-                           f"be read: {' '.join(str(exc).split())}")
+                problem = (f"input file {file.path!r}, {reader.where(i, chunk_start, chunk_stop)} cannot be read: "
+                           f"{' '.join(str(exc).split())}")
                 if on_unreadable != "skip":
                     raise UnreadableInput(problem) from None
-                rows = _uncovered(pa.array(range(max(start, offset), min(stop, group_stop)), pa.int64()), covered)
+                rows = _uncovered(pa.array(range(max(start, offset), min(stop, chunk_stop)), pa.int64()), covered)
                 if len(rows):
                     yield None, rows, problem
                 break
-            lo, hi = max(start, offset), min(stop, offset + rb.num_rows)
-            table = pa.Table.from_batches([rb]).slice(lo - offset, max(0, hi - lo))
-            rows = pa.array(range(lo, max(lo, hi)), type=pa.int64())
-            offset += rb.num_rows
-            if covered and len(rows):
-                mask = _uncovered_mask(rows, covered)
-                table, rows = table.filter(mask), rows.filter(mask)
+            lo, hi = max(start, offset), min(stop, offset + piece.table.num_rows)
+            piece_offset = offset
+            offset += piece.table.num_rows
+            if hi <= lo:
+                continue
+            table = piece.table.slice(lo - piece_offset, hi - lo)
+            rows = pa.array(range(lo, hi), type=pa.int64())
+            keep = _uncovered_mask(rows, covered) if covered else None
+            if piece.malformed:  # each comes out alone, with its RowError
+                yield from _malformed(file.path, piece, piece_offset, lo, hi, covered)
+                good = pa.array([(lo + k - piece_offset) not in piece.malformed for k in range(hi - lo)])
+                keep = good if keep is None else pc.and_(keep, good)
+            if keep is not None:
+                table, rows = table.filter(keep), rows.filter(keep)
             if table.num_rows:
                 pending.append((table, rows))
                 pending_rows += table.num_rows
             while pending_rows >= batch_rows:
                 yield (*_take_rows(pending, batch_rows), None)
                 pending_rows -= batch_rows
-        group_start = group_stop
-        if group_start >= stop:
+        chunk_start = chunk_stop
+        if chunk_start >= stop:
             break
     while pending_rows:
         n = min(batch_rows, pending_rows)
@@ -259,47 +331,77 @@ def read_unit(
         pending_rows -= n
 
 
+def _malformed(file: str, piece: Piece, piece_offset: int, lo: int, hi: int,
+               covered: list[tuple[int, int]]) -> Iterator[Batch]:
+    for k, problem in sorted(piece.malformed.items()):
+        row = piece_offset + k
+        if lo <= row < hi and not any(a <= row < b for a, b in covered):
+            yield None, pa.array([row], pa.int64()), RowError(f"input file {file!r}, {problem}", "malformed")
+
+
 def read_rows(
-    file: str, rows: list[int], columns: list[str], batch_rows: int = READ_BATCH_ROWS, on_unreadable: str = "fail"
-) -> Iterator[tuple[pa.Table | None, pa.Array, str | None]]:
-    """Like ``read_unit``, for given input rows (ascending) of ``file``: only the row groups that
-    hold them are decoded. Rows the file no longer has are an InputError (it changed)."""
-    pf = open_parquet(file)
-    md = pf.metadata
-    if rows and rows[-1] >= md.num_rows:
-        raise InputError(f"input file {file!r} has {md.num_rows} rows now; row {rows[-1]} is gone (the file changed)")
+    file: InputFile, rows: list[int], columns: list[str], batch_rows: int = READ_BATCH_ROWS,
+    on_unreadable: str = "fail",
+) -> Iterator[Batch]:
+    """Like ``read_unit``, for given input rows (ascending) of ``file``: only the chunks that
+    hold them are read. Rows the file no longer has are an InputError (it changed)."""
+    reader = open_chunks(file.path, file.source)
+    if rows and rows[-1] >= file.num_rows:
+        raise InputError(f"input file {file.path!r} has {file.num_rows} rows now; row {rows[-1]} is gone "
+                         "(the file changed)")
     pending: list[tuple[pa.Table, pa.Array]] = []
     pending_rows = 0
-    group_start, k = 0, 0
-    for i in range(md.num_row_groups):
-        group_stop = group_start + md.row_group(i).num_rows
+    chunk_start, k = 0, 0
+    for i, n in enumerate(file.chunk_rows):
+        chunk_stop = chunk_start + n
         j = k
-        while j < len(rows) and rows[j] < group_stop:
+        while j < len(rows) and rows[j] < chunk_stop:
             j += 1
         if j > k:
             wanted = pa.array(rows[k:j], pa.int64())
             try:
-                group = pf.read_row_group(i, columns=columns, use_threads=False)
+                pieces = list(reader.chunk(i, columns, max(1, n)))
             except (pa.ArrowException, OSError) as exc:
-                problem = (f"input file {file!r}, row group {i} (rows {group_start}-{group_stop - 1}) cannot "
-                           f"be read: {' '.join(str(exc).split())}")
+                problem = (f"input file {file.path!r}, {reader.where(i, chunk_start, chunk_stop)} cannot be read: "
+                           f"{' '.join(str(exc).split())}")
                 if on_unreadable != "skip":
                     raise UnreadableInput(problem) from None
                 yield None, wanted, problem
             else:
-                pending.append((group.take(pc.subtract(wanted, group_start)), wanted))
-                pending_rows += j - k
+                whole = _join(pieces)
+                positions = pc.subtract(wanted, chunk_start)
+                bad = {r for r in rows[k:j] if r - chunk_start in whole.malformed}
+                for r in sorted(bad):
+                    yield None, pa.array([r], pa.int64()), RowError(
+                        f"input file {file.path!r}, {whole.malformed[r - chunk_start]}", "malformed")
+                if bad:
+                    keep = pa.array([r not in bad for r in rows[k:j]])
+                    wanted, positions = wanted.filter(keep), positions.filter(keep)
+                if len(wanted):
+                    pending.append((whole.table.take(positions), wanted))
+                    pending_rows += len(wanted)
             k = j
         while pending_rows >= batch_rows:
             yield (*_take_rows(pending, batch_rows), None)
             pending_rows -= batch_rows
-        group_start = group_stop
+        chunk_start = chunk_stop
         if k == len(rows):
             break
     while pending_rows:
         n = min(batch_rows, pending_rows)
         yield (*_take_rows(pending, n), None)
         pending_rows -= n
+
+
+def _join(pieces: list[Piece]) -> Piece:
+    """One piece of a chunk's pieces, in order."""
+    if len(pieces) == 1:
+        return pieces[0]
+    malformed, base = {}, 0
+    for p in pieces:
+        malformed.update({base + m: v for m, v in p.malformed.items()})
+        base += p.table.num_rows
+    return Piece(pa.concat_tables([p.table for p in pieces]), malformed)
 
 
 def _uncovered_mask(rows: pa.Array, covered: list[tuple[int, int]]) -> pa.Array:

@@ -43,7 +43,7 @@ from rayinfer import __version__
 from rayinfer.coordinator import Coordinator, crash_pieces
 from rayinfer.admission import actor_need, check_paths_visible, check_resources, describe, pool_size
 from rayinfer.errors import RayInferError, RowError, RunError, RunFailed, Stopped
-from rayinfer.inputs import covered_count, make_units, read_rows, read_unit
+from rayinfer.inputs import InputFile, covered_count, make_units, read_rows, read_unit
 from rayinfer.output import (PartWriter, Store, committed_coverage, count_errors, prepare, replace_rows, resume_coverage, unit_todo,
                              verify_coverage, write_manifest)
 from rayinfer.plan import Plan
@@ -76,6 +76,7 @@ class TaskActor:
         id_column: str,
         keep: list[str],
         read_columns: list[str],
+        files: dict[str, InputFile],
         on_unreadable: str,
         batch_size: int,
         max_batch_tokens: int,
@@ -101,6 +102,7 @@ class TaskActor:
             self.task, column_map=column_map, id_column=id_column, keep=keep, max_batch_tokens=max_batch_tokens
         )
         self.read_columns = read_columns
+        self.files = files
         self.on_unreadable = on_unreadable
         self.prefetch = prefetch
         self.batch_size = batch_size
@@ -196,8 +198,9 @@ class TaskActor:
 
     def _output(self, key: str, table: pa.Table | None, rows: pa.Array, prepared: Any, stats: BatchStats) -> pa.Table:
         """The output rows of one batch from ``_batches``."""
-        if table is None:  # an unreadable row group, input.on_unreadable: skip
-            return self.runner.error_table(len(rows), self.schema, RowError(prepared, "unreadable"), stats)
+        if table is None:  # a malformed record (its RowError), or an unreadable chunk with on_unreadable: skip
+            error = prepared if isinstance(prepared, RowError) else RowError(prepared, "unreadable")
+            return self.runner.error_table(len(rows), self.schema, error, stats)
         if isinstance(prepared, RowError):  # a row that killed its worker, isolated
             return self.runner.error_table(len(rows), self.schema, prepared, stats, table)
         if prepared is None:  # a batch of work whose worker died: run under watch
@@ -208,9 +211,10 @@ class TaskActor:
         return self.runner.complete_table(table, prepared, self.schema, stats)
 
     def _read(self, unit: dict[str, Any]) -> Iterator[tuple[pa.Table | None, pa.Array, str | None]]:
+        file = self.files[unit["file"]]
         if unit.get("part"):
-            return read_rows(unit["file"], unit["rows"], self.read_columns, self.batch_size, self.on_unreadable)
-        return read_unit(unit, self.read_columns, self.batch_size, self.on_unreadable)
+            return read_rows(file, unit["rows"], self.read_columns, self.batch_size, self.on_unreadable)
+        return read_unit(file, unit, self.read_columns, self.batch_size, self.on_unreadable)
 
     def _call(self, method: str, *args: Any) -> Any:
         """Call the run's coordinator (none when the actor runs outside a run, as in some tests)."""
@@ -404,6 +408,7 @@ def actor_args(plan: Plan, out_dir: str, run_id: str) -> dict[str, Any]:
         id_column=spec.input.id_column,
         keep=[k for k in spec.input.keep if k != spec.input.id_column],
         read_columns=plan.read_columns,
+        files={f.path: f for f in plan.files},
         on_unreadable=spec.input.on_unreadable,
         batch_size=rt.batch_size,
         max_batch_tokens=rt.max_batch_tokens or default_batch_tokens(plan),

@@ -22,7 +22,23 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    path: str = Field(description="A Parquet file, a folder of Parquet files, or a glob.")
+    path: str = Field(
+        description="A file, a folder of files (recursive; a folder with a state.json is a Hugging Face "
+        "save_to_disk dataset), or a glob."
+    )
+    format: Literal["auto", "parquet", "arrow", "jsonl", "csv"] = Field(
+        "auto",
+        description="auto: by extension (.parquet/.pq, .arrow/.feather/.ipc, .jsonl/.ndjson, .csv/.tsv). arrow: "
+        "Arrow IPC files or streams (Feather v2, Hugging Face datasets).",
+    )
+    column_types: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON Lines / CSV: column -> Arrow type (string, int64, float64, bool, ...); columns not named "
+        "are typed from the first file's first MiB.",
+    )
+    delimiter: str | None = Field(
+        None, min_length=1, max_length=1, description="CSV: the field delimiter; default: tab for .tsv, else a comma."
+    )
     id_column: str = Field("id", description="The column that identifies a row; copied to the output.")
     columns: dict[str, str] = Field(
         default_factory=dict,

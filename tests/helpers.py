@@ -58,16 +58,85 @@ def write_units(location: str, files: list, coverage: dict, batch: int, unit_row
     store = Store(location)
     schema = pa.schema([pa.field("id", pa.int64())])
     units = make_units(files, coverage, unit_rows)
+    by_path = {f.path: f for f in files}
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(units)  # Ray gives no order
     committed = 0
     for unit in units:
         unit = unit_todo(store, unit)
         writer = PartWriter(store, schema, {"run": "test"}, part_bytes, row_group_rows=batch)
-        for table, rows, _ in read_unit(unit, ["id"], batch):
+        for table, rows, _ in read_unit(by_path[unit["file"]], unit, ["id"], batch):
             if stop_after is not None and committed >= stop_after:  # a part half-written when the process dies
                 PartWriter(store, schema, {"run": "test"}, 1 << 40, row_group_rows=1).write(unit["file"], table, rows)
                 return committed
             committed += len(writer.write(unit["file"], table, rows, unit["fingerprint"]))
         committed += len(writer.close())
     return committed
+
+
+FORMAT_CASES = ["parquet", "arrow-file", "arrow-stream", "hf-dataset", "jsonl", "csv"]
+
+
+def write_as(fmt: str, table: Any, folder: Path, chunk_rows: int, name: str = "data") -> Path:
+    """``table`` as an input of ``fmt`` (a FORMAT_CASES name) in ``folder``, in chunks of
+    ``chunk_rows`` where the format has chunks; returns the file (or, for hf-dataset, the folder)
+    to give as input.path."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        path = folder / f"{name}.parquet"
+        pq.write_table(table, path, row_group_size=chunk_rows)
+    elif fmt in ("arrow-file", "arrow-stream"):
+        path = folder / f"{name}.arrow"
+        new = pa.ipc.new_file if fmt == "arrow-file" else pa.ipc.new_stream
+        with new(path, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=chunk_rows):
+                writer.write_batch(batch)
+    elif fmt == "hf-dataset":
+        import datasets
+
+        path = folder / name
+        datasets.Dataset.from_dict(table.to_pydict()).save_to_disk(str(path), num_shards=2)
+    elif fmt == "jsonl":
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table.to_pylist()), encoding="utf-8")
+    elif fmt == "csv":
+        path = folder / f"{name}.csv"
+        pacsv.write_csv(table, path)
+    else:
+        raise ValueError(fmt)
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_cluster(temp: str) -> None:
+    """Every process of a test cluster (their command lines name its temp dir), and their children."""
+    import signal
+
+    import psutil
+
+    victims = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if temp in " ".join(p.info["cmdline"] or []):
+                victims += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            continue
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=10)

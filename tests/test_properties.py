@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +19,19 @@ from rayinfer.inputs import scan
 from rayinfer.output import committed_coverage, list_parts, part_coverage, prepare, verify_coverage
 from rayinfer.spec import load_spec
 
-from helpers import write_units
+from helpers import FORMAT_CASES, write_as, write_units
+
+
+@contextmanager
+def text_chunks(rows: int) -> Iterator[None]:
+    """JSON Lines and CSV blocks of ``rows`` records (hypothesis and monkeypatch do not mix)."""
+    from rayinfer import formats
+
+    before, formats.TEXT_CHUNK_ROWS = formats.TEXT_CHUNK_ROWS, rows
+    try:
+        yield
+    finally:
+        formats.TEXT_CHUNK_ROWS = before
 
 BASE = {
     "task": "fill-mask",
@@ -63,7 +77,7 @@ def test_valid_specs_load_the_same_from_a_dict_from_yaml_and_from_overrides(runt
 )
 def test_unknown_keys_are_spec_errors_never_crashes(section, key):
     known = {"": set(BASE) | {"adapter", "merge_adapter", "trust_remote_code", "options", "runtime"},
-             "input.": {"path", "id_column", "columns", "keep", "on_unreadable"}, "output.": {"path", "mode", "part_rows", "part_bytes"},
+             "input.": {"path", "id_column", "columns", "keep", "on_unreadable", "format", "column_types", "delimiter"}, "output.": {"path", "mode", "part_rows", "part_bytes"},
              "runtime.": {"batch_size", "max_batch_tokens", "actors", "num_cpus", "num_gpus", "resources", "dtype",
                           "device", "max_error_rate", "actor_start_timeout_s"}}
     if key in known[section]:
@@ -82,23 +96,25 @@ def test_unknown_keys_are_spec_errors_never_crashes(section, key):
     seed=st.integers(0, 2**16),
     as_uri=st.booleans(),
     retry=st.booleans(),
+    fmt=st.sampled_from([f for f in FORMAT_CASES if f != "hf-dataset"]),
 )
 def test_commit_then_crash_then_resume_covers_every_row_exactly_once(
-    rows_per_file, row_group, batch, unit_rows, crash_after, seed, as_uri, retry
+    rows_per_file, row_group, batch, unit_rows, crash_after, seed, as_uri, retry, fmt
 ):
     """Run the real read -> write -> commit path with random units and batching, stop after a
     random number of committed parts (leaving a half-written temp file, as a crash does), then
     either resume (new run: other units, other batching) or retry every unit as Ray retries a
     dead actor's unit (same run, no resume), and check: every input row is in exactly one part,
-    no committed part was rewritten."""
-    with tempfile.TemporaryDirectory() as tmp:
+    no committed part was rewritten. The inputs are of every format, in chunks of ``row_group``
+    rows (row groups, record batches, blocks of lines)."""
+    with tempfile.TemporaryDirectory() as tmp, text_chunks(row_group):
         tmp = Path(tmp)
         (tmp / "in").mkdir()
         next_id = 0
         for i, n in enumerate(rows_per_file):
             ids = list(range(next_id, next_id + n))
             next_id += n
-            pq.write_table(pa.table({"id": pa.array(ids, pa.int64())}), tmp / "in" / f"f{i}.parquet", row_group_size=row_group)
+            write_as(fmt, pa.table({"id": pa.array(ids, pa.int64())}), tmp / "in", row_group, name=f"f{i}")
         # a plain path, or the same folder as a file:// URI (the pyarrow FileSystem path object stores take)
         files, _ = scan(f"file://{tmp}/in" if as_uri else str(tmp / "in"))
         out = tmp / "out"

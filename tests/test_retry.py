@@ -24,12 +24,12 @@ def test_read_rows_decodes_only_the_groups_it_needs_and_batches_them(tmp_path):
     write_dataset(tmp_path / "in", {"id": list(range(100)), "text": [f"t{i}" for i in range(100)]}, row_group_size=10)
     [f], _ = scan(str(tmp_path / "in"))
     wanted = [0, 9, 10, 35, 36, 37, 99]
-    got = list(read_rows(f.path, wanted, ["id", "text"], batch_rows=3))
+    got = list(read_rows(f, wanted, ["id", "text"], batch_rows=3))
     assert [t.num_rows for t, _, _ in got] == [3, 3, 1]
     assert [i for t, _, _ in got for i in t.column("id").to_pylist()] == wanted
     assert [i for _, r, _ in got for i in r.to_pylist()] == wanted
     with pytest.raises(Exception, match="has 100 rows now; row 100 is gone"):
-        list(read_rows(f.path, [5, 100], ["id"]))
+        list(read_rows(f, [5, 100], ["id"]))
 
 
 def _part(store: Store, ids: list[int], errors: list[str | None]) -> tuple[str, pa.Schema]:

@@ -1,0 +1,417 @@
+"""Input formats: for each, a file's schema and its rows in chunks, the unit of random access.
+
+A chunk is a Parquet row group, an Arrow IPC record batch (IPC files, Feather v2, and the
+stream files of a Hugging Face ``save_to_disk`` folder), or a block of ``TEXT_CHUNK_ROWS``
+records of a JSON Lines or CSV file. Text formats have no random access of their own: when the
+job is planned, one pass over each file finds the byte offset where each block starts (and, for
+CSV, where quoted values span lines), so that a work unit, a resume or a retry reads only the
+blocks that hold its rows. A JSON line or CSV record that does not parse, or whose values do not
+fit the column types, is a *malformed* row: it becomes an error row naming file and line, and
+the rest of its block goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from rayinfer.errors import InputError
+from rayinfer.storage import filesystem
+
+FORMATS = ("parquet", "arrow", "jsonl", "csv")
+EXTENSIONS = {
+    ".parquet": "parquet", ".pq": "parquet", ".parq": "parquet",
+    ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
+    ".jsonl": "jsonl", ".ndjson": "jsonl",
+    ".csv": "csv", ".tsv": "csv",
+}
+TEXT_CHUNK_ROWS = 65_536
+SAMPLE_BYTES = 1 << 20  # text formats: column types are inferred from about this much of the first file
+_READ_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a reader needs beyond the path to read one input file's chunks."""
+
+    format: str
+    schema: pa.Schema | None = None  # text formats: the columns and types every row is parsed into
+    offsets: tuple[int, ...] = ()  # text formats: where each chunk's first record starts, then the end
+    lines: tuple[int, ...] = ()  # text formats: the line number (1-based) each chunk starts at
+    header: bytes = b""  # CSV: the header record, put before each block that is parsed
+    delimiter: str = ","
+
+
+@dataclass
+class Piece:
+    """Consecutive rows of a chunk; a malformed row is all nulls here, its problem in ``malformed``."""
+
+    table: pa.Table
+    malformed: dict[int, str] = field(default_factory=dict)  # row offset in the piece -> what is wrong
+
+
+def format_of(path: str, given: str) -> str | None:
+    """The format of a file: ``given`` unless it is auto, else its extension's (None: not an input file)."""
+    if given != "auto":
+        return given
+    return EXTENSIONS.get(os.path.splitext(path)[1].lower())
+
+
+def _open(path: str) -> tuple[pafs.FileSystem, str]:
+    return filesystem(path, "input.path", InputError)
+
+
+def _local(path: str) -> str | None:
+    fs, fpath = _open(path)
+    return fpath if isinstance(fs, pafs.LocalFileSystem) else None
+
+
+def _input_file(path: str) -> Any:
+    fs, fpath = _open(path)
+    try:
+        return fs.open_input_file(fpath)
+    except FileNotFoundError:
+        raise InputError(f"input file {path!r} disappeared") from None
+    except PermissionError:
+        raise InputError(f"input file {path!r} is not readable (permission denied)") from None
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(_input_file(path))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"input file {path!r} is not a readable Parquet file: {exc}") from None
+
+
+# ---- describing a file when the job is planned -------------------------------------------
+
+
+def describe(path: str, fmt: str, column_types: dict[str, pa.DataType], delimiter: str | None,
+             text_schema: pa.Schema | None) -> tuple[tuple[int, ...], pa.Schema, Source]:
+    """(rows per chunk, schema, source) of one input file. ``text_schema``: the schema a text
+    file's rows are parsed into, inferred from the first text file when None."""
+    if fmt == "parquet":
+        pf = open_parquet(path)
+        md = pf.metadata
+        return tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)), pf.schema_arrow, Source("parquet")
+    if fmt == "arrow":
+        reader = _ArrowChunks(path, Source("arrow"))
+        return reader.chunk_rows(), reader.schema, Source("arrow")
+    is_csv = fmt == "csv"
+    delimiter = delimiter or ("\t" if path.lower().endswith(".tsv") else ",")
+    header, offsets, lines, counts = _index_text(path, is_csv)
+    source = Source(fmt, None, tuple(offsets), tuple(lines), header, delimiter)
+    if not counts and text_schema is None:  # no records to type the columns by: the next file will
+        return (), pa.schema([]), source
+    schema = text_schema or _infer_schema(path, source, column_types)
+    return tuple(counts), schema, Source(fmt, schema, tuple(offsets), tuple(lines), header, delimiter)
+
+
+def _index_text(path: str, is_csv: bool) -> tuple[bytes, list[int], list[int], list[int]]:
+    """One pass over a text file: the CSV header, and for every TEXT_CHUNK_ROWS-th record its
+    byte offset and line number (then the end), and the records per chunk. Blank lines are not
+    records; in CSV a record goes on over line ends inside quotes (RFC 4180: "" is a quote)."""
+    if path.lower().endswith((".gz", ".bz2", ".zst", ".xz", ".lz4", ".zip")):
+        raise InputError(f"input file {path!r} is compressed: JSON Lines and CSV inputs are read by byte ranges, "
+                         "so decompress it first (or convert it to Parquet)")
+    header_lines: list[bytes] = []
+    header = b""
+    offsets: list[int] = []
+    lines: list[int] = []
+    counts: list[int] = []
+    pos = line_no = records = 0
+    in_quotes = False
+    need_header = is_csv
+    for raw in _lines(path):
+        start, continuing = pos, in_quotes
+        pos += len(raw) + 1
+        line_no += 1
+        if is_csv and raw.count(b'"') % 2:
+            in_quotes = not in_quotes
+        if not continuing and not raw.strip():
+            continue
+        if need_header:
+            header_lines.append(raw)
+            if not in_quotes:
+                header, need_header = b"\n".join(header_lines) + b"\n", False
+            continue
+        if continuing:
+            continue
+        if records % TEXT_CHUNK_ROWS == 0:
+            offsets.append(start)
+            lines.append(line_no)
+            counts.append(0)
+        counts[-1] += 1
+        records += 1
+    offsets.append(pos)
+    if is_csv and not header:
+        raise InputError(f"input file {path!r} is an empty CSV file (no header line)")
+    return header, offsets, lines, counts
+
+
+def _lines(path: str) -> Iterator[bytes]:
+    fs, fpath = _open(path)
+    rest = b""
+    with fs.open_input_stream(fpath, compression=None) as stream:
+        while block := stream.read(_READ_BLOCK):
+            parts = (rest + block).split(b"\n")
+            rest = parts.pop()
+            yield from parts
+    if rest:
+        yield rest
+
+
+def _read_range(path: str, start: int, stop: int) -> bytes:
+    with _input_file(path) as f:
+        f.seek(start)
+        return f.read(stop - start)
+
+
+def _infer_schema(path: str, source: Source, column_types: dict[str, pa.DataType]) -> pa.Schema:
+    """Column types from about SAMPLE_BYTES of the file's first records (``column_types`` win)."""
+    end = source.offsets[-1]
+    start = source.offsets[0] if len(source.offsets) > 1 else end
+    sample = _read_range(path, start, min(end, start + SAMPLE_BYTES)) if end > start else b""
+    if end > start + SAMPLE_BYTES:
+        sample = sample[: sample.rfind(b"\n") + 1]  # whole lines (a CSV value may span lines: see below)
+    try:
+        if source.format == "csv":
+            if end > start + SAMPLE_BYTES:  # cut after a line where the quotes are balanced
+                sample = _balanced_prefix(sample)
+            skip_bad = pacsv.ParseOptions(delimiter=source.delimiter, newlines_in_values=True,
+                                          invalid_row_handler=lambda row: "skip")  # malformed rows type nothing
+            inferred = pacsv.read_csv(io.BytesIO(source.header + sample), parse_options=skip_bad,
+                                      convert_options=pacsv.ConvertOptions(column_types=column_types)).schema
+        else:
+            inferred = _json_schema([line for line in sample.split(b"\n") if _is_object(line)])
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"input file {path!r}: cannot infer its column types from its first lines "
+                         f"({' '.join(str(exc).split())}); give them in input.column_types") from None
+    # a column null in every sampled row is text until input.column_types says otherwise
+    fields = [pa.field(f.name, column_types.get(f.name, pa.string() if pa.types.is_null(f.type) else f.type))
+              for f in inferred]
+    return pa.schema(fields + [pa.field(n, t) for n, t in column_types.items() if n not in inferred.names])
+
+
+def _json_schema(lines: list[bytes]) -> pa.Schema:
+    """The sample's schema; where its lines disagree on a column's type (a number where the others
+    have text), the type most lines have: the others will be malformed rows."""
+    def read(data: bytes) -> pa.Table:
+        return pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(block_size=len(data) + 1))
+
+    try:
+        return read(b"".join(line + b"\n" for line in lines)).schema if lines else pa.schema([])
+    except pa.ArrowInvalid:
+        votes: dict[str, Counter[pa.DataType]] = {}
+        for line in lines:
+            for f in read(line + b"\n").schema:
+                if not pa.types.is_null(f.type):
+                    votes.setdefault(f.name, Counter())[f.type] += 1
+        return pa.schema([(name, _most_common(v)) for name, v in votes.items()])
+
+
+def _most_common(types: Counter[pa.DataType]) -> pa.DataType:
+    if set(types) <= {pa.int64(), pa.float64()}:  # JSON numbers: some with a fraction
+        return pa.float64()
+    return types.most_common(1)[0][0]
+
+
+def _is_object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _balanced_prefix(sample: bytes) -> bytes:
+    """The longest run of whole lines of ``sample`` that ends outside quotes."""
+    quotes = cut = pos = 0
+    for line in sample.split(b"\n")[:-1]:
+        pos += len(line) + 1
+        quotes += line.count(b'"')
+        if quotes % 2 == 0:
+            cut = pos
+    return sample[:cut]
+
+
+def _csv_parse(source: Source) -> pacsv.ParseOptions:
+    return pacsv.ParseOptions(delimiter=source.delimiter, newlines_in_values=True)
+
+
+# ---- reading chunks in the actors ---------------------------------------------------------
+
+
+def open_chunks(path: str, source: Source) -> "_Chunks":
+    readers = {"parquet": _ParquetChunks, "arrow": _ArrowChunks, "jsonl": _TextChunks, "csv": _TextChunks}
+    return readers[source.format](path, source)
+
+
+class _Chunks:
+    noun = "chunk"
+
+    def __init__(self, path: str, source: Source) -> None:
+        self.path, self.source = path, source
+
+    def chunk_rows(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def where(self, i: int, start: int, stop: int) -> str:
+        """How a message names chunk ``i`` (rows ``start``-``stop`` - 1 of the file)."""
+        return f"{self.noun} {i} (rows {start}-{stop - 1})"
+
+    def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
+        raise NotImplementedError
+
+
+class _ParquetChunks(_Chunks):
+    noun = "row group"
+
+    def __init__(self, path: str, source: Source) -> None:
+        super().__init__(path, source)
+        self.pf = open_parquet(path)
+
+    def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
+        for rb in self.pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=columns, use_threads=False):
+            yield Piece(pa.Table.from_batches([rb]))
+
+
+class _ArrowChunks(_Chunks):
+    """Arrow IPC: the file format (random access to record batches) or the stream format (read in
+    order; Hugging Face datasets write it); memory-mapped where the file is local."""
+
+    noun = "record batch"
+
+    def __init__(self, path: str, source: Source) -> None:
+        super().__init__(path, source)
+        self._file: Any = None
+        self._stream: Any = None
+        self._next = 0
+        try:
+            self._file = pa.ipc.open_file(self._source_file())
+        except pa.ArrowInvalid:
+            self._open_stream()
+        self.schema = (self._file or self._stream).schema
+
+    def _source_file(self) -> Any:
+        local = _local(self.path)
+        try:
+            return pa.memory_map(local) if local else _input_file(self.path)
+        except FileNotFoundError:
+            raise InputError(f"input file {self.path!r} disappeared") from None
+
+    def _open_stream(self) -> None:
+        try:
+            self._stream, self._next = pa.ipc.open_stream(self._source_file()), 0
+        except pa.ArrowInvalid as exc:
+            raise InputError(f"input file {self.path!r} is not a readable Arrow IPC file or stream: {exc}") from None
+
+    def chunk_rows(self) -> tuple[int, ...]:
+        if self._file is not None:
+            return tuple(self._file.get_batch(i).num_rows for i in range(self._file.num_record_batches))
+        rows = tuple(batch.num_rows for batch in self._stream)
+        self._open_stream()
+        return rows
+
+    def _batch(self, i: int) -> pa.RecordBatch:
+        if self._file is not None:
+            return self._file.get_batch(i)
+        if i < self._next:
+            self._open_stream()
+        while True:
+            batch = self._stream.read_next_batch()
+            self._next += 1
+            if self._next - 1 == i:
+                return batch
+
+    def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
+        table = pa.Table.from_batches([self._batch(i).select(columns)])
+        for start in range(0, table.num_rows, batch_rows):
+            yield Piece(table.slice(start, batch_rows))
+
+
+class _TextChunks(_Chunks):
+    """JSON Lines and CSV blocks: parsed whole by pyarrow; a block that fails is parsed record by
+    record, so that each malformed record is found, named by its line and left out."""
+
+    def where(self, i: int, start: int, stop: int) -> str:
+        return f"lines {self.source.lines[i]}- (rows {start}-{stop - 1})"
+
+    def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
+        block = _read_range(self.path, self.source.offsets[i], self.source.offsets[i + 1])
+        try:
+            table = self._parse(block)
+            piece = Piece(table)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            piece = self._parse_records(block, self.source.lines[i])
+        table = piece.table.select(columns)
+        for start in range(0, table.num_rows, batch_rows):
+            malformed = {k - start: v for k, v in piece.malformed.items() if start <= k < start + batch_rows}
+            yield Piece(table.slice(start, batch_rows), malformed)
+
+    def _parse(self, block: bytes) -> pa.Table:
+        schema = self.source.schema
+        assert schema is not None
+        if self.source.format == "csv":
+            return pacsv.read_csv(
+                io.BytesIO(self.source.header + block), parse_options=_csv_parse(self.source),
+                convert_options=pacsv.ConvertOptions(column_types=schema, include_columns=schema.names),
+            ).select(schema.names)
+        return pajson.read_json(
+            io.BytesIO(block), read_options=pajson.ReadOptions(block_size=max(len(block) + 1, 1 << 16)),
+            parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+        ).select(schema.names)
+
+    def _parse_records(self, block: bytes, first_line: int) -> Piece:
+        schema = self.source.schema
+        assert schema is not None
+        tables, malformed = [], {}
+        for line_no, record in _records(block, first_line, self.source.format == "csv"):
+            problem = None
+            if self.source.format == "jsonl":
+                try:
+                    if not isinstance(json.loads(record), dict):
+                        problem = "not a JSON object"
+                except json.JSONDecodeError as exc:
+                    problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
+                except ValueError as exc:
+                    problem = f"not valid JSON ({exc})"
+            if problem is None:
+                try:
+                    table = self._parse(record)
+                    if table.num_rows != 1:
+                        problem = f"{table.num_rows} rows where one was expected"
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                    problem = " ".join(str(exc).split())
+            if problem is not None:
+                malformed[len(tables)] = f"line {line_no}: {problem}"
+                table = pa.Table.from_pylist([{}], schema=schema)
+            tables.append(table.cast(schema))
+        return Piece(pa.concat_tables(tables) if tables else schema.empty_table(), malformed)
+
+
+def _records(block: bytes, first_line: int, is_csv: bool) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each record of a block, blank lines skipped."""
+    line_no, pending, start, quotes = first_line - 1, b"", 0, 0
+    for raw in block.split(b"\n"):
+        line_no += 1
+        if not pending and not raw.strip():
+            continue
+        if not pending:
+            start = line_no
+        pending += raw + b"\n"
+        quotes += raw.count(b'"') if is_csv else 0
+        if quotes % 2 == 0:
+            yield start, pending if is_csv else pending.strip()
+            pending, quotes = b"", 0
+    if pending.strip():
+        yield start, pending

@@ -1,0 +1,177 @@
+"""The same job from every input format as users have them: Parquet, Arrow IPC (file and
+stream), a Hugging Face save_to_disk folder, JSON Lines and CSV give identical outputs; string
+columns of every Arrow string type work; malformed records are error rows naming file and line;
+the output folder reads back as one table in pyarrow, DuckDB, pandas and Hugging Face datasets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from rayinfer import formats
+from rayinfer.api import plan_job, run_job
+from rayinfer.errors import InputError
+from rayinfer.inputs import make_units, read_unit, scan
+from rayinfer.testing import english_sentences, run_task
+from rayinfer_tasks.classify import ClassifyTask
+
+from helpers import FORMAT_CASES, write_as, write_job
+
+# real sentences, and a few that CSV must quote: commas, quotes, a line break inside a value
+TEXTS = [s for s in english_sentences()[800:900] if len(s) < 120][:45] + [
+    'She said "yes", then left.', "one, two, three", "a value\nover two lines", "  leading spaces"]
+TABLE = pa.table({"uid": [f"r{i:03d}" for i in range(len(TEXTS))], "text": TEXTS})
+
+
+@pytest.fixture(scope="module")
+def expected(rayinfer_bert_classifier):
+    """The task run without Ray on the same rows: what every format's job must give."""
+    rows = run_task(ClassifyTask, [{"text": t} for t in TEXTS], rayinfer_bert_classifier)
+    return {uid: (r["label"], r["score"]) for uid, r in zip(TABLE.column("uid").to_pylist(), rows)}
+
+
+@pytest.fixture
+def small_text_chunks(monkeypatch):
+    """Blocks of 16 records, so that JSON Lines and CSV inputs have several chunks."""
+    monkeypatch.setattr(formats, "TEXT_CHUNK_ROWS", 16)
+
+
+def classify_job(tmp_path, model, input_path, **input_spec):
+    return write_job(
+        tmp_path / "job.yaml", task="classify", model=str(model),
+        input={"path": str(input_path), "id_column": "uid", **input_spec},
+        output={"path": str(tmp_path / "out")}, runtime={"batch_size": 8, "num_cpus": 1},
+    )
+
+
+@pytest.mark.parametrize("fmt", FORMAT_CASES)
+def test_every_format_gives_the_same_output(fmt, tmp_path, rayinfer_bert_classifier, expected, ray_session,
+                                            small_text_chunks):
+    path = write_as(fmt, TABLE, tmp_path / "in", chunk_rows=16)
+    manifest = run_job(classify_job(tmp_path, rayinfer_bert_classifier, path))
+    assert manifest["status"] == "complete" and manifest["rows"] == len(TEXTS) and manifest["errors"] == 0
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    assert sorted(r["uid"] for r in out) == sorted(expected)
+    for r in out:
+        label, score = expected[r["uid"]]
+        assert r["label"] == label and r["score"] == pytest.approx(score, abs=1e-6), r["uid"]
+
+
+@dataclass(frozen=True)
+class StringType:
+    fmt: str
+    text: pa.DataType
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(StringType("parquet", pa.large_string()), id="large_string"),
+    pytest.param(StringType("arrow-file", pa.dictionary(pa.int32(), pa.string())), id="dictionary"),
+    pytest.param(StringType("arrow-stream", pa.string_view()), id="string_view"),
+])
+def test_string_columns_of_every_arrow_string_type_are_text(case, tmp_path, rayinfer_bert_classifier, expected):
+    table = TABLE.set_column(1, "text", pc.cast(TABLE.column("text"), case.text))
+    path = write_as(case.fmt, table, tmp_path / "in", chunk_rows=16)
+    plan = plan_job(classify_job(tmp_path, rayinfer_bert_classifier, path))
+    assert plan.input_schema.field("text").type == case.text
+    [file] = plan.files
+    rows = [r for t, _, _ in read_unit(file, make_units(plan.files)[0], ["uid", "text"]) for r in t.to_pylist()]
+    assert [r["text"] for r in rows] == TEXTS and all(isinstance(r["text"], str) for r in rows)
+
+
+def test_a_malformed_json_line_is_an_error_row_naming_file_and_line(tmp_path, rayinfer_bert_classifier, ray_session,
+                                                                  small_text_chunks):
+    lines = [json.dumps(r) for r in TABLE.to_pylist()]
+    lines[20] = '{"uid": "r020", "text": "cut off'  # not JSON
+    lines[33] = '{"uid": "r033", "text": 33}'  # JSON, but the text is a number
+    lines.insert(10, "")  # a blank line is no row
+    path = tmp_path / "in" / "data.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n".join(lines) + "\n")
+    manifest = run_job(classify_job(tmp_path, rayinfer_bert_classifier, path))
+    assert manifest["rows"] == len(TEXTS) and manifest["errors"] == 2
+    out = pq.read_table(tmp_path / "out").to_pylist()
+    bad = sorted((r["error"] for r in out if r["error"]))
+    assert bad[0].startswith(f"input file {str(path)!r}, line 22: not valid JSON (Unterminated string")
+    assert bad[1].startswith(f"input file {str(path)!r}, line 35: JSON parse error: Column(/text) changed from string")
+    good = [r for r in out if r["error"] is None]
+    assert sorted(r["uid"] for r in good) == sorted(u for u in TABLE.column("uid").to_pylist() if u not in ("r020", "r033"))
+
+
+def test_a_csv_record_with_missing_fields_is_an_error_row_and_the_block_goes_on(tmp_path, small_text_chunks):
+    path = write_as("csv", TABLE, tmp_path / "in", chunk_rows=16)
+    text = path.read_text().splitlines(keepends=True)
+    text[5] = '"r004"\n'  # line 6: one field of two
+    path.write_text("".join(text))
+    files, _ = scan(str(path))
+    got = [b for u in make_units(files, unit_rows=100) for b in read_unit(files[0], u, ["uid", "text"], 100)]
+    errors = [(rows.to_pylist(), e) for t, rows, e in got if t is None]
+    assert len(errors) == 1 and errors[0][0] == [4]
+    assert errors[0][1].kind == "malformed" and "line 6: CSV parse error: Expected 2 columns, got 1" in errors[0][1].message
+    rows = [r for t, _, _ in got if t is not None for r in t.to_pylist()]
+    assert len(rows) == len(TEXTS) - 1 and rows[-2]["text"] == "a value\nover two lines"
+
+
+@pytest.mark.parametrize("fmt, cut", [pytest.param("jsonl", 16, id="jsonl"), pytest.param("csv", 16, id="csv")])
+def test_text_inputs_are_indexed_in_blocks_that_are_read_alone(fmt, cut, tmp_path, small_text_chunks):
+    path = write_as(fmt, TABLE, tmp_path / "in", chunk_rows=cut)
+    [file], schema = scan(str(path))
+    assert file.chunk_rows == (16, 16, 16, 1) and schema.names == ["uid", "text"]
+    # a unit of the third block alone reads only that block's bytes and gives its rows
+    unit = {"file": file.path, "start": 32, "stop": 48, "covered": []}
+    rows = [r for t, _, _ in read_unit(file, unit, ["uid"]) for r in t.to_pylist()]
+    assert [r["uid"] for r in rows] == [f"r{i:03d}" for i in range(32, 48)]
+
+
+def test_a_hugging_face_dataset_dict_names_its_splits(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["b"]})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(InputError, match="is a Hugging Face DatasetDict; point it at one split's folder"):
+        scan(str(tmp_path / "dd"))
+    [file], _ = scan(str(tmp_path / "dd" / "train"))
+    assert file.num_rows == 1 and file.source.format == "arrow"
+
+
+def test_a_folder_of_mixed_formats_is_refused(tmp_path):
+    write_as("parquet", TABLE, tmp_path / "in", 16, name="a")
+    write_as("jsonl", TABLE, tmp_path / "in", 16, name="b")
+    with pytest.raises(InputError, match=r"holds files of several formats \(jsonl, parquet\)"):
+        scan(str(tmp_path / "in"))
+
+
+def test_csv_column_types_are_given_or_inferred(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text("id,score,text\n1,0.5,a\n2,1.5,b\n")
+    assert scan(str(path))[1].types == [pa.int64(), pa.float64(), pa.string()]
+    assert scan(str(path), column_types={"id": "string"})[1].field("id").type == pa.string()
+    with pytest.raises(InputError, match="input.column_types.id: 'integer' is not an Arrow type name"):
+        scan(str(path), column_types={"id": "integer"})
+
+
+def test_the_output_reads_as_one_table_in_pyarrow_duckdb_pandas_and_datasets(tmp_path, rayinfer_bert_classifier,
+                                                                           ray_session):
+    import datasets
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    path = write_as("parquet", TABLE, tmp_path / "in", chunk_rows=8)
+    run_job(classify_job(tmp_path, rayinfer_bert_classifier, path), ["output.part_rows=10"])
+    out = tmp_path / "out"
+    assert len(list(out.glob("*.parquet"))) > 1
+    ids = sorted(TABLE.column("uid").to_pylist())
+    assert sorted(ds.dataset(out).to_table().column("uid").to_pylist()) == ids
+    assert sorted(pd.read_parquet(out)["uid"]) == ids
+    con = duckdb.connect()
+    assert sorted(u for (u,) in con.execute(f"select uid from read_parquet('{out}/*.parquet')").fetchall()) == ids
+    count, distinct = con.execute(f"select count(*), count(distinct uid) from '{out}/*.parquet'").fetchone()
+    assert count == distinct == len(ids)
+    loaded = datasets.load_dataset("parquet", data_files=f"{out}/*.parquet", split="train",
+                                   cache_dir=str(tmp_path / "hf-cache"))
+    assert sorted(loaded["uid"]) == ids
