@@ -55,10 +55,11 @@ def check_resources(
     cannot grow cannot hold the pool's first ``pool_min`` actors."""
     rt = plan.spec.runtime
     if rt.num_gpus > 0 and cluster.get("GPU", 0) < rt.num_gpus:
-        raise RunError(
-            f"runtime.num_gpus is {rt.num_gpus} but the Ray cluster has {cluster.get('GPU', 0):g} GPUs. "
-            "Set runtime.num_gpus: 0 to run on CPUs, or join a cluster with GPUs (--address)."
-        )
+        fix = ("Set runtime.num_gpus: 0 to run on CPUs, or join a cluster with GPUs (--address)."
+               if not cluster.get("GPU") else
+               f"An actor holds one model on one node: set runtime.num_gpus to at most {cluster['GPU']:g} (a model "
+               "larger than one GPU: see docs/cluster.md, GPUs).")
+        raise RunError(f"runtime.num_gpus is {rt.num_gpus:g} but the Ray cluster has {cluster.get('GPU', 0):g} GPUs. {fix}")
     if rt.num_cpus > cluster.get("CPU", 0):
         raise RunError(f"runtime.num_cpus is {rt.num_cpus} but the Ray cluster has {cluster.get('CPU', 0):g} CPUs")
     for name, amount in rt.resources.items():

@@ -29,10 +29,18 @@ class Coordinator:
         self.units: dict[str, dict[str, Any]] = {}
         self.stop_requested = False
         self.actors: dict[str, tuple[Any, str]] = {}  # actor id -> (handle, node id)
+        self.gpus: dict[str, list[str]] = {}  # actor (node:pid, as reports name it) -> Ray's GPU ids for it
 
-    def register(self, actor: str, handle: Any, node: str) -> None:
-        """A pool actor (re)started on ``node``."""
+    def register(self, actor: str, handle: Any, node: str, where: str = "", gpu_ids: list[str] | None = None) -> None:
+        """A pool actor (re)started on ``node``; ``where`` names it in the manifest, ``gpu_ids``
+        are the GPUs Ray gave it (``ray.get_gpu_ids()``)."""
         self.actors[actor] = (handle, node)
+        if where:
+            self.gpus[where] = list(gpu_ids or [])
+
+    def gpu_ids(self) -> dict[str, list[str]]:
+        """Every pool actor of the run, started or restarted, with the GPU ids Ray gave it."""
+        return dict(self.gpus)
 
     def all_actors(self) -> list[Any]:
         return [handle for handle, _ in self.actors.values()]

@@ -125,6 +125,26 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def check_cuda(gpu_ids: list[str], device: str, node: str) -> None:
+    """An actor that Ray gave GPUs must be able to use them: with ``runtime.device: auto`` a torch
+    that sees no CUDA (a CPU build, or no driver) would compute on the CPU while the GPUs idle."""
+    if not gpu_ids or device != "auto":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    why = ("install a CUDA build of torch on the nodes" if not torch.version.cuda else
+           "check the NVIDIA driver on that node (nvidia-smi), or that CUDA_VISIBLE_DEVICES names real devices")
+    raise ModelError(
+        f"Ray gave an actor on {node} GPU(s) {', '.join(gpu_ids)}, but torch cannot use CUDA there: torch "
+        f"{torch.__version__} is {build}, torch.cuda.device_count() is {torch.cuda.device_count()}, "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}. Fix: {why}; or set "
+        "runtime.device: cpu to compute on the CPU on purpose (runtime.num_gpus then only reserves the GPUs)."
+    )
+
+
 def resolve_dtype(name: str, device: str) -> Any:
     import torch
 

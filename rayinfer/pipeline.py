@@ -44,6 +44,7 @@ from rayinfer.coordinator import Coordinator, crash_pieces
 from rayinfer.admission import actor_need, check_paths_visible, check_resources, describe, pool_size
 from rayinfer.errors import RayInferError, RowError, RunError, RunFailed, Stopped
 from rayinfer.inputs import InputFile, covered_count, make_units, read_rows, read_unit
+from rayinfer.models import check_cuda
 from rayinfer.output import (PartWriter, Store, committed_coverage, count_errors, prepare, replace_rows, resume_coverage, unit_todo,
                              verify_coverage, write_manifest)
 from rayinfer.plan import Plan
@@ -91,6 +92,8 @@ class TaskActor:
     ) -> None:
         import ray
 
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        check_cuda(gpu_ids, context.device, ray.util.get_node_ip_address())
         self.task = task_cls(task_cls.Options.model_validate(options), context)
         try:
             self.task.load()
@@ -117,7 +120,8 @@ class TaskActor:
         runtime = ray.get_runtime_context()
         self.where = f"{runtime.get_node_id()[:12]}:{os.getpid()}"
         if coordinator is not None:
-            self._call("register", runtime.get_actor_id(), runtime.current_actor, runtime.get_node_id())
+            self._call("register", runtime.get_actor_id(), runtime.current_actor, runtime.get_node_id(), self.where,
+                       gpu_ids)
         self.ready_at = time.time()  # model loaded: what follows is steady-state work
 
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
@@ -570,6 +574,7 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
                     last = time.monotonic()
                     channel(totals.snapshot())
         totals.worker_deaths += ray.get(coordinator.worker_deaths.remote())
+        totals.actor_gpu_ids.update(ray.get(coordinator.gpu_ids.remote()))
     except Exception as exc:  # anything Ray raised: one line for the user, the traceback in a file
         if isinstance(exc, RayInferError) and not isinstance(getattr(exc, "cause", None), BaseException):
             raise  # rayinfer's own, raised here in the driver (error budget, pool start timeout)
@@ -870,6 +875,7 @@ def finish(
         "actor_peak_rss_mb": {k: round(v, 1) for k, v in totals.actor_peak_rss_mb.items()},
         "actor_busy_s": {k: round(v, 2) for k, v in totals.actor_busy_s.items()},
         "actor_ready_s": {k: round(v - started_at.timestamp(), 3) for k, v in totals.actor_ready_at.items()},
+        "actor_gpu_ids": dict(sorted(totals.actor_gpu_ids.items())),
         "parts": [name for name, _ in footers],
         "part_rows": {"min": min((md.num_rows for _, md in footers), default=0),
                       "max": max((md.num_rows for _, md in footers), default=0)},

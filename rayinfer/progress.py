@@ -74,6 +74,7 @@ class RunTotals:
     actor_ready_at: dict[str, float] = field(default_factory=dict)
     actor_peak_rss_mb: dict[str, float] = field(default_factory=dict)
     actor_rss_mb: dict[str, float] = field(default_factory=dict)
+    actor_gpu_ids: dict[str, list[str]] = field(default_factory=dict)  # every actor started (from the coordinator)
 
     def add(self, r: WorkReport) -> None:
         self.rows += r.rows

@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,33 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from helpers import masked_corpus
+from helpers import free_port, kill_cluster, masked_corpus
 from rayinfer.testing import write_dataset
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_cluster(temp: str) -> None:
-    """Every process of this cluster (their command lines name its temp dir), and their children."""
-    victims = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if temp in " ".join(p.info["cmdline"] or []):
-                victims += [p, *p.children(recursive=True)]
-        except psutil.Error:
-            continue
-    for p in victims:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(victims, timeout=10)
 
 
 @pytest.fixture(scope="module")
