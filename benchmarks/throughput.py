@@ -2,6 +2,7 @@
 
     python -m benchmarks.throughput                  # all four tasks (about 45 minutes on 2 cores)
     python -m benchmarks.throughput --tasks classify,fill-mask --rows 1000
+    python -m benchmarks.throughput --device cuda --rows 20000 --gen-rows 512   # one GPU
 
 For each task, in ONE run, on the same model and the same real, mixed-length text:
 
@@ -22,6 +23,10 @@ included, are printed beside them. (c) runs with rayinfer's defaults (``runtime.
 count 2 x non-embedding parameters per real (unpadded) token plus attention, and are compared
 with the machine's matmul FLOP/s measured in the same run with the same thread count. Peak memory
 is the model process's peak RSS ((a): the pipeline process; (b), (c): the actor process).
+
+``--device cuda`` runs all three on one GPU in bfloat16 (the pipeline with ``dtype=bfloat16``,
+the recipe's and rayinfer's actor with ``num_gpus: 1``, rayinfer at its GPU token budget) and
+gives the pipeline GPU batch sizes; matmul FLOP/s are then measured in bfloat16 on the GPU.
 
 Models: all-MiniLM-L6-v2 (a real 6-layer BERT encoder) with a classification head and with its
 MLM head (heads freshly initialised: speed does not depend on their values), and SmolLM2-135M-
@@ -54,6 +59,16 @@ ACTOR_CPUS = 1.5  # what (b) and (c) reserve per actor; the rest is left to Ray 
 # rows as for 64), so the pipeline is given large candidates too.
 CANDIDATE_BATCHES = {"classify": [8, 16, 32, 64], "fill-mask": [8, 16, 32, 64], "generate": [8, 16, 32, 64],
                      "summarize": [8, 16, 32]}
+GPU_CANDIDATE_BATCHES = {"classify": [64, 128, 256, 512], "fill-mask": [64, 128, 256, 512],
+                         "generate": [32, 64, 128, 256], "summarize": [16, 32, 64, 128]}
+
+
+def cuda() -> bool:
+    return ARGS.device == "cuda"
+
+
+def candidates(task: str) -> list[int]:
+    return (GPU_CANDIDATE_BATCHES if cuda() else CANDIDATE_BATCHES)[task]
 
 
 # ---- models and data --------------------------------------------------------------------------
@@ -130,16 +145,24 @@ def pipeline_inputs(task: str, work: dict[str, Any]) -> list[Any]:
 # ---- measurements -----------------------------------------------------------------------------
 
 def matmul_flops(threads: int = THREADS, n: int = 1024, seconds: float = 3.0) -> float:
+    """The machine's matmul FLOP/s: fp32 on the CPU threads, or bfloat16 on the GPU."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    if cuda():
+        n = 8192
+    kwargs = {"device": "cuda", "dtype": torch.bfloat16} if cuda() else {}
+    a, b = torch.randn(n, n, **kwargs), torch.randn(n, n, **kwargs)
     for _ in range(3):
         a @ b
+    if cuda():
+        torch.cuda.synchronize()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
+    if cuda():
+        torch.cuda.synchronize()
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
@@ -191,12 +214,14 @@ class Watcher:
 class PipelineRecipe:
     """(b): the class a Ray Data user writes around a transformers pipeline."""
 
-    def __init__(self, task: str, model: str, kwargs: dict[str, Any], batch_size: int, column: str, chat: bool):
+    def __init__(self, task: str, model: str, kwargs: dict[str, Any], batch_size: int, column: str, chat: bool,
+                 device: str = "cpu"):
         import torch
         from transformers import pipeline
 
         torch.set_num_threads(THREADS)
-        self.pipe = pipeline(task, model=model, device="cpu")
+        dtype = torch.bfloat16 if device == "cuda" else None
+        self.pipe = pipeline(task, model=model, device=device, dtype=dtype)
         if self.pipe.tokenizer.pad_token_id is None:
             self.pipe.tokenizer.pad_token = self.pipe.tokenizer.eos_token
         if task == "text-generation":
@@ -217,23 +242,25 @@ def run_pipeline(task: str, work: dict[str, Any], batch_size: int) -> dict[str, 
         "import json,sys,time,resource,torch\n"
         "from transformers import pipeline\n"
         "from benchmarks.throughput import workloads, pipeline_inputs, THREADS\n"
-        "task, bs, rows, gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])\n"
+        "task, bs, rows, gen, dev = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]\n"
         "torch.set_num_threads(THREADS)\n"
         "w = workloads(rows, gen)[task]\n"
         "t0 = time.perf_counter()\n"
-        "pipe = pipeline(w['pipeline'][0], model=w['model'], device='cpu')\n"
+        "pipe = pipeline(w['pipeline'][0], model=w['model'], device=dev,"
+        " dtype=torch.bfloat16 if dev == 'cuda' else None)\n"
         "if pipe.tokenizer.pad_token_id is None: pipe.tokenizer.pad_token = pipe.tokenizer.eos_token\n"
         "if w['pipeline'][0] == 'text-generation': pipe.tokenizer.padding_side = 'left'\n"
         "inputs = pipeline_inputs(task, w)\n"
         "t1 = time.perf_counter()\n"
         "with torch.inference_mode(): out = pipe(inputs, batch_size=bs, **w['pipeline'][1])\n"
+        "if dev == 'cuda': torch.cuda.synchronize()\n"
         "t2 = time.perf_counter()\n"
         "assert len(out) == len(inputs)\n"
         "print(json.dumps({'steady_s': t2 - t1, 'total_s': t2 - t0, 'rows': len(inputs),"
         " 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     )
     res = subprocess.run(
-        [sys.executable, "-c", code, task, str(batch_size), str(ARGS.rows), str(ARGS.gen_rows)],
+        [sys.executable, "-c", code, task, str(batch_size), str(ARGS.rows), str(ARGS.gen_rows), ARGS.device],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
     )
     if res.returncode:
@@ -271,10 +298,11 @@ def run_ray_recipe(task: str, work: dict[str, Any], data: Path, out: Path, batch
         ds = ds.map_batches(
             PipelineRecipe,
             fn_constructor_kwargs=dict(task=kind, model=work["model"], kwargs=kwargs, batch_size=batch_size,
-                                       column=work["column"], chat=chat),
+                                       column=work["column"], chat=chat, device=ARGS.device),
             # num_cpus=1, not ACTOR_CPUS: with 1.5 the read tasks (1 CPU each by default) cannot run
             # beside the actor on 2 CPUs and the recipe deadlocks. Its torch threads are set to THREADS.
             batch_size=max(batch_size, 64), compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+            num_gpus=1 if cuda() else None,
         )
         ds.write_parquet(str(out))
         t1 = time.perf_counter()
@@ -294,8 +322,8 @@ def run_rayinfer(task: str, work: dict[str, Any], data: Path, out: Path) -> dict
         "input": {"path": str(data), "id_column": "id", "columns": {("prompt" if task == "generate" else "text"): work["column"]}},
         "output": {"path": str(out), "mode": "overwrite"},
         "options": work["options"],
-        # batch_size and max_batch_tokens at their defaults: what a user gets
-        "runtime": {"actors": 1, "num_cpus": ACTOR_CPUS},
+        # batch_size, max_batch_tokens and dtype at their defaults: what a user gets
+        "runtime": {"actors": 1, "num_cpus": ACTOR_CPUS, **({"num_gpus": 1} if cuda() else {})},
     }
     t0 = time.perf_counter()
     with Watcher() as watcher:
@@ -326,14 +354,18 @@ def main() -> None:
     import torch
 
     tasks = ARGS.tasks.split(",")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if cuda() else ""
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, "
           f"torch {torch.__version__}, threads {THREADS}", flush=True)
+    if cuda() and not torch.cuda.is_available():
+        sys.exit(f"--device cuda, but torch {torch.__version__} sees no CUDA device")
     peak = matmul_flops()
-    print(f"measured matmul: {peak / 1e9:.1f} GFLOP/s (fp32, {THREADS} threads)", flush=True)
+    kind = "bf16 on the GPU" if cuda() else f"fp32, {THREADS} threads"
+    print(f"measured matmul: {peak / 1e9:.1f} GFLOP/s ({kind})", flush=True)
     work_all = workloads(ARGS.rows, ARGS.gen_rows)
     tmp = Path(tempfile.mkdtemp(prefix="rayinfer-bench-"))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
-             _temp_dir=str(tmp / "ray"))
+    ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count() if cuda() else 0,
+             include_dashboard=False, logging_level="ERROR", _temp_dir=str(tmp / "ray"))
     ray.data.DataContext.get_current().enable_progress_bars = False
     results = []
     try:
@@ -345,7 +377,7 @@ def main() -> None:
                            data / "part-0.parquet", row_group_size=256)
             print(f"\n== {task}: {len(work['texts'])} rows, model {Path(work['model']).name}", flush=True)
             best = None
-            for bs in CANDIDATE_BATCHES[task]:
+            for bs in candidates(task):
                 r = run_pipeline(task, work, bs)
                 print(f"  (a) pipeline batch_size={bs}: {r['rows'] / r['steady_s']:.1f} rows/s", flush=True)
                 if best is None or r["steady_s"] < best[1]["steady_s"]:
@@ -401,6 +433,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rows", type=int, default=1500, help="rows for classify and fill-mask")
     ap.add_argument("--gen-rows", type=int, default=96, help="rows for generate and summarize")
     ap.add_argument("--repeat", type=int, default=3, help="runs of (a) at its best batch size and of (c); medians reported")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU, bfloat16")
     return ap.parse_args(argv)
 
 
