@@ -344,7 +344,7 @@ class _TextChunks(_Chunks):
     record, so that each malformed record is found, named by its line and left out."""
 
     def where(self, i: int, start: int, stop: int) -> str:
-        return f"lines {self.source.lines[i]}- (rows {start}-{stop - 1})"
+        return f"the block of rows {start}-{stop - 1} from line {self.source.lines[i]}"
 
     def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
         block = _read_range(self.path, self.source.offsets[i], self.source.offsets[i + 1])

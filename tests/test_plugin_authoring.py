@@ -19,7 +19,7 @@ import yaml
 
 import rayinfer.hookspecs as hookspecs
 from rayinfer.plugins import load_registry
-from rayinfer.scaffold import new_plugin
+from rayinfer.scaffold import TEMPLATES, new_plugin
 from rayinfer.task import Task
 from rayinfer.testing import english_sentences, write_dataset
 
@@ -28,14 +28,16 @@ DOCS = ROOT / "docs" / "plugins.md"
 EMBED = ROOT / "plugins" / "examples" / "rayinfer-embed"
 
 
-def pip_install(package: Path, site: Path) -> None:
-    """`pip install` of the folder (a copy: building writes build/ beside the sources), into its
-    own target so the test environment stays clean."""
-    copy = site.parent / f"src-{package.name}"
-    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    package = copy
+def pip_install(site: Path, *packages: Path) -> None:
+    """`pip install` of the folders (copies: building writes build/ beside the sources), into
+    their own target so the test environment stays clean."""
+    copies = []
+    for package in packages:
+        copy = site.parent / f"src-{package.name}"
+        shutil.copytree(package, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        copies.append(str(copy))
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(package)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), *copies],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -67,22 +69,33 @@ SCAFFOLDS = [
 ]
 
 
-@pytest.mark.parametrize("case", SCAFFOLDS)
-def test_a_scaffolded_plugin_installs_passes_its_own_tests_and_runs_a_job(tmp_path, request, case):
-    model = request.getfixturevalue(case.model)
-    task = f"my-{case.template}"
-    root = new_plugin(task, tmp_path, case.template)
-    site = tmp_path / "site"
-    pip_install(root, site)
+@pytest.fixture(scope="module")
+def scaffolded(tmp_path_factory):
+    """Every template generated as my-TEMPLATE, the three packages installed the way a user
+    installs them (one pip call), their generated tests run (one pytest process: its session
+    builds the small models once) and `rayinfer plugins` listed, once for the module."""
+    root = tmp_path_factory.mktemp("scaffolds")
+    packages = {t: new_plugin(f"my-{t}", root, t) for t in TEMPLATES}
+    site = root / "site"
+    pip_install(site, *packages.values())
+    tests = run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *(str(p / "tests") for p in packages.values())],
+                site, root)
+    listed = run([sys.executable, "-m", "rayinfer", "plugins"], site, root)
+    return {"root": root, "site": site, "packages": packages, "tests": tests, "listed": listed}
 
-    tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests")], site, tmp_path)
-    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
-    assert "3 passed" in tests.stdout
+
+@pytest.mark.parametrize("case", SCAFFOLDS)
+def test_a_scaffolded_plugin_installs_passes_its_own_tests_and_runs_a_job(scaffolded, tmp_path, request, case):
+    task, tests = f"my-{case.template}", scaffolded["tests"]
+    module = f"test_{task.replace('-', '_')}.py::"  # the generated tests/test_<name>.py
+    mine = [line for line in tests.stdout.splitlines() if module in line]
+    assert len([line for line in mine if " PASSED" in line]) == 3, tests.stdout[-3000:] + tests.stderr[-3000:]
+    assert not [line for line in mine if " FAILED" in line or " ERROR" in line], tests.stdout[-3000:]
 
     package = "rayinfer_" + task.replace("-", "_")
-    listed = run([sys.executable, "-m", "rayinfer", "plugins"], site, tmp_path)
-    assert f"{task}  rayinfer-{task} 0.1.0  {package}  -> {task}" in listed.stdout
+    assert f"{task}  rayinfer-{task} 0.1.0  {package}  -> {task}" in scaffolded["listed"].stdout
 
+    model = request.getfixturevalue(case.model)
     texts = list(english_sentences()[:31])
     write_dataset(tmp_path / "in", {"doc": [f"d{i}" for i in range(30)], "body": texts[:30], "next": texts[1:]}, files=2)
     job = tmp_path / "job.yaml"
@@ -92,7 +105,7 @@ def test_a_scaffolded_plugin_installs_passes_its_own_tests_and_runs_a_job(tmp_pa
         "output": {"path": str(tmp_path / "out")}, "options": {"max_new_tokens": 4} if case.template == "seq2seq" else {},
         "runtime": {"num_cpus": 1},
     }))
-    ran = run([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"], site, tmp_path)
+    ran = run([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"], scaffolded["site"], tmp_path)
     assert ran.returncode == 0, ran.stderr[-3000:]
     out = pq.read_table(tmp_path / "out").to_pylist()
     assert sorted(r["doc"] for r in out) == sorted(f"d{i}" for i in range(30))
@@ -109,7 +122,7 @@ def test_an_unknown_template_is_refused_with_the_choices(tmp_path):
 
 def test_the_example_plugin_installs_and_passes_its_tests(tmp_path):
     site = tmp_path / "site"
-    pip_install(EMBED, site)
+    pip_install(site, EMBED)
     shown = run([sys.executable, "-m", "rayinfer", "tasks", "show", "embed"], site, tmp_path)
     assert shown.returncode == 0 and "normalize (bool, default True)" in shown.stdout
     tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EMBED / "tests")], site, tmp_path)
