@@ -204,8 +204,8 @@ def continuation_logprobs(
         start = len(prefix) - 1 - offset
         rows = logits[i, start : start + len(cont)].float().log_softmax(dim=-1)
         targets = torch.tensor(list(cont), device=rows.device).unsqueeze(1)
-        sums.append(float(rows.gather(1, targets).double().sum()))
-    return sums
+        sums.append(rows.gather(1, targets).double().sum())
+    return torch.stack(sums).tolist()  # one device-to-host copy for the batch, not one per row
 
 
 def sliding_windows(ids: list[int], max_length: int, stride: int | None = None) -> list[tuple[list[int], list[int]]]:

@@ -140,3 +140,22 @@ def kill_cluster(temp: str) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(victims, timeout=10)
+
+
+def cluster_env() -> dict[str, str]:
+    """The environment of a test `ray start` cluster and of the clients that talk to it: this
+    venv's `python` and `ray` first on PATH, token authentication with a fresh token, offline."""
+    import os
+    import secrets
+    import sys
+
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    return env

@@ -7,8 +7,6 @@ since this torch cannot use CUDA."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -20,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from helpers import free_port, kill_cluster, masked_corpus
+from helpers import cluster_env, free_port, kill_cluster, masked_corpus
 from rayinfer.testing import write_dataset
 
 BIN = Path(sys.executable).parent
@@ -30,15 +28,7 @@ BIN = Path(sys.executable).parent
 def gpu_node():
     temp = tempfile.mkdtemp(prefix="ri-gpus-", dir="/tmp")
     port, dash = free_port(), free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(16),
-        "HF_HUB_OFFLINE": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
+    env = cluster_env()
     try:
         head = subprocess.run(
             [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
