@@ -16,7 +16,7 @@ import io
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -114,7 +114,7 @@ def describe(path: str, fmt: str, column_types: dict[str, pa.DataType], delimite
     if not counts and text_schema is None:  # no records to type the columns by: the next file will
         return (), pa.schema([]), source
     schema = text_schema or _infer_schema(path, source, column_types)
-    return tuple(counts), schema, Source(fmt, schema, tuple(offsets), tuple(lines), header, delimiter)
+    return tuple(counts), schema, replace(source, schema=schema)
 
 
 def _index_text(path: str, is_csv: bool) -> tuple[bytes, list[int], list[int], list[int]]:
