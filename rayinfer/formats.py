@@ -12,9 +12,11 @@ the rest of its block goes on.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
@@ -106,7 +108,10 @@ def describe(path: str, fmt: str, column_types: dict[str, pa.DataType], delimite
         return tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)), pf.schema_arrow, Source("parquet")
     if fmt == "arrow":
         reader = _ArrowChunks(path, Source("arrow"))
-        return reader.chunk_rows(), reader.schema, Source("arrow")
+        try:
+            return reader.chunk_rows(), reader.schema, Source("arrow")
+        finally:
+            reader.close()
     is_csv = fmt == "csv"
     delimiter = delimiter or ("\t" if path.lower().endswith(".tsv") else ",")
     header, offsets, lines, counts = _index_text(path, is_csv)
@@ -251,16 +256,21 @@ def _csv_parse(source: Source) -> pacsv.ParseOptions:
 # ---- reading chunks in the actors ---------------------------------------------------------
 
 
-def open_chunks(path: str, source: Source) -> "_Chunks":
+def open_chunks(path: str, source: Source, id_column: str | None = None) -> "_Chunks":
+    """A reader of one file's chunks (close it when done). ``id_column``: the column whose value a
+    malformed text record keeps where it can be recovered safely (see ``_TextChunks``)."""
     readers = {"parquet": _ParquetChunks, "arrow": _ArrowChunks, "jsonl": _TextChunks, "csv": _TextChunks}
-    return readers[source.format](path, source)
+    return readers[source.format](path, source, id_column)
 
 
 class _Chunks:
     noun = "chunk"
 
-    def __init__(self, path: str, source: Source) -> None:
-        self.path, self.source = path, source
+    def __init__(self, path: str, source: Source, id_column: str | None = None) -> None:
+        self.path, self.source, self.id_column = path, source, id_column
+
+    def close(self) -> None:
+        """Release the open file (a no-op for readers that open a file per chunk)."""
 
     def chunk_rows(self) -> tuple[int, ...]:
         raise NotImplementedError
@@ -276,9 +286,12 @@ class _Chunks:
 class _ParquetChunks(_Chunks):
     noun = "row group"
 
-    def __init__(self, path: str, source: Source) -> None:
-        super().__init__(path, source)
+    def __init__(self, path: str, source: Source, id_column: str | None = None) -> None:
+        super().__init__(path, source, id_column)
         self.pf = open_parquet(path)
+
+    def close(self) -> None:
+        self.pf.close()
 
     def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
         for rb in self.pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=columns, use_threads=False):
@@ -291,10 +304,11 @@ class _ArrowChunks(_Chunks):
 
     noun = "record batch"
 
-    def __init__(self, path: str, source: Source) -> None:
-        super().__init__(path, source)
+    def __init__(self, path: str, source: Source, id_column: str | None = None) -> None:
+        super().__init__(path, source, id_column)
         self._file: Any = None
         self._stream: Any = None
+        self._source: Any = None
         self._next = 0
         try:
             self._file = pa.ipc.open_file(self._source_file())
@@ -303,11 +317,18 @@ class _ArrowChunks(_Chunks):
         self.schema = (self._file or self._stream).schema
 
     def _source_file(self) -> Any:
+        self.close()
         local = _local(self.path)
         try:
-            return pa.memory_map(local) if local else _input_file(self.path)
+            self._source = pa.memory_map(local) if local else _input_file(self.path)
         except FileNotFoundError:
             raise InputError(f"input file {self.path!r} disappeared") from None
+        return self._source
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
     def _open_stream(self) -> None:
         try:
@@ -394,9 +415,59 @@ class _TextChunks(_Chunks):
                     problem = " ".join(str(exc).split())
             if problem is not None:
                 malformed[len(tables)] = f"line {line_no}: {problem}"
-                table = pa.Table.from_pylist([{}], schema=schema)
+                table = self._null_row(record)
             tables.append(table.cast(schema))
         return Piece(pa.concat_tables(tables) if tables else schema.empty_table(), malformed)
+
+    def _null_row(self, record: bytes) -> pa.Table:
+        """The row a malformed record stands as: all nulls but its id where it can be recovered
+        safely: a JSON object's top-level id pair that comes before the fault, a CSV record's
+        first field when the id is the first column (nothing to its left can shift it)."""
+        schema = self.source.schema
+        assert schema is not None
+        name = self.id_column
+        value: Any = None
+        if name is not None and name in schema.names:
+            if self.source.format == "jsonl":
+                value = _json_field(record, name)
+            elif schema.names[0] == name:
+                value = next(csv.reader([record.decode("utf-8", "replace")], delimiter=self.source.delimiter), [None])[0]
+        if value is not None:
+            try:
+                column = pa.array([value]).cast(schema.field(name).type)
+                return pa.Table.from_pylist([{}], schema=schema).set_column(schema.get_field_index(name), name, column)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                pass
+        return pa.Table.from_pylist([{}], schema=schema)
+
+
+_SPACE = re.compile(r"\s*")
+
+
+def _json_field(record: bytes, name: str) -> Any:
+    """The scalar value of the top-level key ``name`` of a JSON object that may not parse as a
+    whole (cut off after that key, a later value of the wrong type): its pairs are decoded one by
+    one up to the first fault. None when it is not found before the fault or is not a scalar."""
+    text, decoder = record.decode("utf-8", "replace"), json.JSONDecoder()
+    pos = _SPACE.match(text, 0).end()  # type: ignore[union-attr]
+    if not text.startswith("{", pos):
+        return None
+    pos += 1
+    while True:
+        try:
+            key, pos = decoder.raw_decode(text, _SPACE.match(text, pos).end())  # type: ignore[union-attr]
+            pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+            if text[pos:pos + 1] != ":":
+                return None
+            value, pos = decoder.raw_decode(text, _SPACE.match(text, pos + 1).end())  # type: ignore[union-attr]
+        except ValueError:
+            return None
+        if key == name:
+            return value if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+        pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+        if text[pos:pos + 1] != ",":
+            return None
+        pos += 1
 
 
 def _records(block: bytes, first_line: int, is_csv: bool) -> Iterator[tuple[int, bytes]]:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from rayinfer.errors import InputError, RowError, UnreadableInput
@@ -220,25 +219,48 @@ def covered_count(ranges: Ranges, start: int, stop: int) -> int:
     return sum(max(0, min(b, stop) - max(a, start)) for a, b in ranges)
 
 
+def subtract_ranges(ranges: Ranges, minus: Ranges) -> Ranges:
+    """The rows of ``ranges`` that are not in ``minus`` (both sorted, non-overlapping)."""
+    out: Ranges = []
+    minus = merge_ranges(list(minus))
+    for a, b in ranges:
+        for c, d in minus:
+            if d <= a or c >= b:
+                continue
+            if c > a:
+                out.append((a, c))
+            a = max(a, d)
+            if a >= b:
+                break
+        if a < b:
+            out.append((a, b))
+    return out
+
+
+def clip_ranges(ranges: Ranges, start: int, stop: int) -> Ranges:
+    """The parts of ``ranges`` inside [start, stop)."""
+    return [(max(a, start), min(b, stop)) for a, b in ranges if b > start and a < stop]
+
+
 def make_units(
     files: list[InputFile], coverage: dict[str, Ranges] | None = None, unit_rows: int = UNIT_TARGET_ROWS
 ) -> list[dict[str, Any]]:
-    """Cut files into work units of about ``unit_rows`` rows; drop the units resume finds covered.
+    """Cut files into work units of about ``unit_rows`` rows; drop the rows resume finds covered.
 
-    Consecutive chunks are joined up to ``unit_rows``; a chunk larger than that is split into
-    equal row ranges (each unit then decodes the whole chunk and keeps its slice: the price of
-    feeding many actors from a small file). A unit never spans two files.
+    A unit is an input file and the row ranges of it to run (``ranges``, ascending). Consecutive
+    chunks are joined up to ``unit_rows``; a chunk larger than that is split into equal row
+    ranges (each unit then decodes the whole chunk and keeps its slice: the price of feeding many
+    actors from a small file). A unit never spans two files.
     """
     coverage = coverage or {}
     unit_rows = max(1, unit_rows)
     units: list[dict[str, Any]] = []
 
     def add(f: InputFile, start: int, stop: int) -> None:
-        done = coverage.get(f.path, [])
-        todo = (stop - start) - covered_count(done, start, stop)
-        if todo > 0:
-            units.append({"file": f.path, "fingerprint": f.fingerprint, "start": start, "stop": stop, "todo": todo,
-                          "covered": [list(r) for r in done if r[1] > start and r[0] < stop]})
+        todo = subtract_ranges([(start, stop)], coverage.get(f.path, []))
+        if todo:
+            units.append({"file": f.path, "fingerprint": f.fingerprint, "ranges": [list(r) for r in todo],
+                          "todo": sum(b - a for a, b in todo)})
 
     for f in files:
         run_start = offset = 0
@@ -258,161 +280,114 @@ def make_units(
     return units
 
 
-Batch = tuple[pa.Table | None, pa.Array, "str | RowError | None"]
-"""What the readers yield: (rows, their input row numbers, None), or for rows that could not be
-read (None, row numbers, the problem): a damaged chunk's text (``on_unreadable: skip``), or a
-malformed record's RowError."""
+@dataclass
+class RowBatch:
+    """Consecutive rows to run, as the reader yields them: ``rows`` are their input row numbers
+    (coordinates within ``file``). Rows that could not be read have a ``problem`` (a malformed
+    record's RowError, or a damaged chunk's text with ``on_unreadable: skip``); their ``table``
+    holds what was recovered of them (the id, where it could be), or is None."""
 
+    table: pa.Table | None
+    rows: pa.Array
+    problem: RowError | str | None = None
 
-def read_unit(
-    file: InputFile, unit: dict[str, Any], columns: list[str], batch_rows: int = READ_BATCH_ROWS,
-    on_unreadable: str = "fail",
-) -> Iterator[Batch]:
-    """Yield the unit's rows (only ``columns``) in tables of at most ``batch_rows`` rows, in
-    order; rows in ``unit["covered"]`` are skipped.
-
-    A chunk whose data cannot be read (its footer was fine: a damaged page, a bad
-    decompression) raises UnreadableInput naming the file, chunk and rows; with
-    ``on_unreadable="skip"`` its rows not yet read come out with the problem instead. A
-    malformed record of a text file always comes out with its RowError."""
-    reader = open_chunks(file.path, file.source)
-    start, stop = unit["start"], unit["stop"]
-    covered = [tuple(r) for r in unit.get("covered") or []]
-    pending: list[tuple[pa.Table, pa.Array]] = []
-    pending_rows = 0
-    chunk_start = 0
-    for i, n in enumerate(file.chunk_rows):
-        chunk_stop = chunk_start + n
-        if chunk_stop <= start or chunk_start >= stop:
-            chunk_start = chunk_stop
-            continue
-        offset = chunk_start
-        pieces = reader.chunk(i, columns, batch_rows)
-        while offset < min(chunk_stop, stop):
-            try:
-                piece = next(pieces)
-            except StopIteration:
-                break
-            except (pa.ArrowException, OSError) as exc:
-                problem = (f"input file {file.path!r}, {reader.where(i, chunk_start, chunk_stop)} cannot be read: "
-                           f"{' '.join(str(exc).split())}")
-                if on_unreadable != "skip":
-                    raise UnreadableInput(problem) from None
-                rows = _uncovered(pa.array(range(max(start, offset), min(stop, chunk_stop)), pa.int64()), covered)
-                if len(rows):
-                    yield None, rows, problem
-                break
-            lo, hi = max(start, offset), min(stop, offset + piece.table.num_rows)
-            piece_offset = offset
-            offset += piece.table.num_rows
-            if hi <= lo:
-                continue
-            table = piece.table.slice(lo - piece_offset, hi - lo)
-            rows = pa.array(range(lo, hi), type=pa.int64())
-            keep = _uncovered_mask(rows, covered) if covered else None
-            if piece.malformed:  # each comes out alone, with its RowError
-                yield from _malformed(file.path, piece, piece_offset, lo, hi, covered)
-                good = pa.array([(lo + k - piece_offset) not in piece.malformed for k in range(hi - lo)])
-                keep = good if keep is None else pc.and_(keep, good)
-            if keep is not None:
-                table, rows = table.filter(keep), rows.filter(keep)
-            if table.num_rows:
-                pending.append((table, rows))
-                pending_rows += table.num_rows
-            while pending_rows >= batch_rows:
-                yield (*_take_rows(pending, batch_rows), None)
-                pending_rows -= batch_rows
-        chunk_start = chunk_stop
-        if chunk_start >= stop:
-            break
-    while pending_rows:
-        n = min(batch_rows, pending_rows)
-        yield (*_take_rows(pending, n), None)
-        pending_rows -= n
-
-
-def _malformed(file: str, piece: Piece, piece_offset: int, lo: int, hi: int,
-               covered: list[tuple[int, int]]) -> Iterator[Batch]:
-    for k, problem in sorted(piece.malformed.items()):
-        row = piece_offset + k
-        if lo <= row < hi and not any(a <= row < b for a, b in covered):
-            yield None, pa.array([row], pa.int64()), RowError(f"input file {file!r}, {problem}", "malformed")
+    def __iter__(self) -> Iterator[Any]:  # (table, rows, problem), as a tuple
+        return iter((self.table, self.rows, self.problem))
 
 
 def read_rows(
-    file: InputFile, rows: list[int], columns: list[str], batch_rows: int = READ_BATCH_ROWS,
-    on_unreadable: str = "fail",
-) -> Iterator[Batch]:
-    """Like ``read_unit``, for given input rows (ascending) of ``file``: only the chunks that
-    hold them are read. Rows the file no longer has are an InputError (it changed)."""
-    reader = open_chunks(file.path, file.source)
-    if rows and rows[-1] >= file.num_rows:
-        raise InputError(f"input file {file.path!r} has {file.num_rows} rows now; row {rows[-1]} is gone "
+    file: InputFile, ranges: Ranges, columns: list[str], batch_rows: int = READ_BATCH_ROWS,
+    on_unreadable: str = "fail", id_column: str | None = None,
+) -> Iterator[RowBatch]:
+    """THE reader: the rows of ``file`` in ``ranges`` (only ``columns``), strictly in input order,
+    in batches of at most ``batch_rows`` rows. A work unit, a resume and a retry all read through
+    here; the rows' order is what lets a part's footer (its row ranges) name every row it holds.
+
+    Only the chunks that hold wanted rows are read. A malformed text record comes out in its
+    place, alone, with its RowError (and its id where ``id_column`` could be recovered). A chunk
+    whose data cannot be read (its footer was fine: a damaged page, a bad decompression) raises
+    UnreadableInput naming the file, chunk and rows; with ``on_unreadable="skip"`` its rows not
+    yet read come out in their place with the problem instead. Ranges past the file's end are
+    an InputError (the file changed since its rows were counted)."""
+    ranges = merge_ranges([tuple(r) for r in ranges])  # type: ignore[misc]
+    if ranges and ranges[-1][1] > file.num_rows:
+        raise InputError(f"input file {file.path!r} has {file.num_rows} rows now; row {ranges[-1][1] - 1} is gone "
                          "(the file changed)")
-    pending: list[tuple[pa.Table, pa.Array]] = []
-    pending_rows = 0
-    chunk_start, k = 0, 0
-    for i, n in enumerate(file.chunk_rows):
-        chunk_stop = chunk_start + n
-        j = k
-        while j < len(rows) and rows[j] < chunk_stop:
-            j += 1
-        if j > k:
-            wanted = pa.array(rows[k:j], pa.int64())
-            try:
-                pieces = list(reader.chunk(i, columns, max(1, n)))
-            except (pa.ArrowException, OSError) as exc:
-                problem = (f"input file {file.path!r}, {reader.where(i, chunk_start, chunk_stop)} cannot be read: "
-                           f"{' '.join(str(exc).split())}")
-                if on_unreadable != "skip":
-                    raise UnreadableInput(problem) from None
-                yield None, wanted, problem
-            else:
-                whole = _join(pieces)
-                positions = pc.subtract(wanted, chunk_start)
-                bad = {r for r in rows[k:j] if r - chunk_start in whole.malformed}
-                for r in sorted(bad):
-                    yield None, pa.array([r], pa.int64()), RowError(
-                        f"input file {file.path!r}, {whole.malformed[r - chunk_start]}", "malformed")
-                if bad:
-                    keep = pa.array([r not in bad for r in rows[k:j]])
-                    wanted, positions = wanted.filter(keep), positions.filter(keep)
-                if len(wanted):
-                    pending.append((whole.table.take(positions), wanted))
-                    pending_rows += len(wanted)
-            k = j
-        while pending_rows >= batch_rows:
-            yield (*_take_rows(pending, batch_rows), None)
-            pending_rows -= batch_rows
-        chunk_start = chunk_stop
-        if k == len(rows):
-            break
-    while pending_rows:
-        n = min(batch_rows, pending_rows)
-        yield (*_take_rows(pending, n), None)
-        pending_rows -= n
+    pending = _Pending(batch_rows)
+    reader = open_chunks(file.path, file.source, id_column)
+    try:
+        chunk_start = 0
+        for i, n in enumerate(file.chunk_rows):
+            chunk_stop = chunk_start + n
+            wanted = clip_ranges(ranges, chunk_start, chunk_stop)
+            if wanted:
+                offset = chunk_start
+                try:
+                    for piece in reader.chunk(i, columns, batch_rows):
+                        lo, offset = offset, offset + piece.table.num_rows
+                        for a, b in clip_ranges(wanted, lo, offset):
+                            yield from _in_order(file.path, piece, lo, a, b, pending)
+                        if offset >= wanted[-1][1]:
+                            break
+                except (pa.ArrowException, OSError) as exc:
+                    problem = (f"input file {file.path!r}, {reader.where(i, chunk_start, chunk_stop)} cannot be read: "
+                               f"{' '.join(str(exc).split())}")
+                    if on_unreadable != "skip":
+                        raise UnreadableInput(problem) from None
+                    rest = clip_ranges(wanted, offset, chunk_stop)
+                    if rest:
+                        yield from pending.flush()
+                        yield RowBatch(None, _numbers(rest), problem)
+            chunk_start = chunk_stop
+            if not ranges or chunk_start >= ranges[-1][1]:
+                break
+        yield from pending.flush()
+    finally:
+        reader.close()
 
 
-def _join(pieces: list[Piece]) -> Piece:
-    """One piece of a chunk's pieces, in order."""
-    if len(pieces) == 1:
-        return pieces[0]
-    malformed, base = {}, 0
-    for p in pieces:
-        malformed.update({base + m: v for m, v in p.malformed.items()})
-        base += p.table.num_rows
-    return Piece(pa.concat_tables([p.table for p in pieces]), malformed)
+def _in_order(path: str, piece: Piece, lo: int, a: int, b: int, pending: "_Pending") -> Iterator[RowBatch]:
+    """Rows [a, b) of ``piece`` (whose first row is input row ``lo``): good rows join ``pending``;
+    a malformed row first flushes what is pending, then comes out alone, so order is kept."""
+    start = a
+    for row in sorted(lo + k for k in piece.malformed if a <= lo + k < b):
+        if row > start:
+            yield from pending.add(piece.table.slice(start - lo, row - start), _numbers([(start, row)]))
+        yield from pending.flush()
+        problem = RowError(f"input file {path!r}, {piece.malformed[row - lo]}", "malformed")
+        yield RowBatch(piece.table.slice(row - lo, 1), _numbers([(row, row + 1)]), problem)
+        start = row + 1
+    if b > start:
+        yield from pending.add(piece.table.slice(start - lo, b - start), _numbers([(start, b)]))
 
 
-def _uncovered_mask(rows: pa.Array, covered: list[tuple[int, int]]) -> pa.Array:
-    mask = pa.array([True] * len(rows))
-    for a, b in covered:
-        mask = pc.and_(mask, pc.invert(pc.and_(pc.greater_equal(rows, a), pc.less(rows, b))))
-    return mask
+def _numbers(ranges: Ranges) -> pa.Array:
+    import numpy as np
+
+    return pa.array(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges]), pa.int64())
 
 
-def _uncovered(rows: pa.Array, covered: list[tuple[int, int]]) -> pa.Array:
-    return rows.filter(_uncovered_mask(rows, covered)) if covered and len(rows) else rows
+class _Pending:
+    """Good rows read but not yet yielded, cut into batches of ``batch_rows``."""
+
+    def __init__(self, batch_rows: int) -> None:
+        self.batch_rows = max(1, batch_rows)
+        self.pieces: list[tuple[pa.Table, pa.Array]] = []
+        self.rows = 0
+
+    def add(self, table: pa.Table, rows: pa.Array) -> Iterator[RowBatch]:
+        if table.num_rows:
+            self.pieces.append((table, rows))
+            self.rows += table.num_rows
+        while self.rows >= self.batch_rows:
+            yield RowBatch(*_take_rows(self.pieces, self.batch_rows))
+            self.rows -= self.batch_rows
+
+    def flush(self) -> Iterator[RowBatch]:
+        while self.rows:
+            n = min(self.batch_rows, self.rows)
+            yield RowBatch(*_take_rows(self.pieces, n))
+            self.rows -= n
 
 
 def _take_rows(pending: list[tuple[pa.Table, pa.Array]], n: int) -> tuple[pa.Table, pa.Array]:

@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayinfer.errors import OutputError, RunError, SpecError
-from rayinfer.inputs import InputFile, Ranges, merge_ranges, rows_to_ranges
+from rayinfer.inputs import InputFile, Ranges, merge_ranges, rows_to_ranges, subtract_ranges
 from rayinfer.runner import ERROR_COL
 from rayinfer.storage import OBJECT_STORES, filesystem, is_uri, local_path, redact, uri_for
 
@@ -232,8 +232,13 @@ class PartWriter:
         part = self._open
         if part is not None and part["file"] != file:
             raise ValueError("a part holds the rows of one input file")
+        numbers = rows.to_numpy()
+        if (numbers[1:] <= numbers[:-1]).any() or (part is not None and numbers[0] <= part["last"]):
+            raise RuntimeError(f"rows of {file!r} reached the part writer out of input order: a part's footer names its "
+                               "rows by ranges, so they must come in order (this is a bug in rayinfer)")
         if part is None:
-            part = self._open = self._start(file, int(rows[0].as_py()), fingerprint)
+            part = self._open = self._start(file, int(numbers[0]), fingerprint)
+        part["last"] = int(numbers[-1])
         part["tables"].append(table)
         part["rows"].append(rows)
         part["buffered_rows"] += table.num_rows
@@ -276,7 +281,7 @@ class PartWriter:
         meta = {**(self.schema.metadata or {}),
                 META_PROVENANCE: json.dumps(provenance, sort_keys=True, default=str).encode()}
         part = {"file": file, "name": name, "tmp": tmp, "tables": [], "rows": [], "covered": [],
-                "buffered_rows": 0, "buffered_bytes": 0, "total": 0}
+                "buffered_rows": 0, "buffered_bytes": 0, "total": 0, "last": -1}
         try:
             part["sink"] = pa.OSFile(tmp, "wb") if self.store.object_store else self.store.fs.open_output_stream(tmp)
             part["writer"] = pq.ParquetWriter(part["sink"], self.schema.with_metadata(meta))
@@ -309,30 +314,78 @@ class PartWriter:
         return part["name"], part["total"]
 
 
-def replace_rows(store: Store, name: str, positions: list[int], rows: pa.Table, schema: pa.Schema, id_column: str,
-                 retry: dict[str, Any], fingerprint: tuple[str, str] | None = None,
-                 input_rows: list[int] | None = None) -> None:
-    """Replace rows ``positions`` of part ``name`` with ``rows`` (in that order), atomically: the new
-    part is written beside it and moved over it (uploaded whole on object stores), so a reader
-    sees the old part or the new one. Every other row stays as it was; the footer keeps the
-    part's coverage and provenance, with ``retry`` added to its ``retries`` (and the input file's
-    new ``fingerprint``, (file, size:mtime), when it changed). Refuses rows whose id differs from
-    the row they replace (``input_rows``: their input row numbers, for the message): the input no
-    longer holds the same rows at the same places."""
+class RowReplacer:
+    """A retry's sink (the unit loop's counterpart of PartWriter): collects the new output of a
+    part's error rows and, when the unit ends, replaces them in the part (``replace_rows``)."""
+
+    def __init__(self, store: Store, unit: dict[str, Any], schema: pa.Schema, id_column: str,
+                 provenance: dict[str, Any]) -> None:
+        self.store, self.unit, self.schema, self.id_column = store, unit, schema, id_column
+        self.provenance = provenance
+        self.tables: list[pa.Table] = []
+        self.rows: list[pa.Array] = []
+
+    def write(self, file: str, table: pa.Table, rows: pa.Array, fingerprint: str | None = None) -> list[tuple[str, int]]:
+        self.tables.append(table)
+        self.rows.append(rows)
+        return []
+
+    def close(self) -> list[tuple[str, int]]:
+        if not self.tables:
+            return []
+        new = pa.concat_tables(self.tables)
+        rows = pa.concat_arrays(self.rows).to_pylist()
+        errors = len(new.column(ERROR_COL).drop_null())
+        retry = {k: self.provenance.get(k) for k in ("run_id", "options", "plugin_version", "rayinfer_version")}
+        retry.update(rows=len(rows), fixed=len(rows) - errors)
+        unit = self.unit
+        changed = (unit["file"], unit["fingerprint"]) if unit["fingerprint"] != unit["was"] else None
+        replace_rows(self.store, unit["part"], unit["file"], rows, new, self.schema, self.id_column, retry, changed)
+        return [(unit["part"], len(rows))]
+
+    def abort(self) -> None:
+        self.tables, self.rows = [], []
+
+
+def replace_rows(store: Store, name: str, file: str, input_rows: list[int], rows: pa.Table, schema: pa.Schema,
+                 id_column: str, retry: dict[str, Any], fingerprint: tuple[str, str] | None = None) -> None:
+    """Replace the rows of part ``name`` that came from input rows ``input_rows`` of ``file`` with
+    ``rows`` (in that order), atomically: the new part is written beside it and moved over it
+    (uploaded whole on object stores), so a reader sees the old part or the new one.
+
+    Rows are found by their coordinates: the part's footer names the input rows it holds (its
+    ranges, in order), so an input row's place in the part is its rank there. What is replaced
+    is checked: each place must hold an error row, with the same id where both ids are known;
+    otherwise the input no longer holds the same rows at the same places and nothing changes.
+    Every other row stays as it was; the footer keeps the part's coverage and provenance, with
+    ``retry`` added to its ``retries`` (and the input file's new ``fingerprint``, (file,
+    size:mtime), when it changed)."""
+    import numpy as np
+
     md = part_metadata(store, name)
+    ranges = footer_coverage(md, store.uri(name)).get(file)
+    held = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges or [(0, 0)]])
+    wanted = np.asarray(input_rows, dtype=np.int64)
+    places = np.searchsorted(held, wanted)
+    if not ranges or (places >= len(held)).any() or (held[np.minimum(places, len(held) - 1)] != wanted).any():
+        raise RunError(f"part {name} does not hold input rows {input_rows[:5]} of {redact(file)!r}: this is a bug in "
+                       "rayinfer (please report it with the manifest)")
     with store.open(name) as f:
         old = pq.read_table(f).replace_schema_metadata(None)
-    at = pa.array(positions, pa.int64())
+    at = pa.array(places, pa.int64())
+    if old.column(ERROR_COL).take(at).null_count:
+        i = pc.indices_nonzero(pc.is_null(old.column(ERROR_COL).take(at)))[0].as_py()
+        raise RunError(f"part {name}: input row {input_rows[i]} has no error there; retry-errors replaces only error "
+                       "rows (this is a bug in rayinfer: please report it with the manifest)")
     was, now = old.column(id_column).take(at), rows.column(id_column)
-    differ = pc.and_(pc.is_valid(was), pc.not_equal(was, now).fill_null(True))
+    differ = pc.and_(pc.and_(pc.is_valid(was), pc.is_valid(now)), pc.not_equal(was, now))
     if pc.any(differ).as_py():
         i = pc.indices_nonzero(differ)[0].as_py()
-        raise RunError(f"part {name}: input row {(input_rows or positions)[i]} now has {id_column} {now[i].as_py()!r}, the part holds "
+        raise RunError(f"part {name}: input row {input_rows[i]} now has {id_column} {now[i].as_py()!r}, the part holds "
                        f"{was[i].as_py()!r} there: the input file changed its rows. retry-errors needs the same rows in the "
                        "same places (fix rows in place), or rerun the job from scratch")
-    order = list(range(old.num_rows))
-    for j, p in enumerate(positions):
-        order[p] = old.num_rows + j
+    order = np.arange(old.num_rows)
+    order[places] = old.num_rows + np.arange(len(places))
     merged = pa.concat_tables([old.cast(schema.remove_metadata()), rows.replace_schema_metadata(None).cast(schema.remove_metadata())])
     merged = merged.take(pa.array(order, pa.int64()))
     provenance = footer_provenance(md)
@@ -420,16 +473,18 @@ def _merged_coverage(footers: Iterable[tuple[str, pq.FileMetaData]], store: Stor
 
 
 def unit_todo(store: Store, unit: dict[str, Any]) -> dict[str, Any]:
-    """``unit`` with the rows that committed parts already hold added to what it skips: a unit
-    that Ray retries (its first actor died after committing some of its parts) must not commit
-    those rows again. Only parts named inside the unit's row range are read."""
-    file, start, stop = unit["file"], unit["start"], unit["stop"]
+    """``unit`` less the rows that committed parts already hold: a unit that Ray retries (its
+    first actor died after committing some of its parts) must not commit those rows again. Only
+    parts named inside the unit's rows are read."""
+    file, ranges = unit["file"], [tuple(r) for r in unit["ranges"]]
+    first, stop = ranges[0][0], ranges[-1][1]
     prefix = part_name(file, 0)[: -len("000000000000.parquet")]
-    names = [n for n in store.parts() if n.startswith(prefix) and start <= int(n[len(prefix):-len(".parquet")]) < stop]
+    names = [n for n in store.parts() if n.startswith(prefix) and first <= int(n[len(prefix):-len(".parquet")]) < stop]
     if not names:
         return unit
     cover, _ = _coverage(store, names)
-    return {**unit, "covered": merge_ranges([tuple(r) for r in unit["covered"]] + cover.get(file, []))}
+    todo = subtract_ranges(ranges, cover.get(file, []))
+    return {**unit, "ranges": [list(r) for r in todo] or [[first, first]], "todo": sum(b - a for a, b in todo)}
 
 
 def resume_coverage(out_dir: str | Store, identity: dict[str, Any], files: list[InputFile]) -> tuple[dict[str, Ranges], int]:

@@ -43,9 +43,9 @@ from rayinfer import __version__
 from rayinfer.coordinator import Coordinator, crash_pieces
 from rayinfer.admission import actor_need, check_paths_visible, check_resources, describe, pool_size
 from rayinfer.errors import RayInferError, RowError, RunError, RunFailed, Stopped
-from rayinfer.inputs import InputFile, covered_count, make_units, read_rows, read_unit
+from rayinfer.inputs import InputFile, RowBatch, covered_count, make_units, read_rows
 from rayinfer.models import check_cuda
-from rayinfer.output import (PartWriter, Store, committed_coverage, count_errors, prepare, replace_rows, resume_coverage, unit_todo,
+from rayinfer.output import (PartWriter, RowReplacer, Store, committed_coverage, count_errors, prepare, resume_coverage, unit_todo,
                              verify_coverage, write_manifest)
 from rayinfer.plan import Plan
 from rayinfer.progress import RunTotals, TerminalProgress, WorkReport
@@ -126,61 +126,45 @@ class TaskActor:
 
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
         for unit in units.to_pylist():
-            yield from (self.retry_part(unit) if unit.get("part") else self.run_unit(unit))
+            yield from self.run_unit(unit)
 
     def run_unit(self, unit: dict[str, Any]) -> Iterator[pa.Table]:
-        """Run one unit, committing parts as they fill; yield a WorkReport about once a second.
+        """THE unit loop, for runs and retries alike: read the unit's rows (in input order), run
+        them, hand the output to the unit's sink; yield a WorkReport about once a second and at
+        every commit. A run's sink commits parts as they fill; a retry's (``unit["part"]``: the
+        part whose error rows these are) replaces the rows in that part when the unit ends.
 
         A unit Ray retries (its first actor died) first skips what that attempt committed, then
         runs its batches under the coordinator's watch (see rayinfer/coordinator.py)."""
-        key = f"{unit['file']}:{unit['start']}-{unit['stop']}"
-        crashes = self._start(key, f"rows {unit['start']}-{unit['stop'] - 1} of {unit['file']}")
+        first, last = unit["ranges"][0][0], unit["ranges"][-1][1] - 1
+        key = f"{unit.get('part') or unit['file']}:{first}-{last}"
+        what = f"the error rows of {unit['part']}" if unit.get("part") else f"rows {first}-{last} of {unit['file']}"
+        crashes = self._start(key, what)
         if crashes is False:  # the run is stopping: leave the unit to the resume
             yield self._send(self._report(), BatchStats(), [])
             return
-        unit = unit_todo(self.store, unit)
-        writer = PartWriter(self.store, self.schema, self.provenance, self.part_bytes)
-        report, stats, last = self._report(), BatchStats(), time.monotonic()
+        if unit.get("part"):
+            sink: Any = RowReplacer(self.store, unit, self.schema, self.runner.id_column, self.provenance)
+        else:
+            unit = unit_todo(self.store, unit)
+            sink = PartWriter(self.store, self.schema, self.provenance, self.part_bytes)
+        report, stats, last_report = self._report(), BatchStats(), time.monotonic()
         try:
-            for table, rows, prepared in self._batches(unit, crashes):
+            for batch, prepared in self._batches(unit, crashes):
                 started = time.perf_counter()
-                out = self._output(key, table, rows, prepared, stats)
-                committed = writer.write(unit["file"], out, rows, unit["fingerprint"])
+                out = self._output(key, batch, prepared, stats)
+                committed = sink.write(unit["file"], out, batch.rows, unit["fingerprint"])
                 report.busy_s += time.perf_counter() - started
-                if committed or time.monotonic() - last >= REPORT_EVERY_S:
+                if committed or time.monotonic() - last_report >= REPORT_EVERY_S:
                     yield self._send(report, stats, committed)
-                    report, stats, last = self._report(), BatchStats(), time.monotonic()
-                    if self.stopping:  # commit what is done; a resume does the rest
+                    report, stats, last_report = self._report(), BatchStats(), time.monotonic()
+                    if self.stopping:  # commit what is done; a resume (or another retry) does the rest
                         break
-            committed = writer.close()
+            committed = sink.close()
         except BaseException:
-            writer.abort()
+            sink.abort()
             raise
         yield self._send(report, stats, committed)
-
-    def retry_part(self, unit: dict[str, Any]) -> Iterator[pa.Table]:
-        """Run a part's error rows again (``rayinfer retry-errors``) and replace them in the part,
-        atomically, with what they give now."""
-        crashes = self._start(f"retry:{unit['part']}", f"the error rows of {unit['part']}")
-        if crashes is False:
-            yield self._send(self._report(), BatchStats(), [])
-            return
-        report, stats, outs, last = self._report(), BatchStats(), [], time.monotonic()
-        for table, rows, prepared in self._batches(unit, crashes):
-            started = time.perf_counter()
-            outs.append(self._output(f"retry:{unit['part']}", table, rows, prepared, stats))
-            report.busy_s += time.perf_counter() - started
-            if time.monotonic() - last >= REPORT_EVERY_S:
-                yield self._send(report, stats, [])
-                report, stats, last = self._report(), BatchStats(), time.monotonic()
-        new = pa.concat_tables(outs) if outs else self.schema.empty_table()
-        errors = len(new.column(ERROR_COL).drop_null())
-        retry = {k: self.provenance.get(k) for k in ("run_id", "options", "plugin_version", "rayinfer_version")}
-        retry.update(rows=len(unit["rows"]), fixed=len(unit["rows"]) - errors)
-        changed = (unit["file"], unit["fingerprint"]) if unit["fingerprint"] != unit["was"] else None
-        replace_rows(self.store, unit["part"], unit["positions"], new, self.schema, self.runner.id_column, retry, changed,
-                     input_rows=unit["rows"])
-        yield self._send(report, stats, [(unit["part"], len(unit["rows"]))])
 
     def _start(self, key: str, what: str) -> dict[tuple[int, int], int] | None | bool:
         """Tell the coordinator that work ``key`` starts. Returns False when the run is stopping,
@@ -200,25 +184,26 @@ class TaskActor:
                     "watch, to isolate a row that kills", what, state["deaths"])
         return {(a, b): n for a, b, n in state["crashes"]}
 
-    def _output(self, key: str, table: pa.Table | None, rows: pa.Array, prepared: Any, stats: BatchStats) -> pa.Table:
+    def _output(self, key: str, batch: RowBatch, prepared: Any, stats: BatchStats) -> pa.Table:
         """The output rows of one batch from ``_batches``."""
-        if table is None:  # a malformed record (its RowError), or an unreadable chunk with on_unreadable: skip
-            error = prepared if isinstance(prepared, RowError) else RowError(prepared, "unreadable")
-            return self.runner.error_table(len(rows), self.schema, error, stats)
+        if batch.problem is not None:  # a malformed record, or an unreadable chunk with on_unreadable: skip
+            problem = batch.problem
+            error = problem if isinstance(problem, RowError) else RowError(problem, "unreadable")
+            return self.runner.error_table(len(batch.rows), self.schema, error, stats, batch.table)
+        table = batch.table
+        assert table is not None
         if isinstance(prepared, RowError):  # a row that killed its worker, isolated
-            return self.runner.error_table(len(rows), self.schema, prepared, stats, table)
+            return self.runner.error_table(len(batch.rows), self.schema, prepared, stats, table)
         if prepared is None:  # a batch of work whose worker died: run under watch
-            self._call("begin", key, rows[0].as_py(), rows[-1].as_py())
+            self._call("begin", key, batch.rows[0].as_py(), batch.rows[-1].as_py())
             out = self.runner.complete_table(table, self.runner.prepare_table(table), self.schema, stats)
             self._call("end", key)
             return out
         return self.runner.complete_table(table, prepared, self.schema, stats)
 
-    def _read(self, unit: dict[str, Any]) -> Iterator[tuple[pa.Table | None, pa.Array, str | None]]:
-        file = self.files[unit["file"]]
-        if unit.get("part"):
-            return read_rows(file, unit["rows"], self.read_columns, self.batch_size, self.on_unreadable)
-        return read_unit(file, unit, self.read_columns, self.batch_size, self.on_unreadable)
+    def _read(self, unit: dict[str, Any]) -> Iterator[RowBatch]:
+        return read_rows(self.files[unit["file"]], unit["ranges"], self.read_columns, self.batch_size,
+                         self.on_unreadable, self.runner.id_column)
 
     def _call(self, method: str, *args: Any) -> Any:
         """Call the run's coordinator (none when the actor runs outside a run, as in some tests)."""
@@ -229,27 +214,29 @@ class TaskActor:
         return ray.get(getattr(self.coordinator, method).remote(*args))
 
     def _batches(self, unit: dict[str, Any], crashes: dict[tuple[int, int], int] | None
-                 ) -> Iterator[tuple[pa.Table | None, pa.Array, Any]]:
-        """The unit's batches as (table, rows, prepared). On a unit's first attempt: prepared by
-        ``_prepared``. After its worker died (``crashes``: the batches in flight at each death):
-        pieces of batches, not prepared (the actor names each to the coordinator first, as
-        tokenizing may be what kills), a piece that keeps killing cut in halves, and a row that
-        killed its worker more than ``worker_crash_retries`` times alone with its RowError."""
+                 ) -> Iterator[tuple[RowBatch, Any]]:
+        """The unit's batches, each with what ``_output`` needs to run it. On a unit's first
+        attempt: prepared (tokenized) by ``_prepared``. After its worker died (``crashes``: the
+        batches in flight at each death): pieces of batches, not prepared (the actor names each
+        to the coordinator first, as tokenizing may be what kills), a piece that keeps killing cut
+        in halves, and a row that killed its worker more than ``worker_crash_retries`` times
+        alone with its RowError. Rows that could not be read come with None."""
         if crashes is None:
             yield from self._prepared(unit)
             return
-        for table, rows, problem in self._read(unit):
-            if table is None:
-                yield table, rows, problem
+        for batch in self._read(unit):
+            if batch.problem is not None:
+                yield batch, None
                 continue
-            numbers = rows.to_pylist()
+            assert batch.table is not None
+            numbers = batch.rows.to_pylist()
             for lo, hi, kills in crash_pieces(numbers, crashes, self.crash_retries):
                 error = None
                 if kills:
                     n = crashes[(numbers[lo], numbers[lo])]
                     error = RowError(f"this row killed the worker process running it, also when run alone ({n}x): a "
                                      "crash in the task or a library it calls (a segfault), or out of memory", "worker_crash")
-                yield table.slice(lo, hi - lo), rows.slice(lo, hi - lo), error
+                yield RowBatch(batch.table.slice(lo, hi - lo), batch.rows.slice(lo, hi - lo)), error
 
     def _report(self) -> WorkReport:
         return WorkReport(actor=self.where, ready_at=self.ready_at)
@@ -266,14 +253,13 @@ class TaskActor:
         report.rss_mb = _rss_mb()
         return report.to_table()
 
-    def _prepared(self, unit: dict[str, Any]) -> Iterator[tuple[pa.Table | None, pa.Array, Any]]:
-        """The unit's batches, read and tokenized (for rows that could not be read: no table, and
-        the problem instead). GPU actors do it on a second thread, PREFETCH_BATCHES ahead, while
+    def _prepared(self, unit: dict[str, Any]) -> Iterator[tuple[RowBatch, Any]]:
+        """The unit's batches, read and tokenized (rows that could not be read: None). GPU actors do it on a second thread, PREFETCH_BATCHES ahead, while
         the GPU computes; CPU actors in turn with the model, as their cores are busy with it (the
         second thread cost CPU actors 15% of their speed: 9,323 -> 8,077 rows/s on 1M rows)."""
         if not self.prefetch:
-            for table, rows, problem in self._read(unit):
-                yield table, rows, problem if table is None else self.runner.prepare_table(table)
+            for batch in self._read(unit):
+                yield batch, None if batch.problem is not None else self.runner.prepare_table(batch.table)
             return
         q: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         stop = threading.Event()
@@ -290,8 +276,8 @@ class TaskActor:
 
         def produce() -> None:
             try:
-                for table, rows, problem in self._read(unit):
-                    if not put((table, rows, problem if table is None else self.runner.prepare_table(table))):
+                for batch in self._read(unit):
+                    if not put((batch, None if batch.problem is not None else self.runner.prepare_table(batch.table))):
                         return
                 put(end)
             except BaseException as exc:  # handed to the consuming thread, which raises it

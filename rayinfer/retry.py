@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayinfer.errors import InputError, OutputError, SpecError
+from rayinfer.inputs import rows_to_ranges
 from rayinfer.output import (MANIFEST, Store, count_errors, footer_coverage, footer_provenance, part_metadata,
                              read_manifest, verify_coverage, write_manifest)
 from rayinfer.plan import Plan, plan_job
@@ -66,7 +67,8 @@ def plan_retry(out_dir: str, overrides: list[str] | tuple[str, ...] = (),
 
 def error_units(store: Store, plan: Plan) -> tuple[list[dict[str, Any]], int]:
     """One unit per part that holds error rows: the part, its input file (and that file's
-    fingerprint then and now), the input rows to run again and their places in the part."""
+    fingerprint then and now) and the input rows to run again, as ranges: a part holds its rows
+    in input order, so the error rows' places in the part name their coordinates."""
     files = {f.path: f for f in plan.files}
     units: list[dict[str, Any]] = []
     for name in store.parts():
@@ -80,13 +82,14 @@ def error_units(store: Store, plan: Plan) -> tuple[list[dict[str, Any]], int]:
             errors = pq.read_table(f, columns=[ERROR_COL]).column(ERROR_COL)
         positions = pc.indices_nonzero(pc.is_valid(errors)).to_numpy()
         numbers = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges])
+        rows = rows_to_ranges(numbers[positions].tolist())
         units.append({
             "part": name, "file": file, "fingerprint": files[file].fingerprint,
             "was": (footer_provenance(md).get("inputs") or {}).get(file),
-            "rows": numbers[positions].tolist(), "positions": positions.tolist(),
+            "ranges": [list(r) for r in rows], "todo": len(positions),
         })
-    units.sort(key=lambda u: -len(u["rows"]))
-    return units, sum(len(u["rows"]) for u in units)
+    units.sort(key=lambda u: -u["todo"])
+    return units, sum(u["todo"] for u in units)
 
 
 def retry_errors(out_dir: str, overrides: list[str] | tuple[str, ...] = (), *, address: str | None = None,
@@ -117,7 +120,7 @@ def retry_errors(out_dir: str, overrides: list[str] | tuple[str, ...] = (), *, a
         "rows_retried": rows,
         "rows_fixed": rows - totals.errors,
         "errors_by_kind": dict(totals.error_kinds),
-        "parts_rewritten": sum(1 for u in units),
+        "parts_rewritten": len(units),
         "overrides": list(overrides),
         "changed": {k: v for k, v in plan.identity().items() if then.get(k) != v},
         "worker_deaths": totals.worker_deaths,

@@ -52,7 +52,7 @@ def write_units(location: str, files: list, coverage: dict, batch: int, unit_row
 
     import pyarrow as pa
 
-    from rayinfer.inputs import make_units, read_unit
+    from rayinfer.inputs import make_units, read_rows
     from rayinfer.output import PartWriter, Store, unit_todo
 
     store = Store(location)
@@ -65,7 +65,7 @@ def write_units(location: str, files: list, coverage: dict, batch: int, unit_row
     for unit in units:
         unit = unit_todo(store, unit)
         writer = PartWriter(store, schema, {"run": "test"}, part_bytes, row_group_rows=batch)
-        for table, rows, _ in read_unit(by_path[unit["file"]], unit, ["id"], batch):
+        for table, rows, _ in read_rows(by_path[unit["file"]], unit["ranges"], ["id"], batch):
             if stop_after is not None and committed >= stop_after:  # a part half-written when the process dies
                 PartWriter(store, schema, {"run": "test"}, 1 << 40, row_group_rows=1).write(unit["file"], table, rows)
                 return committed

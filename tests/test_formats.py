@@ -16,7 +16,7 @@ import pytest
 from rayinfer import formats
 from rayinfer.api import plan_job, run_job
 from rayinfer.errors import InputError
-from rayinfer.inputs import make_units, read_unit, scan
+from rayinfer.inputs import make_units, read_rows, scan
 from rayinfer.testing import english_sentences, run_task
 from rayinfer_tasks.classify import ClassifyTask
 
@@ -79,7 +79,7 @@ def test_string_columns_of_every_arrow_string_type_are_text(case, tmp_path, rayi
     plan = plan_job(classify_job(tmp_path, rayinfer_bert_classifier, path))
     assert plan.input_schema.field("text").type == case.text
     [file] = plan.files
-    rows = [r for t, _, _ in read_unit(file, make_units(plan.files)[0], ["uid", "text"]) for r in t.to_pylist()]
+    rows = [r for t, _, _ in read_rows(file, make_units(plan.files)[0]["ranges"], ["uid", "text"]) for r in t.to_pylist()]
     assert [r["text"] for r in rows] == TEXTS and all(isinstance(r["text"], str) for r in rows)
 
 
@@ -108,11 +108,11 @@ def test_a_csv_record_with_missing_fields_is_an_error_row_and_the_block_goes_on(
     text[5] = '"r004"\n'  # line 6: one field of two
     path.write_text("".join(text))
     files, _ = scan(str(path))
-    got = [b for u in make_units(files, unit_rows=100) for b in read_unit(files[0], u, ["uid", "text"], 100)]
-    errors = [(rows.to_pylist(), e) for t, rows, e in got if t is None]
+    got = [b for u in make_units(files, unit_rows=100) for b in read_rows(files[0], u["ranges"], ["uid", "text"], 100)]
+    errors = [(rows.to_pylist(), e) for t, rows, e in got if e is not None]
     assert len(errors) == 1 and errors[0][0] == [4]
     assert errors[0][1].kind == "malformed" and "line 6: CSV parse error: Expected 2 columns, got 1" in errors[0][1].message
-    rows = [r for t, _, _ in got if t is not None for r in t.to_pylist()]
+    rows = [r for t, _, e in got if e is None for r in t.to_pylist()]
     assert len(rows) == len(TEXTS) - 1 and rows[-2]["text"] == "a value\nover two lines"
 
 
@@ -122,8 +122,7 @@ def test_text_inputs_are_indexed_in_blocks_that_are_read_alone(fmt, cut, tmp_pat
     [file], schema = scan(str(path))
     assert file.chunk_rows == (16, 16, 16, 1) and schema.names == ["uid", "text"]
     # a unit of the third block alone reads only that block's bytes and gives its rows
-    unit = {"file": file.path, "start": 32, "stop": 48, "covered": []}
-    rows = [r for t, _, _ in read_unit(file, unit, ["uid"]) for r in t.to_pylist()]
+    rows = [r for t, _, _ in read_rows(file, [(32, 48)], ["uid"]) for r in t.to_pylist()]
     assert [r["uid"] for r in rows] == [f"r{i:03d}" for i in range(32, 48)]
 
 

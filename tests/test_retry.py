@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rayinfer.errors import OutputError, RunError, SpecError
-from rayinfer.inputs import read_rows, scan
+from rayinfer.inputs import read_rows, rows_to_ranges, scan
 from rayinfer.output import MANIFEST, PartWriter, Store, part_coverage, replace_rows, write_manifest
 from rayinfer.plan import plan_job
 from rayinfer.retry import error_units, plan_retry
@@ -24,12 +24,12 @@ def test_read_rows_decodes_only_the_groups_it_needs_and_batches_them(tmp_path):
     write_dataset(tmp_path / "in", {"id": list(range(100)), "text": [f"t{i}" for i in range(100)]}, row_group_size=10)
     [f], _ = scan(str(tmp_path / "in"))
     wanted = [0, 9, 10, 35, 36, 37, 99]
-    got = list(read_rows(f, wanted, ["id", "text"], batch_rows=3))
+    got = list(read_rows(f, rows_to_ranges(wanted), ["id", "text"], batch_rows=3))
     assert [t.num_rows for t, _, _ in got] == [3, 3, 1]
     assert [i for t, _, _ in got for i in t.column("id").to_pylist()] == wanted
     assert [i for _, r, _ in got for i in r.to_pylist()] == wanted
     with pytest.raises(Exception, match="has 100 rows now; row 100 is gone"):
-        list(read_rows(f, [5, 100], ["id"]))
+        list(read_rows(f, rows_to_ranges([5, 100]), ["id"]))
 
 
 def _part(store: Store, ids: list[int], errors: list[str | None]) -> tuple[str, pa.Schema]:
@@ -46,8 +46,8 @@ def test_replace_rows_swaps_only_the_given_rows_and_keeps_the_footer(tmp_path):
     store = Store(str(tmp_path / "out"))
     name, schema = _part(store, [7, 8, 9, 10], [None, "boom", None, "bad"])
     new = pa.table({"id": [8, 10], "label": ["fixed", None], "error": [None, "still bad"]}, schema=schema)
-    replace_rows(store, name, [1, 3], new, schema, "id", {"run_id": "retry", "rows": 2},
-                 ("/data/in.parquet", "11:2"), input_rows=[1, 3])
+    replace_rows(store, name, "/data/in.parquet", [1, 3], new, schema, "id", {"run_id": "retry", "rows": 2},
+                 ("/data/in.parquet", "11:2"))
     got = pq.read_table(tmp_path / "out" / name)
     assert got.to_pylist() == [{"id": 7, "label": "l7", "error": None}, {"id": 8, "label": "fixed", "error": None},
                                {"id": 9, "label": "l9", "error": None}, {"id": 10, "label": None, "error": "still bad"}]
@@ -64,7 +64,7 @@ def test_replace_rows_refuses_rows_that_are_not_the_same_rows(tmp_path):
     before = (tmp_path / "out" / name).read_bytes()
     new = pa.table({"id": [80], "label": ["x"], "error": [None]}, schema=schema)
     with pytest.raises(RunError, match=r"input row 1 now has id 80, the part holds 8 there: the input file changed"):
-        replace_rows(store, name, [1], new, schema, "id", {"run_id": "retry"}, input_rows=[1])
+        replace_rows(store, name, "/data/in.parquet", [1], new, schema, "id", {"run_id": "retry"})
     assert (tmp_path / "out" / name).read_bytes() == before
 
 
