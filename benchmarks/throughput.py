@@ -74,7 +74,7 @@ def candidates(task: str) -> list[int]:
 # ---- models and data --------------------------------------------------------------------------
 
 def bench_home() -> Path:
-    from rayinfer import catalog
+    from rayinfer.models import catalog
 
     return catalog.home() / "bench"
 
@@ -83,7 +83,7 @@ def encoder_with_head(kind: str) -> Path:
     """all-MiniLM-L6-v2's real encoder under a classification or MLM head, saved once."""
     from transformers import AutoTokenizer, BertForMaskedLM, BertForSequenceClassification
 
-    from rayinfer import catalog
+    from rayinfer.models import catalog
 
     dest = bench_home() / f"minilm-{kind}"
     if (dest / "config.json").is_file():
@@ -114,7 +114,8 @@ def masked(texts: list[str]) -> list[str]:
 
 
 def workloads(rows: int, gen_rows: int) -> dict[str, dict[str, Any]]:
-    from rayinfer import catalog, demo
+    from rayinfer import demo
+    from rayinfer.models import catalog
 
     smol = str(catalog.fetch("smollm2-135m-instruct"))
     docs = [d["text"] for d in demo.documents(max_chars=600)][:gen_rows]

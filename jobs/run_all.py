@@ -42,7 +42,8 @@ def offline() -> bool:
 
 def prepare(spec: dict[str, Any]) -> str | None:
     """Fetch what the job needs; return a reason to skip it, or None."""
-    from rayinfer import catalog, demo
+    from rayinfer import demo
+    from rayinfer.models import catalog
 
     entry = catalog.find(spec["model"])
     if entry is not None:

@@ -1,18 +1,13 @@
 """rayinfer: plugin-based offline batch inference with Hugging Face models on Ray."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("rayinfer")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
-
+from rayinfer.api import Plan, plan_job, retry_errors, run_job  # noqa: E402
 from rayinfer.errors import RayInferError, RowError  # noqa: E402
 from rayinfer.hookspecs import hookimpl  # noqa: E402
-from rayinfer.task import Batch, InputColumn, LoadContext, ModelRequirement, Task, TaskOptions  # noqa: E402
-from rayinfer.runner import TaskRunner  # noqa: E402
+from rayinfer.models.load import LoadContext  # noqa: E402
 from rayinfer.spec import JobSpec, load_spec  # noqa: E402
-from rayinfer.api import Plan, plan_job, retry_errors, run_job  # noqa: E402
+from rayinfer.task.base import Batch, InputColumn, ModelRequirement, Task, TaskOptions  # noqa: E402
+from rayinfer.task.runner import TaskRunner  # noqa: E402
+from rayinfer.version import __version__
 
 __all__ = [
     "Batch",

@@ -11,9 +11,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from rayinfer.plan import Plan, plan_job
-from rayinfer.plugins import Registry
+from rayinfer.plan.job import Plan, plan_job
 from rayinfer.spec import JobSpec
+from rayinfer.task.registry import Registry
 
 
 def run_job(
@@ -37,7 +37,7 @@ def run_job(
     if resume:
         overrides = [*overrides, "output.mode=resume"]
     plan = plan_job(spec, overrides, registry=registry)
-    from rayinfer.pipeline import execute  # imports ray
+    from rayinfer.run.driver import execute  # imports ray
 
     return execute(plan, address=address, progress=progress, stop=stop)
 
@@ -54,7 +54,7 @@ def retry_errors(
     """Run again only the rows of the finished output ``out_dir`` whose ``error`` is set, with the
     job in its manifest plus ``overrides`` (e.g. a raised limit), replacing them in their parts.
     Returns the updated manifest (its ``retries`` list records this run)."""
-    from rayinfer.retry import retry_errors as retry
+    from rayinfer.run.retry import retry_errors as retry
 
     return retry(str(out_dir), overrides, address=address, progress=progress, stop=stop, registry=registry)
 

@@ -78,7 +78,7 @@ def main(only_plugins: str | None) -> None:
     if only_plugins is not None:
         import os
 
-        from rayinfer.plugins import ENV_LOAD_PLUGINS
+        from rayinfer.task.registry import ENV_LOAD_PLUGINS
 
         os.environ[ENV_LOAD_PLUGINS] = only_plugins
 
@@ -201,7 +201,7 @@ def tasks(ctx: click.Context) -> None:
     """List the tasks the installed plugins provide."""
     if ctx.invoked_subcommand is not None:
         return
-    from rayinfer.plugins import load_registry
+    from rayinfer.task.registry import load_registry
 
     reg = load_registry()
     width = max((len(n) for n in reg.tasks), default=4)
@@ -215,7 +215,7 @@ def tasks(ctx: click.Context) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def tasks_show(name: str, as_json: bool) -> None:
     """Show a task's inputs, options and output columns."""
-    from rayinfer.plugins import load_registry
+    from rayinfer.task.registry import load_registry
 
     info = load_registry().get(name).describe()
     if as_json:
@@ -251,7 +251,7 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """List catalog models, the tasks they serve, and whether they are fetched."""
-    from rayinfer import catalog
+    from rayinfer.models import catalog
 
     for e in catalog.ENTRIES.values():
         state = f"fetched: {catalog.model_dir(e.name)}" if catalog.is_installed(e.name) else "not fetched"
@@ -263,7 +263,7 @@ def models_list() -> None:
 @click.option("--force", is_flag=True, help="Fetch and convert again even if already there.")
 def models_fetch(names: tuple[str, ...], force: bool) -> None:
     """Install catalog models NAMES into the model cache (idempotent)."""
-    from rayinfer import catalog
+    from rayinfer.models import catalog
 
     for name in names:
         catalog.fetch(name, force=force, say=lambda s: click.echo(f"rayinfer: {s}", err=True))
@@ -274,7 +274,7 @@ def models_fetch(names: tuple[str, ...], force: bool) -> None:
 def plugins() -> None:
     """List the loaded plugins: distribution, version, tasks (and load errors). Exit status 1
     when a plugin failed to load, so that a deployment check can rely on it."""
-    from rayinfer.plugins import load_registry
+    from rayinfer.task.registry import load_registry
 
     failed = []
     for p in load_registry().plugins:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayinfer import catalog
+from rayinfer.models import catalog
 
 DEMO_MODEL = "smollm2-135m-instruct"
 

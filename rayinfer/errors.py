@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+ERROR_COL = "error"
+"""The output column where a row's error goes (null for rows that ran)."""
+
 
 class RayInferError(Exception):
     """Base of every error a user can fix (bad spec, unknown task, missing model, ...)."""

@@ -29,7 +29,7 @@ def new_plugin(task: str, parent: str | Path = ".", template: str = "encoder") -
         raise SpecError(f"plugin name {task!r}: use lower-case words joined by '-', e.g. 'toxicity-score'")
     if template not in TEMPLATES:
         raise SpecError(f"template {template!r}: choose one of {', '.join(TEMPLATES)}")
-    from rayinfer import __version__
+    from rayinfer.version import __version__
 
     dist = f"rayinfer-{task}"
     package = "rayinfer_" + task.replace("-", "_")

@@ -50,8 +50,8 @@ def submit(
     and return the submission id."""
     from pydantic import ValidationError
 
-    from rayinfer.plugins import load_registry
     from rayinfer.spec import format_validation_error, load_spec
+    from rayinfer.task.registry import load_registry
 
     spec = load_spec(job, overrides)
     task_cls = load_registry().get(spec.task)

@@ -18,8 +18,9 @@ from typing import Any, Iterable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rayinfer.runner import TaskRunner
-from rayinfer.task import LoadContext, Task
+from rayinfer.models.load import LoadContext
+from rayinfer.task.base import Task
+from rayinfer.task.runner import TaskRunner
 
 
 @lru_cache(maxsize=1)

@@ -52,8 +52,11 @@ def write_units(location: str, files: list, coverage: dict, batch: int, unit_row
 
     import pyarrow as pa
 
-    from rayinfer.inputs import make_units, read_rows
-    from rayinfer.output import PartWriter, Store, unit_todo
+    from rayinfer.io.folder import unit_todo
+    from rayinfer.io.parts import PartWriter
+    from rayinfer.io.rows import read_rows
+    from rayinfer.io.store import Store
+    from rayinfer.plan.work import make_units
 
     store = Store(location)
     schema = pa.schema([pa.field("id", pa.int64())])

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from rayinfer_tasks.classify import ClassifyTask
+from rayinfer_tasks.generate import GenerateTask
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rayinfer.api import plan_job
 from rayinfer.errors import ModelError
 from rayinfer.testing import build_bert, english_sentences, run_task, write_dataset
-from rayinfer_tasks.classify import ClassifyTask
-from rayinfer_tasks.generate import GenerateTask
 
 TEXTS = list(english_sentences()[400:410])
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from rayinfer_tasks.classify import ClassifyTask
 from transformers import pipeline
 
 from rayinfer.errors import ModelError
 from rayinfer.testing import english_sentences, run_task
-from rayinfer_tasks.classify import ClassifyTask
 
 TEXTS = list(english_sentences()[100:112])
 

@@ -18,8 +18,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from helpers import cluster_env, free_port, kill_cluster, masked_corpus
+
 from rayinfer.testing import write_dataset
 
 BIN = Path(sys.executable).parent

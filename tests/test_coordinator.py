@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from rayinfer.coordinator import Coordinator, crash_pieces
+from rayinfer.run.coordinator import Coordinator, crash_pieces
 
 
 def test_a_unit_started_again_counts_a_death_and_pins_it_on_the_batch_in_flight():

@@ -10,13 +10,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from helpers import fill_mask_job, masked_corpus
 
 from rayinfer.api import run_job
 from rayinfer.cli import main
-from rayinfer.output import MANIFEST, footer_coverage, list_parts
+from rayinfer.io.parts import footer_coverage
+from rayinfer.io.store import MANIFEST, list_parts
 from rayinfer.testing import build_bert
-
-from helpers import fill_mask_job, masked_corpus
 
 
 def parts_of(out: Path) -> list[pq.FileMetaData]:
@@ -148,7 +148,7 @@ def test_an_actors_memory_does_not_grow_with_the_rows_it_has_done(tmp_path, ray_
 def test_progress_is_one_line_every_few_seconds_when_not_on_a_terminal():
     import io
 
-    from rayinfer.progress import TerminalProgress
+    from rayinfer.run.progress import TerminalProgress
 
     stream = io.StringIO()
     progress = TerminalProgress(stream)
@@ -169,17 +169,18 @@ def test_an_actor_gives_the_same_parts_with_or_without_its_prefetch_thread(tmp_p
     """GPU actors read and tokenize on a second thread, CPU actors in turn: the same outputs,
     and a row group that cannot be read fails the unit (nothing committed from it) either way."""
     import pyarrow as pa
+    from rayinfer_tasks.fill_mask import FillMaskTask
+    from test_faults import damage_row_group
 
     from rayinfer.api import plan_job
     from rayinfer.errors import UnreadableInput
-    from rayinfer.inputs import make_units
-    from rayinfer.output import Store, prepare
-    from rayinfer.pipeline import TaskActor, actor_args
-    from rayinfer.progress import WorkReport
+    from rayinfer.io.folder import prepare
+    from rayinfer.io.store import Store
+    from rayinfer.plan.work import make_units
+    from rayinfer.run.actor import TaskActor
+    from rayinfer.run.cluster import actor_args
+    from rayinfer.run.progress import WorkReport
     from rayinfer.testing import run_task
-    from rayinfer_tasks.fill_mask import FillMaskTask
-
-    from test_faults import damage_row_group
 
     job = fill_mask_job(tmp_path, rayinfer_bert, rows=100, files=2, row_group_size=10, runtime={"batch_size": 8})
     plan = plan_job(job)

@@ -6,13 +6,12 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import fill_mask_job, masked_corpus
+from rayinfer_tasks.fill_mask import FillMaskTask
 
 from rayinfer.api import run_job
 from rayinfer.errors import OutputError
 from rayinfer.testing import run_task
-from rayinfer_tasks.fill_mask import FillMaskTask
-
-from helpers import fill_mask_job, masked_corpus
 
 
 def test_fill_mask_job_over_many_files(tmp_path, rayinfer_bert, ray_session):

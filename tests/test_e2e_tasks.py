@@ -9,11 +9,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import write_job
 
 from rayinfer.api import run_job
 from rayinfer.testing import JAPANESE_SENTENCES, english_sentences, run_task, write_dataset
-
-from helpers import write_job
 
 SENTS = [s for s in english_sentences()[500:700] if len(s) < 140]
 NEZHA = Path(__file__).parent / "data" / "nezha-tiny"
@@ -80,7 +79,7 @@ def gpt_neox_japanese(rayinfer_models_dir: Path) -> Path:
 
 @pytest.mark.parametrize("case", CASES)
 def test_job_per_task(case, tmp_path, request, ray_session):
-    from rayinfer.plugins import load_registry
+    from rayinfer.task.registry import load_registry
 
     model, inputs, options, compared, task = request.getfixturevalue(case.model), case.inputs, case.options, case.compared, case.task
     n = len(next(iter(inputs.values())))

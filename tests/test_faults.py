@@ -17,14 +17,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers import fill_mask_job, masked_corpus
+from rayinfer_tasks.fill_mask import FillMaskTask
 
 from rayinfer.api import run_job
 from rayinfer.errors import RunError
-from rayinfer.output import MANIFEST, list_parts
+from rayinfer.io.store import MANIFEST, list_parts
 from rayinfer.testing import run_task
-from rayinfer_tasks.fill_mask import FillMaskTask
-
-from helpers import fill_mask_job, masked_corpus
 
 ONE_MB = "word " * 209_716 + "[MASK]"  # ~1 MB, the mask far beyond any model limit
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from rayinfer_tasks.fill_mask import FillMaskTask, fill_text
 from transformers import pipeline
 
 from rayinfer.testing import run_task
-from rayinfer_tasks.fill_mask import FillMaskTask, fill_text
 
 TEXTS = [
     "The [MASK] statement is used for iteration over a sequence.",

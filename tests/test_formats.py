@@ -12,15 +12,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-
-from rayinfer import formats
-from rayinfer.api import plan_job, run_job
-from rayinfer.errors import InputError
-from rayinfer.inputs import make_units, read_rows, scan
-from rayinfer.testing import english_sentences, run_task
+from helpers import FORMAT_CASES, write_as, write_job
 from rayinfer_tasks.classify import ClassifyTask
 
-from helpers import FORMAT_CASES, write_as, write_job
+from rayinfer.api import plan_job, run_job
+from rayinfer.errors import InputError
+from rayinfer.io.formats import text as formats
+from rayinfer.io.rows import read_rows
+from rayinfer.io.scan import scan
+from rayinfer.plan.work import make_units
+from rayinfer.testing import english_sentences, run_task
 
 # real sentences, and a few that CSV must quote: commas, quotes, a line break inside a value
 TEXTS = [s for s in english_sentences()[800:900] if len(s) < 120][:45] + [

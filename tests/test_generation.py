@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rayinfer_tasks.generate import GenerateTask
+from rayinfer_tasks.summarize import SummarizeTask
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from rayinfer.testing import english_sentences, run_task
-from rayinfer_tasks.generate import GenerateTask
-from rayinfer_tasks.summarize import SummarizeTask
 
 PROMPTS = [s for s in english_sentences()[200:260] if len(s) < 160][:7]
 

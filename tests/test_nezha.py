@@ -11,13 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForMaskedLM, AutoModelForNextSentencePrediction, AutoModelForPreTraining, AutoTokenizer
-
-from rayinfer.nezha import NezhaForMaskedLM, NezhaForNextSentencePrediction, register
-from rayinfer.testing import run_task
 from rayinfer_tasks.fill_mask import FillMaskTask
 from rayinfer_tasks.nsp import NextSentenceTask
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForNextSentencePrediction,
+    AutoModelForPreTraining,
+    AutoTokenizer,
+)
+
+from rayinfer.models.nezha import NezhaForMaskedLM, NezhaForNextSentencePrediction, register
+from rayinfer.testing import run_task
 
 DATA = Path(__file__).parent / "data"
 FOLDER = DATA / "nezha-tiny"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rayinfer_tasks.nsp import NextSentenceTask
 from transformers import AutoTokenizer, BertForNextSentencePrediction
 
 from rayinfer.errors import ModelError
 from rayinfer.testing import build_bert, english_sentences, run_task
-from rayinfer_tasks.nsp import NextSentenceTask
 
 SENTS = [s for s in english_sentences()[300:500] if len(s) < 150][:40]
 PAIRS = [(SENTS[i], SENTS[i + 1]) for i in range(0, 20, 2)] + [(SENTS[i], SENTS[39 - i]) for i in range(0, 10, 2)]

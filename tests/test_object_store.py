@@ -16,14 +16,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-
-from rayinfer.errors import OutputError
-from rayinfer.inputs import scan
-from rayinfer.output import MANIFEST, committed_coverage, list_parts, prepare, read_manifest, write_manifest
-from rayinfer.testing import run_task
+from helpers import masked_corpus, write_job, write_units
 from rayinfer_tasks.fill_mask import FillMaskTask
 
-from helpers import masked_corpus, write_job, write_units
+from rayinfer.errors import OutputError
+from rayinfer.io.folder import committed_coverage, prepare, read_manifest, write_manifest
+from rayinfer.io.scan import scan
+from rayinfer.io.store import MANIFEST, list_parts
+from rayinfer.testing import run_task
 
 moto_server = pytest.importorskip("moto.server")
 

@@ -8,13 +8,13 @@ import random
 import pytest
 import torch
 from pydantic import ValidationError
+from rayinfer_tasks.perplexity import PerplexityTask
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rayinfer import catalog
 from rayinfer.errors import ModelError
+from rayinfer.models import catalog
 from rayinfer.testing import english_sentences, run_task
 from rayinfer.text import sliding_windows
-from rayinfer_tasks.perplexity import PerplexityTask
 
 TEXTS = [s for s in english_sentences()[300:400] if 40 < len(s) < 200][:10]
 LONG = " ".join(english_sentences()[:12])

@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 import rayinfer.hookspecs as hookspecs
-from rayinfer.plugins import load_registry
 from rayinfer.scaffold import TEMPLATES, new_plugin
-from rayinfer.task import Task
+from rayinfer.task.base import Task
+from rayinfer.task.registry import load_registry
 from rayinfer.testing import english_sentences, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

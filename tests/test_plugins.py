@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import fill_mask_job
 
 from rayinfer.errors import PluginError, UnknownTaskError
-from rayinfer.plugins import load_registry
-
-from helpers import fill_mask_job
+from rayinfer.task.registry import load_registry
 
 TOKEN_COUNT = '''
 from typing import Any

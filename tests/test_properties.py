@@ -11,21 +11,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import FORMAT_CASES, write_as, write_units
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rayinfer.errors import SpecError
-from rayinfer.inputs import scan
-from rayinfer.output import committed_coverage, list_parts, part_coverage, prepare, verify_coverage
+from rayinfer.io.folder import committed_coverage, prepare, verify_coverage
+from rayinfer.io.parts import part_coverage
+from rayinfer.io.scan import scan
+from rayinfer.io.store import list_parts
 from rayinfer.spec import load_spec
-
-from helpers import FORMAT_CASES, write_as, write_units
 
 
 @contextmanager
 def text_chunks(rows: int) -> Iterator[None]:
     """JSON Lines and CSV blocks of ``rows`` records (hypothesis and monkeypatch do not mix)."""
-    from rayinfer import formats
+    from rayinfer.io.formats import text as formats
 
     before, formats.TEXT_CHUNK_ROWS = formats.TEXT_CHUNK_ROWS, rows
     try:

@@ -9,15 +9,18 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import fill_mask_job
 
 from rayinfer.errors import OutputError, RunError, SpecError
-from rayinfer.inputs import read_rows, rows_to_ranges, scan
-from rayinfer.output import MANIFEST, PartWriter, Store, part_coverage, replace_rows, write_manifest
-from rayinfer.plan import plan_job
-from rayinfer.retry import error_units, plan_retry
+from rayinfer.io.folder import write_manifest
+from rayinfer.io.parts import PartWriter, part_coverage, replace_rows
+from rayinfer.io.ranges import rows_to_ranges
+from rayinfer.io.rows import read_rows
+from rayinfer.io.scan import scan
+from rayinfer.io.store import MANIFEST, Store
+from rayinfer.plan.job import plan_job
+from rayinfer.plan.retry import error_units, plan_retry
 from rayinfer.testing import write_dataset
-
-from helpers import fill_mask_job
 
 
 def test_read_rows_decodes_only_the_groups_it_needs_and_batches_them(tmp_path):

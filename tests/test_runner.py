@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from pydantic import Field
 
 from rayinfer import RowError, Task, TaskOptions
-from rayinfer.runner import BatchStats, TaskRunner, micro_batches
-from rayinfer.task import LoadContext
+from rayinfer.models.load import LoadContext
+from rayinfer.task.runner import BatchStats, TaskRunner, micro_batches
 
 
 class WordStats(Task):
@@ -100,7 +100,7 @@ def test_a_failing_row_is_isolated_and_its_batch_mates_survive():
 
 
 def test_run_table_builds_the_output_schema_with_id_and_keep_columns():
-    from rayinfer.runner import output_schema
+    from rayinfer.task.runner import output_schema
 
     table = pa.table({"doc": pa.array([7, 8], pa.int32()), "src": ["a", "b"], "body": ["hello world", ""]})
     schema = output_schema(WordStats, WordStats.Options(), table.schema, "doc", ["src"])

@@ -6,10 +6,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from helpers import fill_mask_job
 
 from rayinfer.cli import main
-
-from helpers import fill_mask_job
 
 
 def validate(job, *args):
@@ -147,9 +146,9 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path, rayinfer_bert):
 
 def test_an_actor_that_no_node_can_hold_fails_fast(tmp_path, rayinfer_bert):
     """Totals are not enough: 3 CPUs per actor on two 2-CPU nodes can never be placed."""
-    from rayinfer.admission import check_resources
     from rayinfer.api import plan_job
     from rayinfer.errors import RunError
+    from rayinfer.run.admission import check_resources
 
     plan = plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime={"num_cpus": 3}))
     with pytest.raises(RunError, match=r"no node can hold one actor \(CPU=3\); nodes have: CPU=2; CPU=2"):
@@ -161,9 +160,9 @@ def test_a_fixed_pool_must_fit_the_local_ray(tmp_path, rayinfer_bert, caplog):
     """Three 1-CPU actors on a 2-CPU local Ray would wait out actor_start_timeout_s: that run
     fails before any row is read; a cluster may grow, so there it is a warning. Actors read their
     own units, so two 1-CPU actors fit on 2 CPUs (no read task needs a CPU beside them)."""
-    from rayinfer.admission import actors_that_fit, check_pool_fits, pool_size
     from rayinfer.api import plan_job
     from rayinfer.errors import RunError
+    from rayinfer.run.admission import actors_that_fit, check_pool_fits, pool_size
 
     assert actors_that_fit({"CPU": 1}, [{"CPU": 2}]) == 2
     assert actors_that_fit({"CPU": 1}, [{"CPU": 2}, {"CPU": 1.5}]) == 3

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
+from rayinfer_tasks.zero_shot import ZeroShotClassifyTask
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rayinfer.errors import ModelError
 from rayinfer.testing import english_sentences, run_task
-from rayinfer_tasks.zero_shot import ZeroShotClassifyTask
 
 TEXTS = list(english_sentences()[100:112])
 LABELS = ["network", "file", "class definition"]  # "class definition" is several tokens

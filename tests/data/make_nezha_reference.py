@@ -22,10 +22,10 @@ import json
 import re
 import shutil
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
 import transformers
-from pydoc_data.topics import topics
 from safetensors.torch import save_file
 from transformers import BertTokenizer
 from transformers.models.deprecated.nezha import (

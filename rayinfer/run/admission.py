@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 from rayinfer.errors import InputError, RunError
-from rayinfer.plan import Plan
-from rayinfer.storage import local_path
+from rayinfer.io.location import local_path
+from rayinfer.plan.job import Plan
 
 log = logging.getLogger("rayinfer")
 

@@ -18,12 +18,12 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from rayinfer.errors import RowError
-from rayinfer.task import Batch, Task
+from rayinfer.errors import ERROR_COL, RowError
+from rayinfer.task.base import Batch, Task
 
 log = logging.getLogger("rayinfer")
 
-ERROR_COL = "error"
+
 
 
 @dataclass

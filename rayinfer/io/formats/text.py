@@ -1,128 +1,37 @@
-"""Input formats: for each, a file's schema and its rows in chunks, the unit of random access.
+"""JSON Lines and CSV inputs, read in blocks of ``TEXT_CHUNK_ROWS`` records.
 
-A chunk is a Parquet row group, an Arrow IPC record batch (IPC files, Feather v2, and the
-stream files of a Hugging Face ``save_to_disk`` folder), or a block of ``TEXT_CHUNK_ROWS``
-records of a JSON Lines or CSV file. Text formats have no random access of their own: when the
-job is planned, one pass over each file finds the byte offset where each block starts (and, for
-CSV, where quoted values span lines), so that a work unit, a resume or a retry reads only the
-blocks that hold its rows. A JSON line or CSV record that does not parse, or whose values do not
-fit the column types, is a *malformed* row: it becomes an error row naming file and line, and
-the rest of its block goes on.
-"""
+Text formats have no random access of their own: when the job is planned, one pass over each
+file finds the byte offset where each block starts (and, for CSV, where quoted values span
+lines), so that a work unit, a resume or a retry reads only the blocks that hold its rows. A
+JSON line or CSV record that does not parse, or whose values do not fit the column types, is a
+*malformed* row: it becomes an error row naming file and line, and the rest of its block goes on."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from rayinfer.errors import InputError
-from rayinfer.storage import filesystem
+from rayinfer.io.formats.base import Chunks, Piece, Source, input_file, open_input
 
-FORMATS = ("parquet", "arrow", "jsonl", "csv")
-EXTENSIONS = {
-    ".parquet": "parquet", ".pq": "parquet", ".parq": "parquet",
-    ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
-    ".jsonl": "jsonl", ".ndjson": "jsonl",
-    ".csv": "csv", ".tsv": "csv",
-}
 TEXT_CHUNK_ROWS = 65_536
+
+
 SAMPLE_BYTES = 1 << 20  # text formats: column types are inferred from about this much of the first file
+
+
 _READ_BLOCK = 8 << 20
 
 
-@dataclass(frozen=True)
-class Source:
-    """What a reader needs beyond the path to read one input file's chunks."""
-
-    format: str
-    schema: pa.Schema | None = None  # text formats: the columns and types every row is parsed into
-    offsets: tuple[int, ...] = ()  # text formats: where each chunk's first record starts, then the end
-    lines: tuple[int, ...] = ()  # text formats: the line number (1-based) each chunk starts at
-    header: bytes = b""  # CSV: the header record, put before each block that is parsed
-    delimiter: str = ","
-
-
-@dataclass
-class Piece:
-    """Consecutive rows of a chunk; a malformed row is all nulls here, its problem in ``malformed``."""
-
-    table: pa.Table
-    malformed: dict[int, str] = field(default_factory=dict)  # row offset in the piece -> what is wrong
-
-
-def format_of(path: str, given: str) -> str | None:
-    """The format of a file: ``given`` unless it is auto, else its extension's (None: not an input file)."""
-    if given != "auto":
-        return given
-    return EXTENSIONS.get(os.path.splitext(path)[1].lower())
-
-
-def _open(path: str) -> tuple[pafs.FileSystem, str]:
-    return filesystem(path, "input.path", InputError)
-
-
-def _local(path: str) -> str | None:
-    fs, fpath = _open(path)
-    return fpath if isinstance(fs, pafs.LocalFileSystem) else None
-
-
-def _input_file(path: str) -> Any:
-    fs, fpath = _open(path)
-    try:
-        return fs.open_input_file(fpath)
-    except FileNotFoundError:
-        raise InputError(f"input file {path!r} disappeared") from None
-    except PermissionError:
-        raise InputError(f"input file {path!r} is not readable (permission denied)") from None
-
-
-def open_parquet(path: str) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(_input_file(path))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"input file {path!r} is not a readable Parquet file: {exc}") from None
-
-
-# ---- describing a file when the job is planned -------------------------------------------
-
-
-def describe(path: str, fmt: str, column_types: dict[str, pa.DataType], delimiter: str | None,
-             text_schema: pa.Schema | None) -> tuple[tuple[int, ...], pa.Schema, Source]:
-    """(rows per chunk, schema, source) of one input file. ``text_schema``: the schema a text
-    file's rows are parsed into, inferred from the first text file when None."""
-    if fmt == "parquet":
-        pf = open_parquet(path)
-        md = pf.metadata
-        return tuple(md.row_group(i).num_rows for i in range(md.num_row_groups)), pf.schema_arrow, Source("parquet")
-    if fmt == "arrow":
-        reader = _ArrowChunks(path, Source("arrow"))
-        try:
-            return reader.chunk_rows(), reader.schema, Source("arrow")
-        finally:
-            reader.close()
-    is_csv = fmt == "csv"
-    delimiter = delimiter or ("\t" if path.lower().endswith(".tsv") else ",")
-    header, offsets, lines, counts = _index_text(path, is_csv)
-    source = Source(fmt, None, tuple(offsets), tuple(lines), header, delimiter)
-    if not counts and text_schema is None:  # no records to type the columns by: the next file will
-        return (), pa.schema([]), source
-    schema = text_schema or _infer_schema(path, source, column_types)
-    return tuple(counts), schema, replace(source, schema=schema)
-
-
-def _index_text(path: str, is_csv: bool) -> tuple[bytes, list[int], list[int], list[int]]:
+def index_text(path: str, is_csv: bool) -> tuple[bytes, list[int], list[int], list[int]]:
     """One pass over a text file: the CSV header, and for every TEXT_CHUNK_ROWS-th record its
     byte offset and line number (then the end), and the records per chunk. Blank lines are not
     records; in CSV a record goes on over line ends inside quotes (RFC 4180: "" is a quote)."""
@@ -165,7 +74,7 @@ def _index_text(path: str, is_csv: bool) -> tuple[bytes, list[int], list[int], l
 
 
 def _lines(path: str) -> Iterator[bytes]:
-    fs, fpath = _open(path)
+    fs, fpath = open_input(path)
     rest = b""
     with fs.open_input_stream(fpath, compression=None) as stream:
         while block := stream.read(_READ_BLOCK):
@@ -176,17 +85,17 @@ def _lines(path: str) -> Iterator[bytes]:
         yield rest
 
 
-def _read_range(path: str, start: int, stop: int) -> bytes:
-    with _input_file(path) as f:
+def read_range(path: str, start: int, stop: int) -> bytes:
+    with input_file(path) as f:
         f.seek(start)
         return f.read(stop - start)
 
 
-def _infer_schema(path: str, source: Source, column_types: dict[str, pa.DataType]) -> pa.Schema:
+def infer_schema(path: str, source: Source, column_types: dict[str, pa.DataType]) -> pa.Schema:
     """Column types from about SAMPLE_BYTES of the file's first records (``column_types`` win)."""
     end = source.offsets[-1]
     start = source.offsets[0] if len(source.offsets) > 1 else end
-    sample = _read_range(path, start, min(end, start + SAMPLE_BYTES)) if end > start else b""
+    sample = read_range(path, start, min(end, start + SAMPLE_BYTES)) if end > start else b""
     if end > start + SAMPLE_BYTES:
         sample = sample[: sample.rfind(b"\n") + 1]  # whole lines (a CSV value may span lines: see below)
     try:
@@ -253,114 +162,7 @@ def _csv_parse(source: Source) -> pacsv.ParseOptions:
     return pacsv.ParseOptions(delimiter=source.delimiter, newlines_in_values=True)
 
 
-# ---- reading chunks in the actors ---------------------------------------------------------
-
-
-def open_chunks(path: str, source: Source, id_column: str | None = None) -> "_Chunks":
-    """A reader of one file's chunks (close it when done). ``id_column``: the column whose value a
-    malformed text record keeps where it can be recovered safely (see ``_TextChunks``)."""
-    readers = {"parquet": _ParquetChunks, "arrow": _ArrowChunks, "jsonl": _TextChunks, "csv": _TextChunks}
-    return readers[source.format](path, source, id_column)
-
-
-class _Chunks:
-    noun = "chunk"
-
-    def __init__(self, path: str, source: Source, id_column: str | None = None) -> None:
-        self.path, self.source, self.id_column = path, source, id_column
-
-    def close(self) -> None:
-        """Release the open file (a no-op for readers that open a file per chunk)."""
-
-    def chunk_rows(self) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def where(self, i: int, start: int, stop: int) -> str:
-        """How a message names chunk ``i`` (rows ``start``-``stop`` - 1 of the file)."""
-        return f"{self.noun} {i} (rows {start}-{stop - 1})"
-
-    def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
-        raise NotImplementedError
-
-
-class _ParquetChunks(_Chunks):
-    noun = "row group"
-
-    def __init__(self, path: str, source: Source, id_column: str | None = None) -> None:
-        super().__init__(path, source, id_column)
-        self.pf = open_parquet(path)
-
-    def close(self) -> None:
-        self.pf.close()
-
-    def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
-        for rb in self.pf.iter_batches(batch_size=batch_rows, row_groups=[i], columns=columns, use_threads=False):
-            yield Piece(pa.Table.from_batches([rb]))
-
-
-class _ArrowChunks(_Chunks):
-    """Arrow IPC: the file format (random access to record batches) or the stream format (read in
-    order; Hugging Face datasets write it); memory-mapped where the file is local."""
-
-    noun = "record batch"
-
-    def __init__(self, path: str, source: Source, id_column: str | None = None) -> None:
-        super().__init__(path, source, id_column)
-        self._file: Any = None
-        self._stream: Any = None
-        self._source: Any = None
-        self._next = 0
-        try:
-            self._file = pa.ipc.open_file(self._source_file())
-        except pa.ArrowInvalid:
-            self._open_stream()
-        self.schema = (self._file or self._stream).schema
-
-    def _source_file(self) -> Any:
-        self.close()
-        local = _local(self.path)
-        try:
-            self._source = pa.memory_map(local) if local else _input_file(self.path)
-        except FileNotFoundError:
-            raise InputError(f"input file {self.path!r} disappeared") from None
-        return self._source
-
-    def close(self) -> None:
-        if self._source is not None:
-            self._source.close()
-            self._source = None
-
-    def _open_stream(self) -> None:
-        try:
-            self._stream, self._next = pa.ipc.open_stream(self._source_file()), 0
-        except pa.ArrowInvalid as exc:
-            raise InputError(f"input file {self.path!r} is not a readable Arrow IPC file or stream: {exc}") from None
-
-    def chunk_rows(self) -> tuple[int, ...]:
-        if self._file is not None:
-            return tuple(self._file.get_batch(i).num_rows for i in range(self._file.num_record_batches))
-        rows = tuple(batch.num_rows for batch in self._stream)
-        self._open_stream()
-        return rows
-
-    def _batch(self, i: int) -> pa.RecordBatch:
-        if self._file is not None:
-            return self._file.get_batch(i)
-        if i < self._next:
-            self._open_stream()
-        while True:
-            batch = self._stream.read_next_batch()
-            self._next += 1
-            if self._next - 1 == i:
-                return batch
-
-    def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
-        table = pa.Table.from_batches([self._batch(i).select(columns)])
-        for start in range(0, table.num_rows, batch_rows):
-            yield Piece(table.slice(start, batch_rows))
-
-
-class _TextChunks(_Chunks):
+class TextChunks(Chunks):
     """JSON Lines and CSV blocks: parsed whole by pyarrow; a block that fails is parsed record by
     record, so that each malformed record is found, named by its line and left out."""
 
@@ -368,7 +170,7 @@ class _TextChunks(_Chunks):
         return f"the block of rows {start}-{stop - 1} from line {self.source.lines[i]}"
 
     def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
-        block = _read_range(self.path, self.source.offsets[i], self.source.offsets[i + 1])
+        block = read_range(self.path, self.source.offsets[i], self.source.offsets[i + 1])
         try:
             table = self._parse(block)
             piece = Piece(table)

@@ -15,6 +15,8 @@ from urllib.parse import parse_qsl, urlsplit
 import pyarrow.fs as pafs
 
 SECRET_PARAMS = {"secret_key", "session_token", "access_key", "sas_token", "account_key", "password"}
+
+
 OBJECT_STORES = {"s3", "gcs", "abfs"}
 """File systems without rename, where an object becomes visible whole when its upload completes."""
 

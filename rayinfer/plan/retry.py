@@ -1,37 +1,24 @@
-"""``rayinfer retry-errors OUT``: run again only the rows of a finished output whose ``error`` is
-set (after fixing the input, raising a limit, or a transient failure), replacing them in their
-parts.
-
-The job comes from the output's manifest (its spec, with the user's ``--set`` overrides: a
-raised limit is an option); it must be the same task, model, adapter and output columns. Each
-part holding error rows is one unit of work: an actor reads those rows from the input again,
-runs them, and replaces them in the part atomically (``output.replace_rows``); rows that fail
-again keep their new error. Every other row, and every part without errors, stays byte for byte
-as it was. The manifest keeps the first run and gains a ``retries`` entry per retry; each
-rewritten part's footer records the retry too.
-"""
+"""What ``rayinfer retry-errors OUT`` runs: the job that wrote OUT (from its manifest, with the
+user's overrides), checked to be the same task, model, adapter and output columns, and one
+work unit per part holding error rows."""
 
 from __future__ import annotations
 
 import os
-import threading
-import time
-import uuid
-from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rayinfer.errors import InputError, OutputError, SpecError
-from rayinfer.inputs import rows_to_ranges
-from rayinfer.output import (MANIFEST, Store, count_errors, footer_coverage, footer_provenance, part_metadata,
-                             read_manifest, verify_coverage, write_manifest)
-from rayinfer.plan import Plan, plan_job
-from rayinfer.plugins import Registry
-from rayinfer.runner import ERROR_COL
-from rayinfer.storage import is_uri, redact
+from rayinfer.errors import ERROR_COL, InputError, OutputError, SpecError
+from rayinfer.io.folder import read_manifest
+from rayinfer.io.location import is_uri, redact
+from rayinfer.io.parts import count_errors, footer_coverage, footer_provenance, part_metadata
+from rayinfer.io.ranges import rows_to_ranges
+from rayinfer.io.store import MANIFEST, Store
+from rayinfer.plan.job import Plan, plan_job
+from rayinfer.task.registry import Registry
 
 SAME = ("task", "plugin", "model", "model_fingerprint", "adapter", "adapter_fingerprint", "output_schema")
 """What a retry must share with the run that wrote the parts (options, the plugin's version and
@@ -90,42 +77,3 @@ def error_units(store: Store, plan: Plan) -> tuple[list[dict[str, Any]], int]:
         })
     units.sort(key=lambda u: -u["todo"])
     return units, sum(u["todo"] for u in units)
-
-
-def retry_errors(out_dir: str, overrides: list[str] | tuple[str, ...] = (), *, address: str | None = None,
-                 progress: bool | Callable[[dict[str, Any]], None] = False, stop: threading.Event | None = None,
-                 registry: Registry | None = None) -> dict[str, Any]:
-    """Run the error rows of a finished output again; returns the updated manifest."""
-    from rayinfer.pipeline import run_units
-    from rayinfer.progress import RunTotals
-
-    plan, manifest = plan_retry(out_dir, overrides, registry)
-    location = plan.spec.output.path
-    store = Store(location)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
-    started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
-    units, rows = error_units(store, plan)
-    totals = RunTotals(todo=rows)
-    if rows:
-        run_units(plan, address, location, run_id, lambda pool: units, totals, progress, stop,
-                  "a rerun of retry-errors does the other")
-    out_rows, footers = verify_coverage(store, plan.files)
-    errors = sum(count_errors(store, name, md) for name, md in footers)
-    then = manifest.get("identity") or {}
-    manifest.setdefault("retries", []).append({
-        "run_id": run_id,
-        "started_at": started_at.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "duration_s": round(time.perf_counter() - t0, 3),
-        "rows_retried": rows,
-        "rows_fixed": rows - totals.errors,
-        "errors_by_kind": dict(totals.error_kinds),
-        "parts_rewritten": len(units),
-        "overrides": list(overrides),
-        "changed": {k: v for k, v in plan.identity().items() if then.get(k) != v},
-        "worker_deaths": totals.worker_deaths,
-    })
-    manifest["errors"] = errors
-    manifest["rows"] = out_rows
-    write_manifest(store, manifest)
-    return manifest

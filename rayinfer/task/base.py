@@ -16,13 +16,14 @@ never at module level: ``rayinfer tasks`` must list tasks without importing torc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from rayinfer.errors import ModelError, RowError
+from rayinfer.models.load import LoadContext
 
 Batch = dict[str, list[Any]]
 """Task inputs for a batch: input name -> one value per row."""
@@ -92,20 +93,6 @@ class ModelRequirement:
             raise ModelError(f"{task} needs {what}, but the model is {found}.{hint}")
 
 
-@dataclass(frozen=True)
-class LoadContext:
-    """Where and how a task loads its model; built from the job spec by the framework."""
-
-    model: str  # a local folder or a hub id (catalog names are already resolved)
-    adapter: str | None = None
-    merge_adapter: bool = True
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    trust_remote_code: bool = False
-    num_threads: int | None = None  # intra-op threads; None leaves torch's default
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class Task(ABC):
     """Base class of every task. Subclass it, set the class attributes, implement the methods."""
 
@@ -171,7 +158,7 @@ class Task(ABC):
             raise NotImplementedError(f"task {self.name!r} declares no `requires`, so it must implement load()")
         import transformers
 
-        from rayinfer.models import load_model, load_tokenizer
+        from rayinfer.models.load import load_model, load_tokenizer
         from rayinfer.text import ensure_pad_token, max_input_length
 
         self.tokenizer = load_tokenizer(self.context)

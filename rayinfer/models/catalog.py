@@ -134,9 +134,6 @@ def _load_test(folder: Path) -> None:
         model(**{k: v for k, v in ids.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
 
 
-# ---- converters ------------------------------------------------------------------------------
-
-
 def _convert_smollm2(src: Path, dest: Path) -> None:
     """GGUF (Q4_1) -> dequantized float32 safetensors (fp32 keeps greedy outputs independent of batching)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

@@ -17,16 +17,17 @@ from typing import Any, Mapping
 import pyarrow as pa
 from pydantic import ValidationError
 
-from rayinfer import __version__
 from rayinfer.errors import ModelError, SpecError
-from rayinfer.inputs import InputFile, check_columns, scan
-from rayinfer.models import ModelLocation, locate_model
-from rayinfer.output import prepare
-from rayinfer.plugins import Registry, load_registry
-from rayinfer.runner import output_schema
+from rayinfer.io.folder import prepare
+from rayinfer.io.location import nested, redact
+from rayinfer.io.scan import InputFile, check_columns, scan
+from rayinfer.models.load import LoadContext
+from rayinfer.models.locate import ModelLocation, locate_model
 from rayinfer.spec import JobSpec, format_validation_error, load_spec
-from rayinfer.storage import nested, redact
-from rayinfer.task import LoadContext, Task, TaskOptions
+from rayinfer.task.base import Task, TaskOptions
+from rayinfer.task.registry import Registry, load_registry
+from rayinfer.task.runner import output_schema
+from rayinfer.version import __version__
 
 
 @dataclass

@@ -18,11 +18,14 @@ import pluggy
 
 from rayinfer import hookspecs
 from rayinfer.errors import PluginError, UnknownTaskError
-from rayinfer.task import Task
+from rayinfer.task.base import Task
 
 ENTRY_POINT_GROUP = "rayinfer"
+
+
 ENV_LOAD_PLUGINS = "RAYINFER_LOAD_PLUGINS"
 """Comma-separated entry-point names to load; empty string loads none; unset loads all."""
+
 
 log = logging.getLogger("rayinfer")
 

@@ -1,0 +1,134 @@
+"""Loading models, tokenizers and PEFT adapters in an actor: the one place that knows about
+devices, dtypes and safe loading. torch/transformers are imported inside functions so that
+importing this module stays cheap for the CLI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from rayinfer.errors import ModelError
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """Where and how a task loads its model; built from the job spec by the framework."""
+
+    model: str  # a local folder or a hub id (catalog names are already resolved)
+    adapter: str | None = None
+    merge_adapter: bool = True
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = False
+    num_threads: int | None = None  # intra-op threads; None leaves torch's default
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"runtime.device is {name!r} but torch sees no CUDA device here")
+    return name
+
+
+def check_cuda(gpu_ids: list[str], device: str, node: str) -> None:
+    """An actor that Ray gave GPUs must be able to use them: with ``runtime.device: auto`` a torch
+    that sees no CUDA (a CPU build, or no driver) would compute on the CPU while the GPUs idle."""
+    if not gpu_ids or device != "auto":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    why = ("install a CUDA build of torch on the nodes" if not torch.version.cuda else
+           "check the NVIDIA driver on that node (nvidia-smi), or that CUDA_VISIBLE_DEVICES names real devices")
+    raise ModelError(
+        f"Ray gave an actor on {node} GPU(s) {', '.join(gpu_ids)}, but torch cannot use CUDA there: torch "
+        f"{torch.__version__} is {build}, torch.cuda.device_count() is {torch.cuda.device_count()}, "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}. Fix: {why}; or set "
+        "runtime.device: cpu to compute on the CPU on purpose (runtime.num_gpus then only reserves the GPUs)."
+    )
+
+
+def resolve_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def register_architectures() -> None:
+    """Architectures rayinfer adds to transformers' Auto classes (NEZHA, dropped by 5.x)."""
+    from rayinfer.models.nezha import register
+
+    register()
+
+
+def load_tokenizer(ctx: LoadContext, **kwargs: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    register_architectures()
+    try:
+        return AutoTokenizer.from_pretrained(ctx.model, trust_remote_code=ctx.trust_remote_code, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load the tokenizer of {ctx.model!r}: {exc}") from None
+
+
+def load_model(ctx: LoadContext, auto_class: Any, head: tuple[str, str] | None = None, **kwargs: Any) -> Any:
+    """Load ``auto_class`` from ``ctx.model`` onto the device, in eval mode, with the adapter
+    (merged unless ``ctx.merge_adapter`` is false). Safetensors are preferred by transformers;
+    pickle ``.bin`` files load with ``weights_only=True``.
+
+    ``head`` = (weight-name fragment, what it is): refuse a checkpoint without those weights
+    instead of running a randomly initialised head (e.g. an NSP head on a RoBERTa)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    register_architectures()
+    device = resolve_device(ctx.device)
+    dtype = resolve_dtype(ctx.dtype, device)
+    if ctx.num_threads:
+        torch.set_num_threads(ctx.num_threads)
+    kwargs.setdefault("attn_implementation", "sdpa")
+    kwargs["output_loading_info"] = True
+    try:
+        model, info = auto_class.from_pretrained(ctx.model, dtype=dtype, trust_remote_code=ctx.trust_remote_code, **kwargs)
+    except (ValueError, TypeError) as exc:
+        if "attn_implementation" in str(exc) or "sdpa" in str(exc).lower():
+            kwargs.pop("attn_implementation", None)
+            model, info = auto_class.from_pretrained(
+                ctx.model, dtype=dtype, trust_remote_code=ctx.trust_remote_code, **kwargs
+            )
+        else:
+            raise ModelError(f"cannot load {ctx.model!r} as {auto_class.__name__}: {exc}") from None
+    except OSError as exc:
+        raise ModelError(f"cannot load {ctx.model!r}: {exc}") from None
+    if head is not None:
+        missing = [k for k in info.get("missing_keys", ()) if head[0] in k]
+        if missing:
+            raise ModelError(
+                f"{ctx.model!r} has no trained {head[1]} (missing {', '.join(sorted(missing)[:3])}); "
+                "its outputs would be random"
+            )
+    if ctx.adapter:
+        model = attach_adapter(model, ctx.adapter, merge=ctx.merge_adapter)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def attach_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    except Exception as exc:
+        raise ModelError(f"cannot load adapter {adapter!r} onto {type(model).__name__}: {exc}") from None
+    return peft_model.merge_and_unload() if merge else peft_model

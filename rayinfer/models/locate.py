@@ -1,0 +1,114 @@
+"""Finding models and adapters before Ray starts: catalog names, local folders, hub ids; their
+config.json and a cheap fingerprint of their weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayinfer.errors import ModelError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    kind: str  # "local" | "hub"
+    ref: str  # the folder (local) or the hub id
+    config: dict[str, Any] | None  # config.json when it could be read without downloading
+    fingerprint: str | None = None  # what identifies these weights (see fingerprint_folder)
+
+
+_SAMPLE = 1 << 20
+
+
+def fingerprint_folder(folder: Path) -> str:
+    """Identify a model or adapter folder's contents cheaply: the JSON configs whole, and each
+    weight file's name, size, first and last MiB (fine-tuned weights differ everywhere; hashing
+    gigabytes at every validate would not be cheap). Copying the folder keeps the fingerprint."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        if f.suffix == ".json":
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        elif any(f.match(p) for p in WEIGHT_PATTERNS):
+            size = f.stat().st_size
+            h.update(f"{f.name}\0{size}\0".encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(_SAMPLE))
+                if size > 2 * _SAMPLE:
+                    fh.seek(size - _SAMPLE)
+                    h.update(fh.read(_SAMPLE))
+    return "sha256:" + h.hexdigest()[:24]
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ModelError(f"model folder {str(folder)!r} has no config.json: is it a transformers model folder?")
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{cfg}: not valid JSON: {exc}") from None
+
+
+def locate_model(ref: str, what: str = "model") -> ModelLocation:
+    """Resolve a spec's ``model:`` (or ``adapter:``) to a local folder or a hub id, checking what
+    can be checked without downloading anything."""
+    from rayinfer.models import catalog  # a catalog name wins over a hub id of the same spelling
+
+    entry = catalog.find(ref) if what == "model" else None
+    if entry is not None:
+        folder = catalog.model_dir(entry.name)
+        if not catalog.is_installed(entry.name):
+            raise ModelError(
+                f"model {ref!r} is a catalog model that is not fetched yet: run `rayinfer models fetch {entry.name}`"
+            )
+        return ModelLocation("local", str(folder), read_config(folder), fingerprint_folder(folder))
+
+    path = Path(os.path.expanduser(ref))
+    if path.is_dir():
+        marker = "adapter_config.json" if what == "adapter" else "config.json"
+        if what == "adapter":
+            if not (path / marker).is_file():
+                raise ModelError(f"adapter folder {ref!r} has no adapter_config.json: is it a PEFT adapter?")
+            config = json.loads((path / marker).read_text(encoding="utf-8"))
+        else:
+            config = read_config(path)
+        if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+            raise ModelError(f"{what} folder {ref!r} has no weights (*.safetensors or *.bin)")
+        return ModelLocation("local", str(path.resolve()), config, fingerprint_folder(path))
+    if path.exists():
+        raise ModelError(f"{what} {ref!r} is a file; give the folder that holds config.json and the weights")
+    if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
+        raise ModelError(f"{what} folder {ref!r} does not exist (and it is not a hub id like 'org/name')")
+    # A hub id. Offline, it must already be in the local Hugging Face cache.
+    config = _cached_hub_config(ref, "adapter_config.json" if what == "adapter" else "config.json")
+    if config is None and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelError(
+            f"{what} {ref!r} is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set. "
+            "Give a local folder, a catalog name (`rayinfer models list`), or unset HF_HUB_OFFLINE."
+        )
+    return ModelLocation("hub", ref, config, f"hub:{ref}")
+
+
+def _cached_hub_config(repo_id: str, filename: str) -> dict[str, Any] | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:
+        return None
+    if isinstance(found, str) and os.path.isfile(found):
+        try:
+            return json.loads(Path(found).read_text(encoding="utf-8"))
+        except Exception:
+            return None
+    return None

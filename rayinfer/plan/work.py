@@ -1,0 +1,60 @@
+"""Work units: an input file and the row ranges of it that one actor runs in one go."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rayinfer.io.ranges import Ranges, subtract_ranges
+from rayinfer.io.scan import InputFile
+
+UNIT_TARGET_ROWS = 1_000_000
+
+
+def make_units(
+    files: list[InputFile], coverage: dict[str, Ranges] | None = None, unit_rows: int = UNIT_TARGET_ROWS
+) -> list[dict[str, Any]]:
+    """Cut files into work units of about ``unit_rows`` rows; drop the rows resume finds covered.
+
+    A unit is an input file and the row ranges of it to run (``ranges``, ascending). Consecutive
+    chunks are joined up to ``unit_rows``; a chunk larger than that is split into equal row
+    ranges (each unit then decodes the whole chunk and keeps its slice: the price of feeding many
+    actors from a small file). A unit never spans two files.
+    """
+    coverage = coverage or {}
+    unit_rows = max(1, unit_rows)
+    units: list[dict[str, Any]] = []
+
+    def add(f: InputFile, start: int, stop: int) -> None:
+        todo = subtract_ranges([(start, stop)], coverage.get(f.path, []))
+        if todo:
+            units.append({"file": f.path, "fingerprint": f.fingerprint, "ranges": [list(r) for r in todo],
+                          "todo": sum(b - a for a, b in todo)})
+
+    for f in files:
+        run_start = offset = 0
+        for n in f.chunk_rows:
+            if offset > run_start and offset + n - run_start > unit_rows:
+                add(f, run_start, offset)
+                run_start = offset
+            if n > unit_rows:  # one big chunk: equal slices of it
+                pieces = -(-n // unit_rows)
+                size = -(-n // pieces)
+                for a in range(offset, offset + n, size):
+                    add(f, a, min(a + size, offset + n))
+                run_start = offset + n
+            offset += n
+        if offset > run_start:
+            add(f, run_start, offset)
+    return units
+
+
+UNITS_PER_ACTOR = 4  # a job too small for this many part_rows units per actor gets smaller units
+
+
+def unit_rows(todo: int, actors: int, part_rows: int) -> int:
+    """Rows per work unit: ``part_rows``, unless that would leave actors idle. Every actor should
+    get several units (UNITS_PER_ACTOR), so that every actor works (120 rows on 4 actors make 15
+    units of 8) and the last units end close together (3,000 prompts on 8 GPUs: 32 units of 94,
+    not 12 of 256 with four GPUs doing two and four doing one)."""
+    return max(1, min(part_rows, math.ceil(todo / (actors * UNITS_PER_ACTOR))))

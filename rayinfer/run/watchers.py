@@ -1,0 +1,100 @@
+"""Threads that watch a run from the driver: the stop request, and nodes dying under the pool."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("rayinfer")
+
+NODE_CHECK_S = 5.0  # how often the driver looks for nodes that died under the pool
+NODE_DEATH_WAIT_S = 90.0  # after a lost worker: how long to wait for Ray to declare its node dead
+
+
+class StopWatcher:
+    """While a run is on: once ``stop`` is set, tell the actors (through the coordinator) to
+    commit what they hold and take no new unit; if they are not done within ``timeout_s``,
+    interrupt the main thread (KeyboardInterrupt: parts still open are dropped, never half-seen)."""
+
+    def __init__(self, stop: threading.Event | None, coordinator: Any, timeout_s: int) -> None:
+        self.stop, self.coordinator, self.timeout_s = stop, coordinator, timeout_s
+        self.done = threading.Event()
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> "StopWatcher":
+        if self.stop is not None:
+            self.thread = threading.Thread(target=self._watch, name="rayinfer-stop", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _watch(self) -> None:
+        assert self.stop is not None
+        while not self.stop.wait(0.2):
+            if self.done.is_set():
+                return
+        if self.done.is_set():
+            return
+        self.stopped = True
+        self.coordinator.request_stop.remote()
+        log.warning("rayinfer: stopping: the actors commit the rows they hold (up to runtime.stop_timeout_s=%ss); "
+                    "interrupt again to stop at once", self.timeout_s)
+        if not self.done.wait(self.timeout_s):
+            log.warning("rayinfer: the actors did not finish within %ss: stopping now (parts still open are "
+                        "dropped; a resume redoes their rows)", self.timeout_s)
+            import _thread
+
+            _thread.interrupt_main()
+
+
+class NodeWatcher:
+    """While a run is on, every NODE_CHECK_S: has a node with pool actors on it died? Ray would
+    restart those actors elsewhere, but only where their resources are free, and the pool's other
+    actors keep theirs while a unit is outstanding: a pool that filled the cluster then waited
+    forever (seen on the two-node test cluster). So the dead node's actors are killed for good;
+    their units fail, and ``execute`` goes on from the committed parts with a new pool."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self.coordinator = coordinator
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="rayinfer-nodes", daemon=True)
+
+    def __enter__(self) -> "NodeWatcher":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        import ray
+
+        while not self.done.wait(NODE_CHECK_S):
+            try:
+                dead = [n["NodeID"] for n in ray.nodes() if not n.get("Alive")]
+                for handle in ray.get(self.coordinator.actors_on.remote(dead)) if dead else []:
+                    log.warning("rayinfer: a node of the pool died: its actor is replaced, its open part redone")
+                    ray.kill(handle, no_restart=True)
+            except Exception as exc:  # Ray going down with the run: nothing left to watch
+                log.debug("rayinfer: node watch: %s", exc)
+
+
+def wait_for_node_death(nodes: set[str], timeout_s: float = NODE_DEATH_WAIT_S) -> None:
+    """Before a new pool starts: wait until Ray has marked dead the node that was lost (it does
+    after missed health checks, ~30 s), else the new pool's actors are placed on it and wait
+    forever. A worker lost without its node costs the whole wait."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if nodes - {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:
+            return
+        time.sleep(1.0)
