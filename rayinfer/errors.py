@@ -7,9 +7,19 @@ ERROR_COL = "error"
 
 
 class RayInferError(Exception):
-    """Base of every error a user can fix (bad spec, unknown task, missing model, ...)."""
+    """Base of every error a user can fix (bad spec, unknown task, missing model, ...).
+
+    Its text is ``message``, kept apart from ``args``: Ray Data appends its retry advice to the
+    args of an exception raised in a task, and the user should read rayinfer's line alone."""
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        super().__init__(message, *args)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class SpecError(RayInferError):

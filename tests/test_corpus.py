@@ -3,6 +3,7 @@ mix two jobs' rows, and an actor whose memory does not grow with the rows it has
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -186,7 +187,8 @@ def test_an_actor_gives_the_same_parts_with_or_without_its_prefetch_thread(tmp_p
     plan = plan_job(job)
     out = str(tmp_path / "out")
     prepare(out, "error")
-    actor = TaskActor(**{**actor_args(plan, out, "run-1"), "prefetch": prefetch})
+    args = actor_args(plan, out, "run-1")
+    actor = TaskActor(**{**args, "settings": dataclasses.replace(args["settings"], prefetch=prefetch)})
     units = make_units(plan.files, {}, 30)
     reports = [r for u in units for t in actor(pa.Table.from_pylist([u])) for r in WorkReport.from_table(t)]
     assert sum(r.rows for r in reports) == 100 and sorted(p for r in reports for p in r.parts) == list_parts(out)

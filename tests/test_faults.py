@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pyarrow as pa
@@ -414,3 +416,35 @@ def test_a_model_that_fails_to_load_in_the_actors_is_one_line_and_resume_finishe
     weights.write_bytes(good)
     manifest = run_job(job, resume=True)
     assert manifest["rows"] == 40 and sorted(pq.read_table(tmp_path / "out").column("doc_id").to_pylist()) == list(range(1000, 1040))
+
+
+def test_weights_torch_will_not_unpickle_end_the_run_in_one_line_and_their_payload_never_runs(tmp_path, rayinfer_bert):
+    """A model whose only weights are a pickle carrying code (torch's safe loader refuses it):
+    every actor fails to load it once (not restarted into the same failure); the user sees
+    exactly one rayinfer line saying what to do, no traceback on stdout or stderr, and the code
+    in the pickle never runs. The full traceback is in the log file the line names."""
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PAYLOAD-RAN'}",))
+
+    model = tmp_path / "model"
+    shutil.copytree(rayinfer_bert, model)
+    (model / "model.safetensors").unlink()
+    torch.save({"bert.embeddings.word_embeddings.weight": Payload()}, model / "pytorch_model.bin")
+    job = fill_mask_job(tmp_path, model, rows=40)
+    env = {**os.environ, "RAYINFER_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-m", "rayinfer", "run", str(job)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rayinfer: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"rayinfer: error: the model '{model}' failed to load in an actor on ")
+    assert ("its weights are a pickle file that torch will not load safely" in errors[0]
+            and "convert them to safetensors" in errors[0]), errors[0]
+    both = proc.stdout + proc.stderr
+    assert "Traceback" not in both and "(MapWorker" not in both and "Failed to apply UDF" not in both, both[-3000:]
+    assert not (tmp_path / "PAYLOAD-RAN").exists()
+    [log] = re.findall(r"full traceback in (\S+) on ", errors[0])
+    assert "UnpicklingError" in Path(log).read_text()

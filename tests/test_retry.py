@@ -88,3 +88,46 @@ def test_retry_errors_refuses_an_unfinished_output_and_another_job(tmp_path, ray
     with pytest.raises(SpecError, match=r"cannot retry the errors of .* with another job: model was '.*bert-mlm', now '.*other-model'"):
         plan_retry(str(tmp_path / "out"), [f"model={tmp_path / 'other-model'}"])
     assert (tmp_path / "out" / MANIFEST).exists()
+
+
+@pytest.mark.parametrize("fmt, bad, broken", [
+    pytest.param("jsonl", 7, '{"id": "r7", "text": "broken', id="jsonl-line-8-cut-off"),
+    pytest.param("csv", 41, 'r41,"one field too many",extra', id="csv-r41-extra-field"),
+])
+def test_retry_errors_after_fixing_a_malformed_record_gives_every_row_once(tmp_path, rayinfer_bert_classifier,
+                                                                          ray_session, fmt, bad, broken):
+    """The user's path: a 100-row text file with one malformed record; run (99 results, one
+    malformed error row); fix the record in place; retry-errors. Then 100 rows, 100 ids, the
+    fixed row present, no errors, every row equal to a clean run of the fixed file."""
+    from helpers import write_as
+
+    from rayinfer.api import retry_errors, run_job
+    from rayinfer.testing import english_sentences
+
+    sentences = english_sentences()
+    table = pa.table({"id": [f"r{i}" for i in range(100)], "text": [sentences[i % len(sentences)] for i in range(100)]})
+    path = write_as(fmt, table, tmp_path / "in", chunk_rows=100)
+    good = path.read_text().splitlines(keepends=True)
+    broken_lines = list(good)
+    broken_lines[bad + (1 if fmt == "csv" else 0)] = broken + "\n"
+    path.write_text("".join(broken_lines))
+
+    def job(out: str) -> dict:
+        return {"task": "classify", "model": str(rayinfer_bert_classifier), "input": {"path": str(path)},
+                "output": {"path": str(tmp_path / out)}, "runtime": {"num_cpus": 1}}
+
+    first = run_job(job("out"))
+    assert first["rows"] == 100 and first["errors"] == 1 and first["errors_this_run_by_kind"] == {"malformed": 1}
+    [error_row] = [r for r in pq.read_table(tmp_path / "out").to_pylist() if r["error"]]
+    assert error_row["id"] == f"r{bad}"  # the malformed record keeps its id (recovered before the fault)
+    path.write_text("".join(good))
+    manifest = retry_errors(tmp_path / "out")
+    assert manifest["retries"][0]["rows_retried"] == 1 and manifest["retries"][0]["rows_fixed"] == 1
+    assert manifest["rows"] == 100 and manifest["errors"] == 0
+    run_job(job("clean"))
+    got = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    clean = {r["id"]: r for r in pq.read_table(tmp_path / "clean").to_pylist()}
+    assert len(pq.read_table(tmp_path / "out")) == 100 and sorted(got) == sorted(clean) == sorted(table.column("id").to_pylist())
+    assert f"r{bad}" in got and all(r["error"] is None for r in got.values())
+    for i, row in got.items():
+        assert row["label"] == clean[i]["label"] and abs(row["score"] - clean[i]["score"]) < 1e-5, i

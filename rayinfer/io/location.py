@@ -25,10 +25,16 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def absolute(path: str) -> str:
+    """A spec path as rayinfer keeps it: a URI as given, a local path with ``~`` expanded and made
+    absolute (the one place that does it)."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def local_path(path: str) -> str | None:
     """The local file system path a spec path names (also for ``file://``), or None for a remote URI."""
     if not is_uri(path):
-        return os.path.abspath(os.path.expanduser(path))
+        return absolute(path)
     if path.startswith("file://"):
         return urlsplit(path).path
     return None
@@ -37,7 +43,7 @@ def local_path(path: str) -> str | None:
 def filesystem(path: str, what: str, error: type[Exception]) -> tuple[pafs.FileSystem, str]:
     """(file system, path inside it) for a local path or a URI; ``error`` names what went wrong."""
     if not is_uri(path):
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+        return pafs.LocalFileSystem(), absolute(path)
     secrets = sorted(k for k, _ in parse_qsl(urlsplit(path).query) if k.lower() in SECRET_PARAMS)
     if secrets:
         raise error(

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rayinfer.errors import OutputError
-from rayinfer.io.location import OBJECT_STORES, filesystem, is_uri, redact, uri_for
+from rayinfer.io.location import OBJECT_STORES, absolute, filesystem, redact, uri_for
 
 MANIFEST = "_manifest.json"  # "_" so Parquet readers of the folder skip it, like Spark's _SUCCESS
 
@@ -35,7 +35,7 @@ class Store:
     """
 
     def __init__(self, location: str) -> None:
-        self.location = location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+        self.location = absolute(location)
         self.fs, self.root = filesystem(location, "output.path", OutputError)
         self.object_store = self.fs.type_name in OBJECT_STORES
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from rayinfer.errors import ERROR_COL, InputError, OutputError, SpecError
 from rayinfer.io.folder import read_manifest
-from rayinfer.io.location import is_uri, redact
+from rayinfer.io.location import absolute, is_uri, redact
 from rayinfer.io.parts import count_errors, footer_coverage, footer_provenance, part_metadata
 from rayinfer.io.ranges import rows_to_ranges
 from rayinfer.io.store import MANIFEST, Store
@@ -29,7 +29,7 @@ def plan_retry(out_dir: str, overrides: list[str] | tuple[str, ...] = (),
                registry: Registry | None = None) -> tuple[Plan, dict[str, Any]]:
     """The job that wrote ``out_dir`` (from its manifest), with ``overrides``; checked to be the
     same task, model, adapter and output columns. Returns it and the manifest."""
-    location = out_dir if is_uri(out_dir) else os.path.abspath(os.path.expanduser(out_dir))
+    location = absolute(out_dir)
     store = Store(location)
     if store.info().type.name == "NotFound":
         raise OutputError(f"{redact(location)!r} does not exist")

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 from rayinfer.plan.job import Plan
 from rayinfer.run.actor import TaskActor
 from rayinfer.run.coordinator import Coordinator
+from rayinfer.run.unit import UnitSettings
 from rayinfer.spec import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
 
 
@@ -32,6 +33,8 @@ def init_ray(address: str | None) -> bool:
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
             return False
+        # the embedded Ray is this process's own, on 127.0.0.1: its token-auth notice is for clusters
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(
             include_dashboard=False,
             dashboard_host="127.0.0.1",
@@ -69,27 +72,21 @@ def default_batch_tokens(plan: Plan) -> int:
 
 
 def actor_args(plan: Plan, out_dir: str, run_id: str) -> dict[str, Any]:
-    """TaskActor's constructor arguments for a plan."""
+    """TaskActor's constructor arguments for a plan (but the coordinator)."""
     spec, rt = plan.spec, plan.spec.runtime
     return dict(
         task_cls=plan.task_cls,
         options=plan.options.model_dump(mode="json"),
         context=plan.load_context(num_threads=None if rt.num_gpus > 0 else max(1, math.ceil(rt.num_cpus))),
-        column_map=plan.column_map,
-        id_column=spec.input.id_column,
-        keep=[k for k in spec.input.keep if k != spec.input.id_column],
-        read_columns=plan.read_columns,
-        files={f.path: f for f in plan.files},
-        on_unreadable=spec.input.on_unreadable,
-        batch_size=rt.batch_size,
-        max_batch_tokens=rt.max_batch_tokens or default_batch_tokens(plan),
-        out_dir=out_dir,
-        schema=plan.output_schema,
-        provenance=plan.provenance(run_id),
-        part_bytes=spec.output.part_bytes,
-        prefetch=rt.num_gpus > 0,
-        crash_retries=rt.worker_crash_retries,
-        max_worker_deaths=rt.max_worker_deaths,
+        runner=dict(column_map=plan.column_map, id_column=spec.input.id_column,
+                    keep=[k for k in spec.input.keep if k != spec.input.id_column],
+                    max_batch_tokens=rt.max_batch_tokens or default_batch_tokens(plan)),
+        settings=UnitSettings(
+            files={f.path: f for f in plan.files}, read_columns=plan.read_columns, out_dir=out_dir,
+            schema=plan.output_schema, provenance=plan.provenance(run_id), part_bytes=spec.output.part_bytes,
+            batch_size=rt.batch_size, on_unreadable=spec.input.on_unreadable, prefetch=rt.num_gpus > 0,
+            crash_retries=rt.worker_crash_retries, max_worker_deaths=rt.max_worker_deaths,
+        ),
     )
 
 
@@ -137,6 +134,7 @@ def data_context(actor_start_timeout_s: int) -> Iterator[None]:
     for k, v in settings.items():
         setattr(ctx, k, v)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": rayinfer has its own
     try:
         yield
     finally:

@@ -19,7 +19,6 @@ retry-errors`` runs through the same actors, with a unit per part that holds err
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any, Callable
 
 from rayinfer.errors import RayInferError, RunFailed, Stopped
 from rayinfer.io.folder import committed_coverage, prepare, resume_coverage, verify_coverage, write_manifest
-from rayinfer.io.location import is_uri
+from rayinfer.io.location import absolute
 from rayinfer.io.parts import count_errors
 from rayinfer.io.ranges import covered_count
 from rayinfer.io.store import Store
@@ -70,7 +69,7 @@ def execute(plan: Plan, address: str | None = None,
     unit starts, the actors commit the rows they hold (for up to ``runtime.stop_timeout_s``, then
     the main thread is interrupted), and ``Stopped`` is raised; a resume goes on from there."""
     spec = plan.spec
-    out_dir = spec.output.path if is_uri(spec.output.path) else os.path.abspath(os.path.expanduser(spec.output.path))
+    out_dir = absolute(spec.output.path)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
     started_at = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -98,7 +97,7 @@ def execute(plan: Plan, address: str | None = None,
             if restarts > POOL_RESTARTS or (stop is not None and stop.is_set()):
                 raise RunFailed(f"{exc} (after {restarts - 1} restart(s) of the pool)") from None
             log.warning("rayinfer: %s; going on from the committed parts with a new pool (restart %d of at most %d)",
-                        str(exc).split("; committed parts")[0], restarts, POOL_RESTARTS)
+                        exc.reason, restarts, POOL_RESTARTS)
             wait_for_node_death(exc.nodes)
             coverage, _ = committed_coverage(out_dir)
             left = sum(f.num_rows - covered_count(coverage.get(f.path, []), 0, f.num_rows) for f in plan.files)
@@ -124,10 +123,11 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
     pool = pool_size(plan, cluster, can_grow=not local)
     if after_loss:
         pool = (1, pool[1])
+    work = units(pool)
+    pool = (max(1, min(pool[0], len(work))), max(1, min(pool[1], len(work))))  # no actor loads a model for no unit
     alive = [n for n in ray.nodes() if n.get("Alive")]
     check_resources(plan, cluster, [n["Resources"] for n in alive], pool[0], can_grow=not local)
     check_paths_visible(plan, out_dir)
-    work = units(pool)
     channel = TerminalProgress() if progress is True else (progress or None)
     coordinator = start_coordinator()
     watcher = StopWatcher(stop, coordinator, rt.stop_timeout_s)
@@ -196,7 +196,7 @@ def finish(
         "duration_s": round(duration, 3),
         "cold_start_s": round(first - started_at.timestamp(), 3) if first is not None else None,
         "input": {"path": spec.input.path, "files": len(plan.files), "rows": plan.total_rows,
-                  "resolved": spec.input.path if is_uri(spec.input.path) else os.path.abspath(os.path.expanduser(spec.input.path))},
+                  "resolved": absolute(spec.input.path)},
         "rows": out_rows,
         "rows_this_run": totals.rows,
         "rows_resumed": resumed_rows,

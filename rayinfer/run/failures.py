@@ -1,50 +1,26 @@
-"""What the user sees when a run fails inside Ray: Ray's exceptions mapped to rayinfer errors."""
+"""What the user sees when a run fails inside Ray: one line, never a Ray traceback.
+
+Ray's exceptions are mapped to rayinfer errors by their types and fields, never by reading
+their message text: the RayInferError an actor raised (Ray keeps the original as ``cause``), an
+actor that could not start (``RayActorError.actor_init_failed``), a worker or node that is gone,
+a full disk (``errno``), else the original exception's type and first line. The full traceback
+goes to a log file the line names.
+"""
 
 from __future__ import annotations
 
 import errno
 import logging
 import sys
+import traceback
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rayinfer.errors import RayInferError, RunError, RunFailed
+from rayinfer.models.catalog import home
 from rayinfer.plan.job import Plan
 from rayinfer.run.admission import actor_need, describe
 from rayinfer.run.progress import WorkReport
-
-
-def run_failure(exc: BaseException, run_id: str, out_dir: str) -> RayInferError:
-    """What the user sees when a run fails inside Ray: one line (rayinfer's own message where an
-    actor raised one, such as an unreadable row group), where the full traceback went, and that
-    the committed parts are kept."""
-    import traceback
-
-    from rayinfer.models.catalog import home
-
-    log_file = home() / "logs" / f"{run_id}.log"
-    try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
-        where = f"full traceback in {log_file}"
-    except OSError as err:
-        where = f"(could not write the traceback to {log_file}: {err})"
-    cause = _rayinfer_cause(exc)
-    kept = f"committed parts stay in {out_dir} (--resume goes on from them)"
-    if cause is not None:
-        return RunFailed(f"{first_line(cause)}; {kept}; {where}")
-    init = _actor_init_failure(exc)
-    if init is not None:
-        return RunFailed(f"{init}; {kept}; {where}")
-    lost = _lost_worker(exc)
-    if lost is not None:
-        return PoolLost(f"the actor pool lost a worker that Ray could not bring back ({type(lost).__name__}: "
-                        f"{first_line(lost)}); {kept}; {where}")
-    inner = getattr(exc, "cause", None) or exc
-    if isinstance(inner, OSError) and (inner.errno == errno.ENOSPC or "No space left on device" in str(inner)):
-        return RunFailed(f"no space left on the device holding {out_dir} (or its temporary files); free space or "
-                         f"choose another output.path; {kept}; {where}")
-    return RunFailed(f"the run failed: {type(inner).__name__}: {first_line(inner)}; {kept}; {where}")
 
 
 class PoolLost(RunFailed):
@@ -54,14 +30,41 @@ class PoolLost(RunFailed):
 
     nodes: set[str] = set()
 
+    def __init__(self, reason: str, rest: str = "") -> None:
+        super().__init__(f"{reason}; {rest}" if rest else reason, rest)
+        self.reason = reason
 
-def _lost_worker(exc: BaseException) -> BaseException | None:
-    """The Ray exception saying that a worker or its node is gone (not an error in the task)."""
-    import ray
 
-    lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-            ray.exceptions.ObjectLostError)
-    return next((e for e in _chain(exc) if isinstance(e, lost) and not getattr(e, "_actor_init_failed", False)), None)
+def run_failure(exc: BaseException, run_id: str, out_dir: str) -> RayInferError:
+    """The one line for a run that failed inside Ray: what failed, that the committed parts are
+    kept, and where the full traceback went."""
+    import ray.exceptions as rex
+
+    log_file = home() / "logs" / f"{run_id}.log"
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
+        where = f"full traceback in {log_file}"
+    except OSError as err:
+        where = f"(could not write the traceback to {log_file}: {err})"
+    kept = f"committed parts stay in {out_dir} (--resume goes on from them)"
+    chain = list(_chain(exc))
+    ours = next((e for e in chain if isinstance(e, RayInferError) and not isinstance(e, rex.RayError)), None)
+    if ours is not None:  # raised in an actor (Ray keeps it as the task error's cause) or here
+        return RunFailed(f"{str(ours).strip()}; {kept}; Ray's {where}")
+    if any(isinstance(e, rex.RayActorError) and e.actor_init_failed for e in chain):
+        return RunFailed("an actor failed to start before rayinfer's code ran in it (a package or task plugin "
+                         f"missing on a node, or a constructor argument that does not unpickle there); {kept}; {where}")
+    lost = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError)
+    gone = next((e for e in chain if isinstance(e, lost)), None)
+    if gone is not None:
+        return PoolLost(f"the actor pool lost a worker that Ray could not bring back ({type(gone).__name__})",
+                        f"{kept}; {where}")
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain):
+        return RunFailed(f"no space left on the device holding {out_dir} (or its temporary files); free space or "
+                         f"choose another output.path; {kept}; {where}")
+    origin = next((e for e in chain if not isinstance(e, rex.RayError)), exc)  # the exception the worker raised
+    return RunFailed(f"the run failed: {type(origin).__name__}: {first_line(origin)}; {kept}; {where}")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -76,49 +79,19 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(e))
         yield e
         cause = getattr(e, "cause", None)
-        stack += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+        stack += [e.__context__, e.__cause__, cause if isinstance(cause, BaseException) else None]
 
 
 def first_line(exc: BaseException) -> str:
-    """The message without what Ray Data appends to a failed task's exception (its retry advice)."""
-    text = str(exc).split("Failed to apply UDF transform")[0]
-    return (text.strip().strip(":'\"").strip().splitlines() or [""])[0][:300]
-
-
-def _rayinfer_cause(exc: BaseException) -> RayInferError | None:
-    """The RayInferError an actor raised, from inside the exceptions Ray wrapped it in."""
-    for e in _chain(exc):
-        cause = getattr(e, "cause", None)  # a RayTaskError: the exception raised in the worker
-        if isinstance(cause, RayInferError):
-            return cause
-        if isinstance(e, RayInferError) and not isinstance(cause, BaseException):
-            return e
-    return None
-
-
-def _actor_init_failure(exc: BaseException) -> str | None:
-    """What made an actor's __init__ fail, from Ray's ActorDiedError (which holds it only as the
-    text of the worker's traceback): rayinfer's own line where it raised one (a model that does
-    not load), else the exception's last line."""
-    import re
-
-    import ray
-
-    for e in _chain(exc):
-        if isinstance(e, ray.exceptions.RayActorError) and getattr(e, "_actor_init_failed", False):
-            lines = [line.strip() for line in str(e).splitlines()]
-            ours = [line.split(": ", 1)[1] for line in lines if re.match(r"rayinfer\.errors\.\w+: ", line)]
-            if ours:
-                return ours[-1]
-            raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception)\b.*: ", line)]
-            return "an actor failed to start: " + (raised[-1] if raised else first_line(e))
-    return None
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 def _is_pool_start_timeout(exc: BaseException | None) -> bool:
-    import ray
+    """Ray Data's timeout on starting the pool's first actors: the only ``GetTimeoutError`` a
+    run's dataset raises (rayinfer sets ``wait_for_min_actors_s``)."""
+    import ray.exceptions as rex
 
-    return isinstance(exc, ray.exceptions.GetTimeoutError) and "starting actors" in str(exc)
+    return isinstance(exc, rex.GetTimeoutError)
 
 
 class _QuietRayDataErrors(logging.Filter):
