@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rayinfer.errors import RayInferError, RunError, SpecError
+from rayinfer.errors import RayInferError, RunError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 3, "STOPPED": 130}
@@ -48,17 +48,12 @@ def submit(
 ) -> str:
     """Check the spec (its keys, task and options: paths are checked on the cluster), submit it,
     and return the submission id."""
-    from pydantic import ValidationError
-
-    from rayinfer.spec import format_validation_error, load_spec
+    from rayinfer.plan.job import validate_options
+    from rayinfer.spec import load_spec
     from rayinfer.task.registry import load_registry
 
     spec = load_spec(job, overrides)
-    task_cls = load_registry().get(spec.task)
-    try:
-        task_cls.Options.model_validate(spec.options)
-    except ValidationError as exc:
-        raise SpecError(f"options for task {spec.task!r}: " + format_validation_error(exc, task_cls.Options, prefix="options.")) from None
+    validate_options(load_registry().get(spec.task), spec)
 
     # `rayinfer stop` (Ray's stop_job) sends the driver SIGTERM, and SIGKILL 3 s later by default:
     # leave the actors time to commit the rows they hold (runtime.stop_timeout_s), and the driver
@@ -117,17 +112,23 @@ def logs(address: str, submission_id: str) -> str:
 
 
 def follow(address: str, submission_id: str, out: Callable[[str], None], poll_s: float = 1.0) -> str:
-    """Print the job's log as it grows until the job ends; return its final status."""
-    shown = 0
-    while True:
-        state = status(address, submission_id)["status"]
-        text = logs(address, submission_id)
-        if len(text) > shown:
-            out(text[shown:])
-            shown = len(text)
-        if state in TERMINAL:
-            return state
+    """Hand the job's log to ``out`` as it grows (streamed by the job server) until the job
+    ends; return its final status."""
+    import asyncio
+
+    jobs = client(address)
+
+    async def tail() -> None:
+        async for text in jobs.tail_job_logs(submission_id):
+            out(text)
+
+    try:
+        asyncio.run(tail())
+    except RuntimeError as exc:  # the job does not exist, or the connection broke before it ended
+        raise ClusterError(f"cannot follow the log of {submission_id!r}: {exc}") from None
+    while (state := status(address, submission_id)["status"]) not in TERMINAL:  # the stream ends as the job does
         time.sleep(poll_s)
+    return state
 
 
 def stop(address: str, submission_id: str) -> bool:

@@ -99,13 +99,13 @@ def test_a_failing_row_is_isolated_and_its_batch_mates_survive():
     assert dict(stats.error_kinds) == {"forward": 1, "empty_input": 1, "null_input": 1, "rejected": 1}
 
 
-def test_run_table_builds_the_output_schema_with_id_and_keep_columns():
+def test_a_table_of_rows_gets_the_output_schema_with_id_and_keep_columns():
     from rayinfer.task.runner import output_schema
 
     table = pa.table({"doc": pa.array([7, 8], pa.int32()), "src": ["a", "b"], "body": ["hello world", ""]})
     schema = output_schema(WordStats, WordStats.Options(), table.schema, "doc", ["src"])
     runner = TaskRunner(make_runner().task, column_map={"text": "body"}, id_column="doc", keep=["src"])
-    out = runner.run_table(table, schema)
+    out = runner.complete_table(table, runner.prepare_table(table), schema)
     assert out.schema == schema
     assert out.to_pylist() == [
         {"doc": 7, "src": "a", "words": 2, "first": "hello", "error": None},

@@ -1,1 +1,1 @@
-"""L2, data in and out: locations and file systems, input formats, the one reader, output parts and folders."""
+"""Data in and out: locations and file systems, input formats, the one reader, output parts and folders."""

@@ -1,4 +1,5 @@
-"""Output parts, commits, coverage (for resume and verification) and the manifest.
+"""An output folder as a whole: its mode applied, what its parts cover (for resume and the final
+check), and the manifest.
 
 Rules that make output safe to read at any moment and safe to resume:
 - a part is streamed into a temporary file (under ``.tmp/``; for object stores, a local temp
@@ -8,7 +9,7 @@ Rules that make output safe to read at any moment and safe to resume:
   ``ROW_GROUP_ROWS`` rows; a part ends at its unit's end or once it holds ``part_bytes``;
 - a part's name is derived from its first (file, row) coordinate: parts never collide, and a
   retried unit first skips the rows its earlier attempt committed (``unit_todo``), so no row
-  is ever committed twice;
+  is ever committed twice; its rows come in input order, so its footer's row ranges name each;
 - each part records the input row ranges it covers and what produced it (the job's identity,
   the input file's fingerprint) in its Parquet footer; resume reads these footers (not the ids)
   to skip covered rows, and refuses parts of another job;

@@ -89,7 +89,9 @@ class Store:
         """A path to write ``name`` to before it is committed: under ``.tmp/`` beside the parts on
         file systems (a rename then commits it), a local temp file for object stores."""
         if self.object_store:
-            return os.path.join(tempfile.mkdtemp(prefix="rayinfer-part-"), name)
+            fd, path = tempfile.mkstemp(prefix="rayinfer-part-", suffix=f"-{name}")  # put_file deletes it
+            os.close(fd)
+            return path
         tmp_dir = self.path(TMP_DIR)
         self.fs.create_dir(tmp_dir, recursive=True)
         return f"{tmp_dir}/{name}.{uuid.uuid4().hex}.tmp"

@@ -1,4 +1,4 @@
-"""L2, models: the catalog, finding models and adapters (``locate``), loading them in actors (``load``).
+"""Models: the catalog, finding models and adapters (``locate``), loading them in actors (``load``).
 
 ``load_model`` and ``load_tokenizer`` are part of the task author's toolkit (docs/plugins.md)."""
 

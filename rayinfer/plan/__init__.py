@@ -1,1 +1,1 @@
-"""L3: a job spec resolved and checked before Ray starts (``job``), and cut into work units (``work``, ``retry``)."""
+"""The plan: a job spec resolved and checked before Ray starts (``job``), and cut into work units (``work``, ``retry``)."""

@@ -2,7 +2,7 @@
 
 ``plan_job`` checks everything that needs neither Ray nor weights: spec, task, options, input
 files and columns, model and adapter folders, output folder. The ``Plan`` it returns is all the
-pipeline needs, including the job's identity (``Plan.identity``) that every part records so
+run layer needs, including the job's identity (``Plan.identity``) that every part records so
 that a resume can refuse to mix two jobs' rows.
 """
 
@@ -101,14 +101,7 @@ def plan_job(
         spec = load_spec(spec.to_dict(), overrides)
     registry = registry or load_registry()
     task_cls = registry.get(spec.task)
-
-    try:
-        options = task_cls.Options.model_validate(spec.options)
-    except ValidationError as exc:
-        raise SpecError(
-            f"options for task {spec.task!r}: " + format_validation_error(exc, task_cls.Options, prefix="options.")
-            + f". See `rayinfer tasks show {spec.task}`."
-        ) from None
+    options = validate_options(task_cls, spec)
 
     unknown_inputs = set(spec.input.columns) - set(task_cls.inputs)
     if unknown_inputs:
@@ -162,6 +155,18 @@ def plan_job(
         plugin_version=registry.plugin_version(spec.task),
         warnings=warnings,
     )
+
+
+def validate_options(task_cls: type[Task], spec: JobSpec) -> TaskOptions:
+    """The spec's ``options:`` as the task's Options, or a SpecError naming what is wrong (the one
+    check of options, for ``plan_job`` and for ``rayinfer submit``, which plans on the cluster)."""
+    try:
+        return task_cls.Options.model_validate(spec.options)
+    except ValidationError as exc:
+        raise SpecError(
+            f"options for task {spec.task!r}: " + format_validation_error(exc, task_cls.Options, prefix="options.")
+            + f". See `rayinfer tasks show {spec.task}`."
+        ) from None
 
 
 def check_adapter_fits(adapter_cfg: dict[str, Any], model_ref: str, model: ModelLocation) -> None:

@@ -1,1 +1,1 @@
-"""L4, running a planned job on Ray: the driver, the actor and its unit loop, failures, progress."""
+"""Running a planned job on Ray: the driver, the actor and its unit loop, failures, progress."""

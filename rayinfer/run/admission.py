@@ -1,7 +1,7 @@
 """Admission: can the cluster hold the actor pool at all? Checked once Ray is up, before any row
 is read, so that an impossible pool fails with one line instead of waiting forever.
 
-Actors read their own work units (see ``rayinfer.pipeline``), so no read task competes with
+Actors read their own work units (see ``rayinfer.run.unit``), so no read task competes with
 them for CPUs: a pool fits when its actors fit.
 """
 

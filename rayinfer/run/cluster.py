@@ -1,4 +1,5 @@
-"""Starting (or joining) Ray, and the Ray Data graph of a run."""
+"""Starting (or joining) Ray, and the Ray Data graph of a run: one unit per block, mapped by a
+pool of TaskActors (rayinfer/run/actor.py), each given the plan's settings for its unit loop."""
 
 from __future__ import annotations
 

@@ -1,19 +1,15 @@
-"""The Ray Data graph: work units -> actor pool (load once; read, run, commit) -> driver.
+"""The driver of a run: resume or clear the output, size the pool, run the units, gather the
+actors' reports, check the output, write the manifest.
 
-    from_items(units) --map_batches(TaskActor, ActorPoolStrategy, one unit at a time)-->
-        WorkReports (about one a second, and one per committed part)
-    --iter_batches on the driver--> RunTotals -> progress, error budget, manifest
+    plan --make_units--> units --(cluster.build_dataset: map_batches over TaskActor)--> WorkReports
+         --iter_batches here--> RunTotals -> progress, error budget --finish--> manifest
 
-Each actor reads its own units (a unit is a range of rows of one input file): rows never
-travel through Ray's object store, nothing competes with the actors for CPUs, and an actor
-writes a unit's output into parts sized for readers (``output.part_rows``/``part_bytes``)
-instead of a file per batch. In GPU actors a second thread reads and tokenizes the next batch
-while the model runs on this one. Only small reports travel back to the driver.
-
-A small Coordinator actor per run (rayinfer/coordinator.py) carries what the actors share: the
-batches in flight when a worker died (to isolate a row that kills its worker) and the stop flag
-(Ctrl-C, SIGTERM: actors commit the rows they hold and take no new unit). ``rayinfer
-retry-errors`` runs through the same actors, with a unit per part that holds error rows.
+Each actor reads its own units (a unit is a file and row ranges of it): rows never travel
+through Ray's object store and only small reports come back. A small Coordinator actor per run
+(rayinfer/run/coordinator.py) carries what the actors share: the batches in flight when a
+worker died (to isolate a row that kills its worker) and the stop flag (Ctrl-C, SIGTERM: actors
+commit the rows they hold and take no new unit). ``rayinfer retry-errors`` (rayinfer/run/retry.py)
+runs through the same ``run_units``, with a unit per part that holds error rows.
 """
 
 from __future__ import annotations

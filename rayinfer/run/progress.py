@@ -13,7 +13,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import pyarrow as pa
 
@@ -149,5 +149,3 @@ class TerminalProgress:
         if self._bar is not None:
             self._bar.close()
 
-
-ProgressChannel = Callable[[dict[str, Any]], None]

@@ -5,7 +5,8 @@ parts.
 The job comes from the output's manifest (its spec, with the user's ``--set`` overrides: a
 raised limit is an option); it must be the same task, model, adapter and output columns. Each
 part holding error rows is one unit of work: an actor reads those rows from the input again,
-runs them, and replaces them in the part atomically (``output.replace_rows``); rows that fail
+runs them through the same unit loop as a run (rayinfer/run/unit.py), and replaces them in the
+part atomically (``rayinfer.io.parts.replace_rows``, by their coordinates); rows that fail
 again keep their new error. Every other row, and every part without errors, stays byte for byte
 as it was. The manifest keeps the first run and gains a ``retries`` entry per retry; each
 rewritten part's footer records the retry too.

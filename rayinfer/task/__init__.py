@@ -1,4 +1,4 @@
-"""L2, tasks: the Task base class a plugin implements (``base``), running a task over batches
+"""Tasks: the Task base class a plugin implements (``base``), running a task over batches
 without Ray (``runner``), and the plugin registry (``registry``).
 
 ``from rayinfer.task import Task`` keeps working for plugin authors."""

@@ -6,7 +6,7 @@ A task is split like a transformers Pipeline, at batch level because Ray's unit 
     forward(items)           -> one raw output per item (the only code touching the model)
     postprocess(outputs, batch) -> output columns
 
-The framework (``rayinfer.runner.TaskRunner``) sorts encoded rows by ``length(item)``, cuts
+The framework (``rayinfer.task.runner.TaskRunner``) sorts encoded rows by ``length(item)``, cuts
 them into micro-batches under a token budget, calls ``forward`` on each, restores the input
 order and isolates rows that fail, so a task never needs to handle padding order or errors
 of other rows. Heavy imports (torch, transformers) belong in ``load()`` or inside methods,

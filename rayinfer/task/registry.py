@@ -134,17 +134,21 @@ def load_registry(only: Iterable[str] | None = None) -> Registry:
 
 def _check_hooks(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
     """A plugin's hooks must be rayinfer's: a misspelt one (``register_task``) would otherwise be
-    dropped in silence, leaving a plugin with no tasks and no reason given."""
+    dropped in silence, leaving a plugin with no tasks and no reason given. pluggy's
+    ``check_pending`` finds it (every plugin registered before passed it, so it is this one's);
+    the message names the nearest rayinfer hook."""
     import difflib
 
-    specs = [n for n in dir(hookspecs) if isinstance(getattr(pm.hook, n, None), pluggy.HookCaller)
-             and getattr(pm.hook, n).has_spec()]
     callers = pm.get_hookcallers(plugin) or []
-    for caller in callers:
-        if not caller.has_spec():
-            near = difflib.get_close_matches(caller.name, specs, n=1)
-            raise PluginError(f"hook {caller.name!r} is not a rayinfer hook"
-                              + (f" (did you mean {near[0]!r}?)" if near else f" (rayinfer's hooks: {', '.join(specs)})"))
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        specs = [n for n in dir(hookspecs) if isinstance(getattr(pm.hook, n, None), pluggy.HookCaller)
+                 and getattr(pm.hook, n).has_spec()]
+        unknown = next(c.name for c in callers if not c.has_spec())
+        near = difflib.get_close_matches(unknown, specs, n=1)
+        raise PluginError(f"hook {unknown!r} is not a rayinfer hook"
+                          + (f" (did you mean {near[0]!r}?)" if near else f" (rayinfer's hooks: {', '.join(specs)})"))
     if not callers:
         raise PluginError(f"module {getattr(plugin, '__name__', plugin)!r} implements no rayinfer hook: mark its "
                           "register_tasks function with @rayinfer.hookimpl")

@@ -93,7 +93,8 @@ def micro_batches(order: list[int], lengths: dict[int, int], max_tokens: int) ->
 
 
 class TaskRunner:
-    """Runs a loaded task on batches of task inputs (``run``) or of dataset rows (``run_table``)."""
+    """Runs a loaded task on batches of task inputs (``run``) or of dataset rows (``prepare_table`` then
+    ``complete_table``, as the unit loop does)."""
 
     def __init__(
         self,
@@ -214,10 +215,6 @@ class TaskRunner:
         return list(zip(idx, result))
 
     # -- dataset rows in, output table out --------------------------------------------------
-
-    def run_table(self, table: pa.Table, schema: pa.Schema, stats: BatchStats | None = None) -> pa.Table:
-        """Map dataset columns to task inputs, run, and build the output table in ``schema``."""
-        return self.complete_table(table, self.prepare_table(table), schema, stats)
 
     def prepare_table(self, table: pa.Table) -> Prepared:
         return self.prepare({name: table.column(col).to_pylist() for name, col in self.column_map.items()})

@@ -1,6 +1,6 @@
 """Reference outputs of transformers 4.57.6's (deprecated) NEZHA, for rayinfer's own NEZHA.
 
-transformers 5 dropped NEZHA; rayinfer implements it (rayinfer/nezha.py). This script runs in
+transformers 5 dropped NEZHA; rayinfer implements it (rayinfer/models/nezha.py). This script runs in
 a separate virtualenv with the last transformers that had it, and writes:
 
 - tests/data/nezha-tiny/: a small NezhaForPreTraining checkpoint folder (random weights spread
