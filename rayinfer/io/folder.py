@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from rayinfer.errors import OutputError, RunError, SpecError
 from rayinfer.io.location import local_path, redact
-from rayinfer.io.parts import footer_coverage, footer_provenance, part_metadata, part_name
+from rayinfer.io.parts import count_errors, footer_coverage, footer_provenance, part_metadata, part_name
 from rayinfer.io.ranges import Ranges, merge_ranges, subtract_ranges
 from rayinfer.io.scan import InputFile
 from rayinfer.io.store import MANIFEST, PART_PREFIX, TMP_DIR, Store, as_store
@@ -186,6 +186,15 @@ def verify_coverage(out_dir: str | Store, files: list[InputFile]) -> tuple[int, 
     if out_rows != in_rows:
         raise RunError(f"output check failed: {out_rows} output rows for {in_rows} input rows")
     return out_rows, footers
+
+
+def check_output(out_dir: str | Store, files: list[InputFile]) -> tuple[int, int, list[tuple[str, pq.FileMetaData]]]:
+    """What a finished run (or retry) reports of its output, once ``verify_coverage`` has checked
+    that every input row is there once: its rows, the rows with errors (from the footers' null
+    counts) and each part's footer."""
+    store = as_store(out_dir)
+    rows, footers = verify_coverage(store, files)
+    return rows, sum(count_errors(store, name, md) for name, md in footers), footers
 
 
 def write_manifest(out_dir: str | Store, manifest: dict[str, Any]) -> str:

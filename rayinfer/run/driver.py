@@ -24,9 +24,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable
 
 from rayinfer.errors import RayInferError, RunFailed, Stopped
-from rayinfer.io.folder import committed_coverage, prepare, resume_coverage, verify_coverage, write_manifest
+from rayinfer.io.folder import check_output, committed_coverage, prepare, resume_coverage, write_manifest
 from rayinfer.io.location import absolute
-from rayinfer.io.parts import count_errors
 from rayinfer.io.ranges import covered_count
 from rayinfer.io.store import Store
 from rayinfer.plan.job import Plan
@@ -56,6 +55,11 @@ def versions() -> dict[str, str]:
     return out
 
 
+def new_run_id() -> str:
+    """A run's id: when it started (UTC), then random, so that ids sort by time and never clash."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+
+
 def execute(plan: Plan, address: str | None = None,
             progress: bool | Callable[[dict[str, Any]], None] = False,
             stop: threading.Event | None = None) -> dict[str, Any]:
@@ -66,7 +70,7 @@ def execute(plan: Plan, address: str | None = None,
     the main thread is interrupted), and ``Stopped`` is raised; a resume goes on from there."""
     spec = plan.spec
     out_dir = absolute(spec.output.path)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+    run_id = new_run_id()
     started_at = datetime.now(timezone.utc)
     t0 = time.perf_counter()
 
@@ -175,8 +179,7 @@ def finish(
 ) -> dict[str, Any]:
     """Check that the committed parts cover every input row exactly once, then write the manifest."""
     store = Store(out_dir)
-    out_rows, footers = verify_coverage(store, plan.files)
-    errors = sum(count_errors(store, name, md) for name, md in footers)
+    out_rows, errors, footers = check_output(store, plan.files)
     spec = plan.spec
     first = totals.first_commit_at
     manifest = {

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from rayinfer.io.folder import verify_coverage, write_manifest
-from rayinfer.io.parts import count_errors
+from rayinfer.io.folder import check_output, write_manifest
 from rayinfer.io.store import Store
 from rayinfer.plan.retry import error_units, plan_retry
+from rayinfer.run.driver import new_run_id, run_units
+from rayinfer.run.progress import RunTotals
 from rayinfer.task.registry import Registry
 
 
@@ -31,21 +31,17 @@ def retry_errors(out_dir: str, overrides: list[str] | tuple[str, ...] = (), *, a
                  progress: bool | Callable[[dict[str, Any]], None] = False, stop: threading.Event | None = None,
                  registry: Registry | None = None) -> dict[str, Any]:
     """Run the error rows of a finished output again; returns the updated manifest."""
-    from rayinfer.run.driver import run_units
-    from rayinfer.run.progress import RunTotals
-
     plan, manifest = plan_retry(out_dir, overrides, registry)
     location = plan.spec.output.path
     store = Store(location)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+    run_id = new_run_id()
     started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
     units, rows = error_units(store, plan)
     totals = RunTotals(todo=rows)
     if rows:
         run_units(plan, address, location, run_id, lambda pool: units, totals, progress, stop,
                   "a rerun of retry-errors does the other")
-    out_rows, footers = verify_coverage(store, plan.files)
-    errors = sum(count_errors(store, name, md) for name, md in footers)
+    out_rows, errors, _ = check_output(store, plan.files)
     then = manifest.get("identity") or {}
     manifest.setdefault("retries", []).append({
         "run_id": run_id,

@@ -1,4 +1,5 @@
-"""The command line: a thin Click layer over ``rayinfer.api``.
+"""The command line's group and the commands that run, check and describe jobs on this machine
+(the cluster's are in ``rayinfer.cli.cluster``): a thin Click layer over ``rayinfer.api``.
 
 Nothing here imports torch, transformers or ray at module level: ``rayinfer --help`` and
 ``rayinfer tasks`` stay fast.
@@ -16,6 +17,8 @@ from typing import Any, Iterator
 
 import click
 
+from rayinfer.cli.cluster import CLUSTER_COMMANDS
+from rayinfer.cli.options import set_option
 from rayinfer.errors import RayInferError
 from rayinfer.scaffold import TEMPLATES
 
@@ -44,15 +47,6 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value: Any) -> None:
         pass
-
-
-set_option = click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a spec key, e.g. --set runtime.batch_size=32 (repeatable).",
-)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -307,88 +301,5 @@ def new_plugin_cmd(name: str, parent: str, template: str) -> None:
     click.echo(f"created {root}: pip install -e '{root}[test]', then `pytest {root}` and `rayinfer tasks show {name}`")
 
 
-# ---- Ray Jobs: submit to a cluster and follow ----------------------------------------------
-
-def _default_address() -> str:
-    import os
-
-    return os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
-
-
-address_option = click.option(
-    "--address",
-    default=_default_address,
-    show_default="$RAY_API_SERVER_ADDRESS, $RAY_ADDRESS or http://127.0.0.1:8265",
-    help="The cluster's job server (dashboard) address.",
-)
-
-
-@main.command()
-@click.argument("job", type=click.Path(dir_okay=False, exists=True))
-@set_option
-@address_option
-@click.option("--working-dir", default=".", show_default=True, help="Uploaded for the job ('' to upload nothing).")
-@click.option("--pip", "pip", multiple=True, metavar="REQ", help="Extra packages for the job, e.g. a task plugin (repeatable).")
-@click.option("--id", "submission_id", default=None, help="Submission id (default: one Ray makes up).")
-@click.option("--wait", is_flag=True, help="Follow the job's log to the end and exit with its status.")
-def submit(job: str, overrides: tuple[str, ...], address: str, working_dir: str, pip: tuple[str, ...],
-           submission_id: str | None, wait: bool) -> None:
-    """Submit JOB to a Ray cluster through the Ray Jobs API; print the submission id."""
-    from rayinfer import submit as jobs
-
-    sid = jobs.submit(job, list(overrides), address, working_dir or None, list(pip), submission_id)
-    click.echo(sid)
-    if wait:
-        state = jobs.follow(address, sid, lambda text: click.echo(text, nl=False, err=True))
-        click.echo(f"rayinfer: job {sid} {state}", err=True)
-        sys.exit(jobs.wait_exit_code(state))
-
-
-@main.command()
-@click.argument("submission_id")
-@address_option
-def status(submission_id: str, address: str) -> None:
-    """Show a submitted job's status."""
-    from rayinfer import submit as jobs
-
-    info = jobs.status(address, submission_id)
-    click.echo(f"{info['submission_id']}  {info['status']}  {info['message'] or ''}".rstrip())
-
-
-@main.command()
-@click.argument("submission_id")
-@address_option
-@click.option("--follow", is_flag=True, help="Keep printing until the job ends.")
-def logs(submission_id: str, address: str, follow: bool) -> None:
-    """Print a submitted job's log."""
-    from rayinfer import submit as jobs
-
-    if follow:
-        jobs.follow(address, submission_id, lambda text: click.echo(text, nl=False))
-    else:
-        click.echo(jobs.logs(address, submission_id), nl=False)
-
-
-@main.command()
-@click.argument("submission_id")
-@address_option
-def stop(submission_id: str, address: str) -> None:
-    """Stop a submitted job (its committed parts stay: resubmit with output.mode=resume)."""
-    from rayinfer import submit as jobs
-
-    stopped = jobs.stop(address, submission_id)
-    click.echo(f"{submission_id}: {'stop requested' if stopped else 'not running'}")
-
-
-@main.command("jobs")
-@address_option
-def list_jobs(address: str) -> None:
-    """List the jobs submitted to the cluster."""
-    from rayinfer import submit as jobs
-
-    for j in jobs.list_jobs(address):
-        click.echo(f"{j['submission_id']}  {j['status']}  {j['task']}")
-
-
-if __name__ == "__main__":  # pragma: no cover  (last: every command above is defined by now)
-    sys.exit(main())
+for _command in CLUSTER_COMMANDS:
+    main.add_command(_command)

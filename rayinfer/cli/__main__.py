@@ -1,0 +1,5 @@
+import sys
+
+from rayinfer.cli import main
+
+sys.exit(main())
