@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import pickle
 import time
-import traceback
 from typing import Any, Iterator
 
 import pyarrow as pa
 
 from rayinfer.errors import RayInferError, RunFailed
-from rayinfer.models.catalog import home
 from rayinfer.models.load import LoadContext, check_cuda
+from rayinfer.run.failures import exception_chain, log_traceback
 from rayinfer.run.unit import UnitLoop, UnitSettings
 from rayinfer.task.base import Task
 from rayinfer.task.runner import TaskRunner
@@ -66,14 +65,8 @@ class TaskActor:
 def load_failure(exc: Exception, context: LoadContext, node: str, run_id: str) -> RayInferError:
     """One line for a model that failed to load: what, where, why, what to do, and the log file
     that holds the full traceback (on the actor's node)."""
-    log_file = home() / "logs" / f"{run_id}-load-{os.getpid()}.log"
-    try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
-        trace = f"full traceback in {log_file} on {node}"
-    except OSError as err:
-        trace = f"(could not write the traceback to {log_file}: {err})"
-    pickled = any(isinstance(e, pickle.UnpicklingError) for e in _chain(exc))
+    trace = log_traceback(exc, f"{run_id}-load-{os.getpid()}", node)
+    pickled = any(isinstance(e, pickle.UnpicklingError) for e in exception_chain(exc))
     if isinstance(exc, RayInferError) and not pickled:
         return RunFailed(f"{exc} (an actor on {node}); {trace}")
     what = f"model {context.model!r}" + (f" with adapter {context.adapter!r}" if context.adapter else "")
@@ -84,11 +77,3 @@ def load_failure(exc: Exception, context: LoadContext, node: str, run_id: str) -
         why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
     return RunFailed(f"the {what} failed to load in an actor on {node}: {why}; {trace}")
 
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__

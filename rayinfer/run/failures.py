@@ -40,15 +40,9 @@ def run_failure(exc: BaseException, run_id: str, out_dir: str) -> RayInferError:
     kept, and where the full traceback went."""
     import ray.exceptions as rex
 
-    log_file = home() / "logs" / f"{run_id}.log"
-    try:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
-        where = f"full traceback in {log_file}"
-    except OSError as err:
-        where = f"(could not write the traceback to {log_file}: {err})"
+    where = log_traceback(exc, run_id)
     kept = f"committed parts stay in {out_dir} (--resume goes on from them)"
-    chain = list(_chain(exc))
+    chain = list(exception_chain(exc))
     ours = next((e for e in chain if isinstance(e, RayInferError) and not isinstance(e, rex.RayError)), None)
     if ours is not None:  # raised in an actor (Ray keeps it as the task error's cause) or here
         return RunFailed(f"{str(ours).strip()}; {kept}; Ray's {where}")
@@ -67,7 +61,19 @@ def run_failure(exc: BaseException, run_id: str, out_dir: str) -> RayInferError:
     return RunFailed(f"the run failed: {type(origin).__name__}: {first_line(origin)}; {kept}; {where}")
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def log_traceback(exc: BaseException, name: str, node: str = "") -> str:
+    """Write ``exc``'s full traceback to rayinfer's log folder (on this node) as NAME.log; returns
+    how the user's line names it."""
+    log_file = home() / "logs" / f"{name}.log"
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
+    except OSError as err:
+        return f"(could not write the traceback to {log_file}: {err})"
+    return f"full traceback in {log_file}" + (f" on {node}" if node else "")
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and every exception inside it, once each: Ray's ``cause`` (the exception raised in
     the worker), ``__cause__`` and ``__context__``."""
     seen: set[int] = set()
