@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from rayinfer import Batch, ModelRequirement, hookimpl
 from rayinfer.text import collate, encode
+
 from rayinfer_tasks._labels import LabelTask
 
 ZERO_SHOT_OPTIONS = ("labels", "prompt", "label_prefix", "normalize", "chat", "system")

@@ -7,16 +7,9 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field
 
-from rayinfer import (
-    Batch,
-    InputColumn,
-    ModelRequirement,
-    RowError,
-    Task,
-    TaskOptions,
-    hookimpl,
-)
+from rayinfer import Batch, InputColumn, ModelRequirement, RowError, Task, TaskOptions, hookimpl
 from rayinfer.text import encode_prompts
+
 from rayinfer_tasks._generation import SamplingOptions, generate
 
 

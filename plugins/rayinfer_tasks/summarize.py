@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from rayinfer import Batch, ModelRequirement, Task, TaskOptions, hookimpl
 from rayinfer.text import cut_text, encode, encode_prompts, require_text_slot
+
 from rayinfer_tasks._generation import SamplingOptions, generate
 
 DEFAULT_INSTRUCTION = "Summarize the following text in one or two sentences.\n\n{text}"

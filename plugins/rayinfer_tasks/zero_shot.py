@@ -14,13 +14,8 @@ from pydantic import Field, field_validator
 
 from rayinfer import Batch, ModelRequirement, RowError, hookimpl
 from rayinfer.errors import ModelError
-from rayinfer.text import (
-    continuation_logprobs,
-    cut_text,
-    encode_prompts,
-    pad_id,
-    require_text_slot,
-)
+from rayinfer.text import continuation_logprobs, cut_text, encode_prompts, pad_id, require_text_slot
+
 from rayinfer_tasks._labels import LabelTask
 
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from rayinfer_embed import EmbedTask
 from transformers import AutoModel, AutoTokenizer
 
 from rayinfer.testing import english_sentences, run_task
+from rayinfer_embed import EmbedTask
 
 TEXTS = list(english_sentences()[:10])
 
