@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -106,7 +106,9 @@ class RuntimeSpec(_Strict):
     actors: Union[int, ActorRange, None] = Field(
         None, description="Actor pool size: an int, {min, max}, or unset to fit the cluster's CPUs/GPUs."
     )
-    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor (also its torch thread count).")
+    num_cpus: Optional[float] = Field(
+        None, gt=0, description="CPUs reserved per actor (also its torch thread count). Unset: 1, but a generation "
+        "task on CPUs gets a node's CPUs (up to 8): one actor decodes bigger batches on more threads.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions share a GPU). 0 on CPU clusters.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from helpers import fill_mask_job
 
 from rayinfer.cli import main
+from rayinfer.testing import write_dataset
 
 
 def validate(job, *args):
@@ -184,3 +185,33 @@ def test_a_fixed_pool_must_fit_the_local_ray(tmp_path, rayinfer_bert, caplog):
     unset = plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime={"num_cpus": 0.5}))
     assert pool_size(unset, {"CPU": 2}, can_grow=False) == (4, 4)
     assert pool_size(unset, {"CPU": 2}, can_grow=True) == (1, 4)
+
+
+def test_a_generation_task_gets_work_cut_for_decoding(tmp_path, rayinfer_llama, rayinfer_bert):
+    """Unset runtime.num_cpus: a decoding task (generate) on CPUs gets one actor with a node's
+    CPUs (its torch threads follow), up to 8; an encoder task 1 CPU per actor; a num_cpus the
+    spec sets is kept, and GPU actors keep 1. A decoding task's units are never cut below 64 rows
+    (48 prompts on 2 actors were 8 units of 6)."""
+    from rayinfer.api import plan_job
+    from rayinfer.plan.work import unit_rows
+    from rayinfer.run.admission import placed, pool_size
+    from rayinfer.run.cluster import actor_args
+
+    write_dataset(tmp_path / "in", {"id": list(range(48)), "prompt": ["Say hello."] * 48})
+
+    def plan(task: str, model, **runtime):
+        spec = {"task": task, "model": str(model), "input": {"path": str(tmp_path / "in")},
+                "output": {"path": str(tmp_path / "out")}, "runtime": runtime}
+        if task == "fill-mask":
+            spec["input"]["columns"] = {"text": "prompt"}
+        return plan_job(spec)
+
+    gen = placed(plan("generate", rayinfer_llama), [{"CPU": 2}])
+    assert gen.spec.runtime.num_cpus == 2 and pool_size(gen, {"CPU": 2}, can_grow=False) == (1, 1)
+    assert actor_args(gen, str(tmp_path / "out"), "r")["context"].num_threads == 2
+    assert placed(plan("generate", rayinfer_llama), [{"CPU": 64}, {"CPU": 4}]).spec.runtime.num_cpus == 8
+    assert placed(plan("generate", rayinfer_llama, num_cpus=1), [{"CPU": 2}]).spec.runtime.num_cpus == 1
+    assert placed(plan("generate", rayinfer_llama, num_gpus=1), [{"CPU": 8, "GPU": 1}]).spec.runtime.num_cpus == 1
+    assert placed(plan("fill-mask", rayinfer_bert), [{"CPU": 2}]).spec.runtime.num_cpus == 1
+    assert unit_rows(48, 2, 100_000, decodes=True) == 64 and unit_rows(48, 2, 100_000) == 6
+    assert unit_rows(3000, 8, 100_000, decodes=True) == 94

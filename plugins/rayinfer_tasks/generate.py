@@ -19,6 +19,7 @@ class GenerateTask(Task):
     # rows per pass than encoders; past ~8k padded tokens the prompt pass itself slows down
     # (SmolLM2 prompts of ~60 tokens: 4096 -> 4.5, 8192 -> 4.8, 16384 -> 4.1 rows/s).
     cpu_batch_tokens = 8192
+    decodes = True
     description = "Generate text from prompts with a causal LM (chat templates, greedy or seeded sampling)."
     inputs = {"prompt": InputColumn("The prompt (the user message when chat is on).")}
     requires = ModelRequirement(

@@ -20,6 +20,7 @@ class SummarizeTask(Task):
     # Documents are long, so the prompt pass dominates: smaller passes than generate's
     # (SmolLM2, 64 documents of ~200 tokens: 4096 -> 1.31, 8192 -> 1.22, 16384 -> 0.79 rows/s).
     cpu_batch_tokens = 4096
+    decodes = True
     description = "Summarize texts: seq2seq (T5/BART, with a prefix) or a causal LM prompted by an instruction."
     requires = ModelRequirement(
         "AutoModelForSeq2SeqLM",  # or AutoModelForCausalLM: see auto_class

@@ -50,11 +50,16 @@ def make_units(
 
 
 UNITS_PER_ACTOR = 4  # a job too small for this many part_rows units per actor gets smaller units
+DECODE_UNIT_ROWS = 64  # the fewest rows a decoding task's unit gets: a decode step costs about the same for 8 rows as for 64
 
 
-def unit_rows(todo: int, actors: int, part_rows: int) -> int:
+def unit_rows(todo: int, actors: int, part_rows: int, decodes: bool = False) -> int:
     """Rows per work unit: ``part_rows``, unless that would leave actors idle. Every actor should
     get several units (UNITS_PER_ACTOR), so that every actor works (120 rows on 4 actors make 15
     units of 8) and the last units end close together (3,000 prompts on 8 GPUs: 32 units of 94,
-    not 12 of 256 with four GPUs doing two and four doing one)."""
-    return max(1, min(part_rows, math.ceil(todo / (actors * UNITS_PER_ACTOR))))
+    not 12 of 256 with four GPUs doing two and four doing one). A decoding task's units are never
+    cut below DECODE_UNIT_ROWS: 48 prompts on 2 actors made units of 6, decoded 6 rows a step."""
+    rows = math.ceil(todo / (actors * UNITS_PER_ACTOR))
+    if decodes:
+        rows = max(rows, DECODE_UNIT_ROWS)
+    return max(1, min(part_rows, rows))

@@ -7,6 +7,7 @@ them for CPUs: a pool fits when its actors fit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -18,10 +19,28 @@ from rayinfer.plan.job import Plan
 log = logging.getLogger("rayinfer")
 
 
+DECODE_ACTOR_CPUS = 8  # most CPUs a decoding task's actor takes by default (torch scales poorly past ~8 threads)
+
+
+def placed(plan: Plan, nodes: list[dict[str, float]]) -> Plan:
+    """``plan`` with ``runtime.num_cpus`` resolved where the spec leaves it unset: 1 CPU per actor,
+    but a decoding task on CPUs gets the CPUs of the largest node (up to DECODE_ACTOR_CPUS), as
+    one actor decoding big batches on all cores beats several decoding small ones on one each."""
+    rt = plan.spec.runtime
+    if rt.num_cpus is not None:
+        return plan
+    cpus = 1.0
+    if plan.task_cls.decodes and rt.num_gpus == 0:
+        cpus = float(max(1, min(DECODE_ACTOR_CPUS, int(max((n.get("CPU", 0) for n in nodes), default=1)))))
+    runtime = rt.model_copy(update={"num_cpus": cpus})
+    return dataclasses.replace(plan, spec=plan.spec.model_copy(update={"runtime": runtime}))
+
+
 def actor_need(plan: Plan) -> dict[str, float]:
     """What one actor asks Ray for: CPUs, GPUs and custom resources (those above zero)."""
     rt = plan.spec.runtime
-    return {k: v for k, v in {"CPU": rt.num_cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v > 0}
+    cpus = rt.num_cpus if rt.num_cpus is not None else 1.0  # unset until placed(): 1
+    return {k: v for k, v in {"CPU": cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v > 0}
 
 
 def describe(need: dict[str, float]) -> str:
@@ -60,7 +79,7 @@ def check_resources(
                f"An actor holds one model on one node: set runtime.num_gpus to at most {cluster['GPU']:g} (a model "
                "larger than one GPU: see docs/cluster.md, GPUs).")
         raise RunError(f"runtime.num_gpus is {rt.num_gpus:g} but the Ray cluster has {cluster.get('GPU', 0):g} GPUs. {fix}")
-    if rt.num_cpus > cluster.get("CPU", 0):
+    if actor_need(plan).get("CPU", 0) > cluster.get("CPU", 0):
         raise RunError(f"runtime.num_cpus is {rt.num_cpus} but the Ray cluster has {cluster.get('CPU', 0):g} CPUs")
     for name, amount in rt.resources.items():
         if cluster.get(name, 0) < amount:

@@ -30,7 +30,7 @@ from rayinfer.io.ranges import covered_count
 from rayinfer.io.store import Store
 from rayinfer.plan.job import Plan
 from rayinfer.plan.work import make_units, unit_rows
-from rayinfer.run.admission import check_paths_visible, check_resources, pool_size
+from rayinfer.run.admission import check_paths_visible, check_resources, placed, pool_size
 from rayinfer.run.cluster import build_dataset, data_context, init_ray, start_coordinator
 from rayinfer.run.failures import PoolLost, reports, run_failure
 from rayinfer.run.progress import RunTotals, TerminalProgress
@@ -85,7 +85,7 @@ def execute(plan: Plan, address: str | None = None,
     left, restarts = todo, 0
     while left:
         def units(pool: tuple[int, int]) -> list[dict[str, Any]]:
-            found = make_units(plan.files, coverage, unit_rows(left, pool[1], spec.output.part_rows))
+            found = make_units(plan.files, coverage, unit_rows(left, pool[1], spec.output.part_rows, plan.task_cls.decodes))
             return sorted(found, key=lambda u: -u["todo"])  # largest first: small ones (file tails) fill in at the end
 
         try:
@@ -117,15 +117,16 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
     alive for a while and its resources with it."""
     import ray
 
-    rt = plan.spec.runtime
     local = init_ray(address)
     cluster = ray.cluster_resources()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    plan = placed(plan, [n["Resources"] for n in alive])
+    rt = plan.spec.runtime
     pool = pool_size(plan, cluster, can_grow=not local)
     if after_loss:
         pool = (1, pool[1])
     work = units(pool)
     pool = (max(1, min(pool[0], len(work))), max(1, min(pool[1], len(work))))  # no actor loads a model for no unit
-    alive = [n for n in ray.nodes() if n.get("Alive")]
     check_resources(plan, cluster, [n["Resources"] for n in alive], pool[0], can_grow=not local)
     check_paths_visible(plan, out_dir)
     channel = TerminalProgress() if progress is True else (progress or None)

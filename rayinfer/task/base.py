@@ -113,6 +113,11 @@ class Task(ABC):
     """The option that caps input tokens (``load`` sets ``self.max_length`` from it and the model's
     limit); an option of that name is not required."""
 
+    decodes: ClassVar[bool] = False
+    """True for a task whose forward is a decode loop (generate, summarize). Its work is cut for
+    decoding: on CPUs an actor takes a node's cores (unless ``runtime.num_cpus`` is set), and a
+    unit is never smaller than a decode batch."""
+
     cpu_batch_tokens: ClassVar[int | None] = None
     """The token budget per forward pass on CPU actors when the spec sets none (None: 2048, good
     for encoders; generation tasks set more, since a decode step costs about the same for many rows)."""
