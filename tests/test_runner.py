@@ -70,6 +70,17 @@ def test_micro_batches_end_where_rows_get_much_shorter_once_half_the_budget_is_u
     assert micro_batches(order, lengths, max_tokens=300) == [list(range(10))]
 
 
+def test_decode_batches_are_cut_by_rows_within_the_budget_never_for_padding():
+    """A decoding task's chunk is a whole decode loop: up to max_rows rows, within the token
+    budget, and no cut where rows get shorter (the 48 chat prompts were cut 16 + 32 that way)."""
+    lengths = dict(enumerate([288] * 16 + [200] * 16 + [170] * 16))
+    order = sorted(lengths, key=lambda i: -lengths[i])
+    assert [len(c) for c in micro_batches(order, lengths, 8192)] == [16, 32]
+    assert [len(c) for c in micro_batches(order, lengths, 16384, max_rows=32)] == [32, 16]
+    assert [len(c) for c in micro_batches(order, lengths, 4096, max_rows=32)] == [14, 14, 20]
+    assert sorted(i for c in micro_batches(order, lengths, 16384, max_rows=5) for i in c) == list(range(48))
+
+
 @settings(max_examples=60, deadline=None)
 @given(texts=st.lists(st.lists(st.sampled_from("ab cd ef gh".split()), min_size=1, max_size=12), max_size=40),
        budget=st.integers(1, 64))

@@ -15,10 +15,10 @@ from rayinfer_tasks._generation import SamplingOptions, generate
 
 class GenerateTask(Task):
     name = "generate"
-    # On CPUs a decode step costs about the same for 8 rows as for 64, so generation wants far more
-    # rows per pass than encoders; past ~8k padded tokens the prompt pass itself slows down
-    # (SmolLM2 prompts of ~60 tokens: 4096 -> 4.5, 8192 -> 4.8, 16384 -> 4.1 rows/s).
-    cpu_batch_tokens = 8192
+    # A decode batch is cut by rows (32 on CPU actors: rayinfer.run.cluster.CPU_DECODE_ROWS); the
+    # token budget (rows x (prompt + max_new_tokens)) only bounds its KV cache (16384 tokens of
+    # SmolLM2: ~750 MB). 48 chat prompts x 128 new tokens: 8192 cut them 28 + 20, 16384 lets 32 + 16.
+    cpu_batch_tokens = 16384
     decodes = True
     description = "Generate text from prompts with a causal LM (chat templates, greedy or seeded sampling)."
     inputs = {"prompt": InputColumn("The prompt (the user message when chat is on).")}

@@ -17,9 +17,10 @@ DEFAULT_INSTRUCTION = "Summarize the following text in one or two sentences.\n\n
 
 class SummarizeTask(Task):
     name = "summarize"
-    # Documents are long, so the prompt pass dominates: smaller passes than generate's
-    # (SmolLM2, 64 documents of ~200 tokens: 4096 -> 1.31, 8192 -> 1.22, 16384 -> 0.79 rows/s).
-    cpu_batch_tokens = 4096
+    # As for generate: decode batches are cut by rows, the budget bounds their KV cache. With 64
+    # new tokens the decode loop dominates: 14 texts of 300-600 tokens ran 0.81x a plain loop at
+    # 4096 (passes of 6 rows), 0.94x at 16384 (benchmarks/generation.py).
+    cpu_batch_tokens = 16384
     decodes = True
     description = "Summarize texts: seq2seq (T5/BART, with a prefix) or a causal LM prompted by an instruction."
     requires = ModelRequirement(

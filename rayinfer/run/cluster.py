@@ -72,6 +72,21 @@ def default_batch_tokens(plan: Plan) -> int:
     return plan.task_cls.cpu_batch_tokens or CPU_BATCH_TOKENS
 
 
+CPU_DECODE_ROWS = 32
+"""Rows per decode loop of a decoding task on CPU actors: SmolLM2, 48 chat prompts x 128 new
+tokens, 2 threads: a plain generate loop ran 59.9, 76.9 and 61.8 new tokens/s at batches of 16,
+32 and 48 (benchmarks/generation.py): past 32, rows that finished early and longer attention
+cost more than the fuller batch gains."""
+
+
+def default_batch_rows(plan: Plan) -> int | None:
+    """Rows per decode loop for a decoding task (None: cut by tokens alone, as encoders are). On
+    GPUs the token budget alone bounds it (a decode step there costs about the same for 256 rows)."""
+    if not plan.task_cls.decodes:
+        return None
+    return None if plan.spec.runtime.num_gpus > 0 else CPU_DECODE_ROWS
+
+
 def actor_args(plan: Plan, out_dir: str, run_id: str) -> dict[str, Any]:
     """TaskActor's constructor arguments for a plan (but the coordinator)."""
     spec, rt = plan.spec, plan.spec.runtime
@@ -81,7 +96,8 @@ def actor_args(plan: Plan, out_dir: str, run_id: str) -> dict[str, Any]:
         context=plan.load_context(num_threads=None if rt.num_gpus > 0 else max(1, math.ceil(rt.num_cpus))),
         runner=dict(column_map=plan.column_map, id_column=spec.input.id_column,
                     keep=[k for k in spec.input.keep if k != spec.input.id_column],
-                    max_batch_tokens=rt.max_batch_tokens or default_batch_tokens(plan)),
+                    max_batch_tokens=rt.max_batch_tokens or default_batch_tokens(plan),
+                    max_batch_rows=default_batch_rows(plan)),
         settings=UnitSettings(
             files={f.path: f for f in plan.files}, read_columns=plan.read_columns, out_dir=out_dir,
             schema=plan.output_schema, provenance=plan.provenance(run_id), part_bytes=spec.output.part_bytes,

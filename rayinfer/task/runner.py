@@ -66,22 +66,25 @@ PAD_SLACK = 0.2
 """Once a chunk holds half the budget, a row this much shorter than its longest starts a new one."""
 
 
-def micro_batches(order: list[int], lengths: dict[int, int], max_tokens: int) -> list[list[int]]:
+def micro_batches(order: list[int], lengths: dict[int, int], max_tokens: int,
+                  max_rows: int | None = None) -> list[list[int]]:
     """Cut rows (already sorted longest first) into chunks with len(chunk) * longest <= max_tokens.
 
-    A chunk that already holds half the budget also ends where the rows get more than
-    ``PAD_SLACK`` shorter than its longest row: without that, a budget's worth of short rows
-    spans a wide range of lengths and pads a fifth of its work (1.22x -> 1.14x padded tokens on
-    the benchmark's sentences), while passes of half the budget still run at full speed. A single
-    row longer than the budget still gets a chunk of its own.
+    Encoders (``max_rows`` None): a chunk that already holds half the budget also ends where the
+    rows get more than ``PAD_SLACK`` shorter than its longest row: without that, a budget's worth
+    of short rows spans a wide range of lengths and pads a fifth of its work (1.22x -> 1.14x padded
+    tokens on the benchmark's sentences), while passes of half the budget still run at full speed.
+    Decoders (``max_rows`` set): chunks of up to ``max_rows`` rows within the budget, no cut for
+    padding: each chunk is a whole decode loop, so fewer, fuller chunks win. A single row longer
+    than the budget still gets a chunk of its own.
     """
     chunks: list[list[int]] = []
     current: list[int] = []
     longest = 0
     for i in order:
         n = max(1, lengths[i])
-        over = (len(current) + 1) * max(longest, n) > max_tokens
-        spread = 2 * len(current) * longest >= max_tokens and n < longest * (1 - PAD_SLACK)
+        over = (len(current) + 1) * max(longest, n) > max_tokens or len(current) == (max_rows or len(current) + 1)
+        spread = max_rows is None and 2 * len(current) * longest >= max_tokens and n < longest * (1 - PAD_SLACK)
         if current and (over or spread):
             chunks.append(current)
             current, longest = [], 0
@@ -104,12 +107,14 @@ class TaskRunner:
         id_column: str = "id",
         keep: Sequence[str] = (),
         max_batch_tokens: int = 2048,
+        max_batch_rows: int | None = None,
     ) -> None:
         self.task = task
         self.column_map = {name: (column_map or {}).get(name, name) for name in task.inputs}
         self.id_column = id_column
         self.keep = [k for k in keep if k != id_column]
         self.max_batch_tokens = max_batch_tokens
+        self.max_batch_rows = max_batch_rows  # set for decoding tasks: rows per decode loop
         self.task_schema = type(task).output_schema(task.options)
 
     # -- the core: task inputs in, output columns + errors out ------------------------------
@@ -141,7 +146,7 @@ class TaskRunner:
         batch, n, errors, encoded, lengths = p.batch, p.n, p.errors, p.encoded, p.lengths
         order = sorted(encoded, key=lambda i: -lengths[i])
         outputs: dict[int, Any] = {}
-        for chunk in micro_batches(order, lengths, self.max_batch_tokens):
+        for chunk in micro_batches(order, lengths, self.max_batch_tokens, self.max_batch_rows):
             stats.forward_calls += 1
             stats.tokens += sum(lengths[i] for i in chunk)
             stats.padded_tokens += len(chunk) * max(lengths[i] for i in chunk)
