@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from rayinfer.plan.job import Plan
 from rayinfer.run.actor import TaskActor
+from rayinfer.run.admission import actor_need
 from rayinfer.run.coordinator import Coordinator
 from rayinfer.run.unit import UnitSettings
 from rayinfer.spec import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
@@ -93,7 +94,7 @@ def actor_args(plan: Plan, out_dir: str, run_id: str) -> dict[str, Any]:
     return dict(
         task_cls=plan.task_cls,
         options=plan.options.model_dump(mode="json"),
-        context=plan.load_context(num_threads=None if rt.num_gpus > 0 else max(1, math.ceil(rt.num_cpus))),
+        context=plan.load_context(num_threads=None if rt.num_gpus > 0 else max(1, math.ceil(actor_need(plan)["CPU"]))),
         runner=dict(column_map=plan.column_map, id_column=spec.input.id_column,
                     keep=[k for k in spec.input.keep if k != spec.input.id_column],
                     max_batch_tokens=rt.max_batch_tokens or default_batch_tokens(plan),
