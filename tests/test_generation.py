@@ -8,6 +8,7 @@ from rayinfer_tasks.generate import GenerateTask
 from rayinfer_tasks.summarize import SummarizeTask
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from rayinfer.models import catalog
 from rayinfer.testing import english_sentences, run_task
 
 PROMPTS = [s for s in english_sentences()[200:260] if len(s) < 160][:7]
@@ -116,3 +117,41 @@ def test_gpt_neox_japanese_with_its_own_tokenizer(rayinfer_models_dir):
     alone = [run_task(GenerateTask, [{"prompt": p}], path, opts)[0]["generated"] for p in prompts[:3]]
     together = run_task(GenerateTask, [{"prompt": p} for p in prompts[:3]], path, opts)
     assert alone == [r["generated"] for r in together]
+
+
+SMOLLM2 = "smollm2-135m-instruct"
+PARITY_PROMPTS = [
+    "What does the Python statement `assert` do? Answer in two sentences.",
+    "When would I use `lambda` in Python? Give one short example.",
+    "What does the Python statement `yield` do? Answer in two sentences.",
+    "Write a four-line poem about the sea at night.",
+    "Write a short product description for a red bicycle.",
+    "Give three tips for learning to cook.",
+    "Explain saving money to a ten-year-old in a few sentences.",
+    "Write a four-line poem about autumn leaves.",
+    "Summarize: " + english_sentences()[3],
+    "Summarize: " + " ".join(english_sentences()[10:13]),
+    "Summarize: " + " ".join(english_sentences()[20:24]),
+    "Give three tips for public speaking.",
+]
+
+
+@pytest.mark.skipif(not catalog.is_installed(SMOLLM2), reason=f"rayinfer models fetch {SMOLLM2}")
+def test_greedy_generation_in_decode_batches_equals_batch_one_generate_on_smollm2():
+    """#24's parity check: 12 varied chat prompts through the generate task (decode batches cut by
+    rows, left padding) give, in fp32, exactly the text of ``model.generate`` on each prompt alone."""
+    from rayinfer.text import encode_prompts
+
+    model_dir = str(catalog.model_dir(SMOLLM2))
+    rows = run_task(GenerateTask, [{"prompt": p} for p in PARITY_PROMPTS], model_dir,
+                    {"chat": True, "max_new_tokens": 48})
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for prompt, row in zip(PARITY_PROMPTS, rows):
+        ids = torch.tensor([encode_prompts(tok, [prompt], chat=True)[0]])
+        with torch.inference_mode():
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
+                                 do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        n = next((j for j, t in enumerate(new) if t == tok.eos_token_id), len(new))
+        assert row["generated"] == tok.decode(new[:n], skip_special_tokens=True), prompt
+        assert row["num_tokens"] == n
