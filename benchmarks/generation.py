@@ -6,8 +6,8 @@
 Workloads (SmolLM2-135M-Instruct from the catalog, greedy, fp32, the model's chat template):
   chat       48 varied prompts (questions, short writing tasks, "Summarize: <paragraph>"),
              ``max_new_tokens: 128``: the ``generate`` task;
-  summarize  24 Python-docs texts of 300-600 tokens in the summarize task's prompt,
-             ``max_new_tokens: 64``: the ``summarize`` task.
+  summarize  the Python-docs texts of 300-600 tokens (up to 24; 14 exist in CPython 3.11's docs) in
+             the summarize task's prompt, ``max_new_tokens: 64``: the ``summarize`` task.
 
 The peer is the loop a careful user writes: the model loaded once, the prompts encoded exactly as
 rayinfer encodes them, sorted by length, left padding with an attention mask, ``model.generate``
@@ -68,7 +68,7 @@ def chat_prompts(n: int = 48) -> list[str]:
 
 
 def summarize_texts(model: str, n: int = 24) -> list[str]:
-    """n texts of the Python docs whose prompt is 300-600 tokens."""
+    """Up to n texts of the Python docs of 300-600 tokens (14 on CPython 3.11)."""
     from transformers import AutoTokenizer
 
     from rayinfer.demo import documents
