@@ -139,16 +139,18 @@ def run_task(
     options: dict[str, Any] | None = None,
     *,
     max_batch_tokens: int = 2048,
+    max_batch_rows: int | None = None,
     **context: Any,
 ) -> list[dict[str, Any]]:
-    """Run ``task`` on ``rows`` (dicts keyed by the task's input names) without Ray.
+    """Run ``task`` on ``rows`` (dicts keyed by the task's input names) without Ray, in passes of
+    at most ``max_batch_tokens`` (and ``max_batch_rows``: a decoding task's rows in flight).
 
     Returns one dict per row: the task's output columns plus ``error``.
     """
     rows = list(rows)
     instance = task(task.Options.model_validate(options or {}), LoadContext(model=str(model), **context))
     instance.load()
-    runner = TaskRunner(instance, max_batch_tokens=max_batch_tokens)
+    runner = TaskRunner(instance, max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_rows)
     batch = {name: [r.get(name) for r in rows] for name in task.inputs}
     columns, errors = runner.run(batch)
     return [

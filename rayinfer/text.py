@@ -13,6 +13,8 @@ this module from a task module costs nothing.
   template when asked;
 - ``ensure_pad_token(tokenizer, model)``: eos as the pad token for tokenizers without one;
 - ``collate(items, tokenizer, device, side)``: padded tensors and attention masks on the device;
+- ``micro_batches(order, lengths, max_tokens, max_rows)``: rows cut into passes under a token
+  budget (the runner's rule; a task that schedules its own rows uses it where it falls back);
 - ``continuation_logprobs(model, prefixes, continuations)``: per row, the summed float32
   log-likelihood of a continuation given its prefix, padding excluded, computing vocabulary
   logits only at the scored positions; ``sliding_windows(ids, max_length, stride)`` cuts a long
@@ -166,6 +168,39 @@ def collate(items: Sequence[dict[str, Any]], tokenizer: Any, device: Any, side: 
     return out
 
 
+PAD_SLACK = 0.2
+"""Once a chunk holds half the budget, a row this much shorter than its longest starts a new one."""
+
+
+def micro_batches(order: list[int], lengths: dict[int, int], max_tokens: int,
+                  max_rows: int | None = None) -> list[list[int]]:
+    """Cut rows (already sorted longest first) into chunks with len(chunk) * longest <= max_tokens.
+
+    Encoders (``max_rows`` None): a chunk that already holds half the budget also ends where the
+    rows get more than ``PAD_SLACK`` shorter than its longest row: without that, a budget's worth
+    of short rows spans a wide range of lengths and pads a fifth of its work (1.22x -> 1.14x padded
+    tokens on the benchmark's sentences), while passes of half the budget still run at full speed.
+    Decoders (``max_rows`` set): chunks of up to ``max_rows`` rows within the budget, no cut for
+    padding: each chunk is a whole decode loop, so fewer, fuller chunks win. A single row longer
+    than the budget still gets a chunk of its own.
+    """
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        n = max(1, lengths[i])
+        over = (len(current) + 1) * max(longest, n) > max_tokens or len(current) == (max_rows or len(current) + 1)
+        spread = max_rows is None and 2 * len(current) * longest >= max_tokens and n < longest * (1 - PAD_SLACK)
+        if current and (over or spread):
+            chunks.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def continuation_logprobs(
     model: Any, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad: int = 0
 ) -> list[float]:
@@ -240,6 +275,7 @@ __all__ = [
     "encode_prompts",
     "ensure_pad_token",
     "max_input_length",
+    "micro_batches",
     "pad_id",
     "require_text_slot",
     "sliding_windows",

@@ -119,6 +119,43 @@ def test_gpt_neox_japanese_with_its_own_tokenizer(rayinfer_models_dir):
     assert alone == [r["generated"] for r in together]
 
 
+def _ends(new):
+    """A row's own end, from its tokens alone: after (first token % 5) + 2 tokens (2..6)."""
+    return len(new) >= new[0] % 5 + 2
+
+
+@pytest.mark.parametrize("which", ["llama", "neox-ja"])
+def test_continuous_batching_rows_leave_and_join_with_batch_one_parity(which, rayinfer_llama, rayinfer_models_dir):
+    """rayinfer.decoding with 2 slots for 7 prompts of mixed lengths: rows end at different steps
+    (their own rule), waiting rows join the running batch, and every row's tokens equal
+    ``model.generate`` on its prompt alone; nothing is decoded for a row after it ends. Llama
+    (SDPA, boolean mask) and GPT-NeoX-Japanese (eager attention, additive mask)."""
+    from rayinfer import decoding
+    from rayinfer.testing import JAPANESE_SENTENCES, build_gpt_neox_japanese
+
+    if which == "llama":
+        path, prompts = rayinfer_llama, PROMPTS
+    else:
+        path, prompts = build_gpt_neox_japanese(rayinfer_models_dir / "neox-ja"), list(JAPANESE_SENTENCES)[:7]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert decoding.supports(model, 200)
+    ids = [tok(p)["input_ids"] for p in prompts]
+    assert len({len(i) for i in ids}) > 3
+    stats = decoding.DecodeStats()
+    with torch.inference_mode():
+        got = decoding.decode(model, ids, max_new_tokens=12, eos=set(), pad=tok.eos_token_id or 0, slots=2,
+                              stopped=_ends, stats=stats)
+        for row, new in zip(ids, got):
+            alone = model.generate(input_ids=torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                                   max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+            want = alone[0, len(row):].tolist()
+            assert new == want[: next(k for k in range(1, 13) if _ends(want[:k]))]
+    assert len({len(n) for n in got}) > 1  # rows really ended at different steps
+    assert stats.prefills > 2  # rows joined as others ended, not all at the start
+    assert stats.row_steps == sum(len(n) for n in got) - len(got)  # each step served live rows only
+
+
 SMOLLM2 = "smollm2-135m-instruct"
 PARITY_PROMPTS = [
     "What does the Python statement `assert` do? Answer in two sentences.",
@@ -138,13 +175,14 @@ PARITY_PROMPTS = [
 
 @pytest.mark.skipif(not catalog.is_installed(SMOLLM2), reason=f"rayinfer models fetch {SMOLLM2}")
 def test_greedy_generation_in_decode_batches_equals_batch_one_generate_on_smollm2():
-    """#24's parity check: 12 varied chat prompts through the generate task (decode batches cut by
-    rows, left padding) give, in fp32, exactly the text of ``model.generate`` on each prompt alone."""
+    """#24's parity check: 12 varied chat prompts through the generate task (continuous batching,
+    5 rows in flight: rows end at their own end-of-sequence, waiting rows join) give, in fp32,
+    exactly the text of ``model.generate`` on each prompt alone."""
     from rayinfer.text import encode_prompts
 
     model_dir = str(catalog.model_dir(SMOLLM2))
     rows = run_task(GenerateTask, [{"prompt": p} for p in PARITY_PROMPTS], model_dir,
-                    {"chat": True, "max_new_tokens": 48})
+                    {"chat": True, "max_new_tokens": 48}, max_batch_rows=5)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for prompt, row in zip(PARITY_PROMPTS, rows):

@@ -1,9 +1,11 @@
 """Text generation shared by the generate and summarize tasks.
 
-Causal LMs are padded on the left with an attention mask, so every row's new tokens start at
-the same position; encoder-decoders are padded on the right. Sampling with a seed draws each
-row's tokens from that row's own ``torch.Generator`` (seeded from the job seed and the row's
-prompt), so a row's text does not depend on which batch it lands in.
+Causal LMs go through ``rayinfer.decoding``'s continuous batching (a preallocated KV cache slot
+per row; rows that end leave the batch and waiting rows join it), where it supports the model;
+otherwise, and for encoder-decoders, beams and n-gram bans, through ``model.generate`` (causal
+LMs padded on the left with an attention mask, encoder-decoders on the right). Sampling with a
+seed draws each row's tokens from that row's own ``torch.Generator`` (seeded from the job seed
+and the row's prompt), so a row's text does not depend on which batch it lands in.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from pydantic import Field
 
 from rayinfer import TaskOptions
-from rayinfer.text import collate
+from rayinfer.text import collate, micro_batches, pad_id
 
 
 class SamplingOptions(TaskOptions):
@@ -33,6 +35,36 @@ class SamplingOptions(TaskOptions):
 def row_seed(seed: int, text: str) -> int:
     digest = hashlib.sha256(f"{seed}\x00{text}".encode("utf-8", "replace")).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _row_processors(options: SamplingOptions, greedy_penalty: bool) -> list[Any]:
+    from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    o, out = options, []
+    if o.repetition_penalty != 1.0 and (o.do_sample or greedy_penalty):
+        out.append(RepetitionPenaltyLogitsProcessor(o.repetition_penalty))
+    if o.do_sample:
+        if o.temperature != 1.0:
+            out.append(TemperatureLogitsWarper(o.temperature))
+        if o.top_k:
+            out.append(TopKLogitsWarper(o.top_k))
+        if o.top_p < 1.0:
+            out.append(TopPLogitsWarper(o.top_p))
+    return out
+
+
+def _generators(options: SamplingOptions, texts: list[str]) -> list[Any]:
+    import torch
+
+    generators = []
+    for text in texts:
+        g = torch.Generator()
+        if options.seed is not None:
+            g.manual_seed(row_seed(options.seed, text))
+        else:
+            g.seed()
+        generators.append(g)
+    return generators
 
 
 def make_row_sampler(generators: list[Any]) -> Any:
@@ -55,24 +87,97 @@ def make_row_sampler(generators: list[Any]) -> Any:
     return RowSampler()
 
 
+def make_picker(processors: list[Any], generator: Any | None) -> Any:
+    """A row's token choice for ``rayinfer.decoding.decode``: its processors, then a draw from its
+    own generator (sampling) or the best token (greedy), exactly as ``generate`` would for it."""
+    import torch
+
+    def pick(ids: list[int], scores: Any) -> int:
+        if processors:
+            seen = torch.tensor([ids], dtype=torch.long, device=scores.device)
+            for p in processors:
+                scores = p(seen, scores)
+        if generator is None:
+            return int(scores[0].argmax())
+        probs = scores[0].float().softmax(dim=-1)
+        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+    return pick
+
+
 def generate(
     model: Any,
     tokenizer: Any,
     items: list[dict[str, Any]],
     options: SamplingOptions,
     seeds_from: list[str] | None = None,
+    limits: tuple[int, int | None] | None = None,
     **extra: Any,
 ) -> list[tuple[str, int]]:
-    """Generate for a micro-batch of encoded rows; return (new text, number of new tokens) per row."""
-    import torch
-    from transformers import (
-        GenerationConfig,
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+    """Generate for encoded rows; return (new text, number of new tokens) per row.
+
+    Decoder-only models that ``rayinfer.decoding`` supports, without beams or n-gram bans, go
+    through its continuous batching: all ``items`` at once, at most ``limits`` = (tokens of KV
+    cache, rows) in flight. Others through ``model.generate``, in passes cut by the same limits.
+    """
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    texts = seeds_from or [str(it["input_ids"]) for it in items]
+    tokens, rows = limits or (2**62, None)
+    plain = extra.get("num_beams", 1) in (1, None) and not extra.get("no_repeat_ngram_size")
+    if plain and not encoder_decoder:
+        from rayinfer import decoding
+
+        longest = max(len(it["input_ids"]) for it in items) + options.max_new_tokens
+        if decoding.supports(model, longest):
+            return _continuous(decoding, model, tokenizer, items, options, texts, tokens, rows,
+                               int(extra.get("min_new_tokens") or 0))
+    lengths = {i: len(it["input_ids"]) + options.max_new_tokens for i, it in enumerate(items)}
+    order = sorted(lengths, key=lambda i: -lengths[i])
+    out: dict[int, tuple[str, int]] = {}
+    for chunk in micro_batches(order, lengths, tokens, rows or len(items)):
+        done = _generate_pass(model, tokenizer, [items[i] for i in chunk], options, [texts[i] for i in chunk], **extra)
+        out.update(zip(chunk, done))
+    return [out[i] for i in range(len(items))]
+
+
+def _continuous(decoding: Any, model: Any, tokenizer: Any, items: list[dict[str, Any]], options: SamplingOptions,
+                texts: list[str], tokens: int, rows: int | None, min_new: int) -> list[tuple[str, int]]:
+    processors = _row_processors(options, greedy_penalty=True)  # row-wise and stateless: shared
+    pickers = None
+    if processors or options.do_sample:
+        generators = _generators(options, texts) if options.do_sample else [None] * len(items)
+        pickers = [make_picker(processors, g) for g in generators]
+    stopped = None
+    if options.stop:
+        def stopped(new: list[int]) -> bool:
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            return any(s in text for s in options.stop)
+
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    news = decoding.decode(model, [it["input_ids"] for it in items], max_new_tokens=options.max_new_tokens,
+                           eos=eos, pad=pad_id(tokenizer), slots=rows or len(items), budget=tokens,
+                           pickers=pickers, min_new_tokens=min_new, stopped=stopped)
+    return [(_cut(tokenizer.decode(new, skip_special_tokens=True), options.stop), len(new)) for new in news]
+
+
+def _cut(text: str, stop: list[str]) -> str:
+    for s in stop:
+        at = text.find(s)
+        if at >= 0:
+            text = text[:at]
+    return text
+
+
+def _generate_pass(
+    model: Any,
+    tokenizer: Any,
+    items: list[dict[str, Any]],
+    options: SamplingOptions,
+    texts: list[str],
+    **extra: Any,
+) -> list[tuple[str, int]]:
+    """One ``model.generate`` call on a micro-batch (encoder-decoders, beams, n-gram bans)."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     inputs = collate(items, tokenizer, model.device, side="right" if encoder_decoder else "left")
@@ -91,24 +196,8 @@ def generate(
     if options.repetition_penalty != 1.0 and not options.do_sample:
         config.repetition_penalty = options.repetition_penalty
     if options.do_sample:
-        if options.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
-        if options.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(options.temperature))
-        if options.top_k:
-            processors.append(TopKLogitsWarper(options.top_k))
-        if options.top_p < 1.0:
-            processors.append(TopPLogitsWarper(options.top_p))
-        texts = seeds_from or [str(it["input_ids"]) for it in items]
-        generators = []
-        for text in texts:
-            g = torch.Generator()
-            if options.seed is not None:
-                g.manual_seed(row_seed(options.seed, text))
-            else:
-                g.seed()
-            generators.append(g)
-        processors.append(make_row_sampler(generators))
+        processors.extend(_row_processors(options, greedy_penalty=False))
+        processors.append(make_row_sampler(_generators(options, texts)))
     kwargs: dict[str, Any] = {}
     if options.stop:
         kwargs.update(stop_strings=options.stop, tokenizer=tokenizer)
@@ -123,10 +212,5 @@ def generate(
             if t == eos or (t == tokenizer.pad_token_id and t != eos and encoder_decoder):
                 n = j
                 break
-        text = tokenizer.decode(row[:n], skip_special_tokens=True)
-        for s in options.stop:
-            cut = text.find(s)
-            if cut >= 0:
-                text = text[:cut]
-        results.append((text, n))
+        results.append((_cut(tokenizer.decode(row[:n], skip_special_tokens=True), options.stop), n))
     return results

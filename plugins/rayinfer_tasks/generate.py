@@ -20,6 +20,7 @@ class GenerateTask(Task):
     # SmolLM2: ~750 MB). 48 chat prompts x 128 new tokens: 8192 cut them 28 + 20, 16384 lets 32 + 16.
     cpu_batch_tokens = 16384
     decodes = True
+    schedules = True  # forward gets all of a batch's rows: continuous batching (rayinfer.decoding)
     description = "Generate text from prompts with a causal LM (chat templates, greedy or seeded sampling)."
     inputs = {"prompt": InputColumn("The prompt (the user message when chat is on).")}
     requires = ModelRequirement(
@@ -52,7 +53,8 @@ class GenerateTask(Task):
         return len(item["input_ids"]) + self.options.max_new_tokens
 
     def forward(self, items: list[Any]) -> list[Any]:
-        return generate(self.model, self.tokenizer, items, self.options, seeds_from=[i["seed_text"] for i in items])
+        return generate(self.model, self.tokenizer, items, self.options, seeds_from=[i["seed_text"] for i in items],
+                        limits=self.batch_limits)
 
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:
         return {"generated": [o[0] for o in outputs], "num_tokens": [o[1] for o in outputs]}

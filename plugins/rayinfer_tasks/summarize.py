@@ -22,6 +22,7 @@ class SummarizeTask(Task):
     # 4096 (passes of 6 rows), 0.94x at 16384 (benchmarks/generation.py).
     cpu_batch_tokens = 16384
     decodes = True
+    schedules = True  # forward gets all of a batch's rows: continuous batching (rayinfer.decoding)
     description = "Summarize texts: seq2seq (T5/BART, with a prefix) or a causal LM prompted by an instruction."
     requires = ModelRequirement(
         "AutoModelForSeq2SeqLM",  # or AutoModelForCausalLM: see auto_class
@@ -90,7 +91,8 @@ class SummarizeTask(Task):
             extra["length_penalty"] = o.length_penalty
         if o.no_repeat_ngram_size:
             extra["no_repeat_ngram_size"] = o.no_repeat_ngram_size
-        outs = generate(self.model, self.tokenizer, items, o, seeds_from=[i["seed_text"] for i in items], **extra)
+        outs = generate(self.model, self.tokenizer, items, o, seeds_from=[i["seed_text"] for i in items],
+                        limits=self.batch_limits, **extra)
         return [(text.strip(), it["truncated"]) for (text, _), it in zip(outs, items)]
 
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:

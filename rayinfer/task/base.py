@@ -118,6 +118,15 @@ class Task(ABC):
     decoding: on CPUs an actor takes a node's cores (unless ``runtime.num_cpus`` is set), and a
     unit is never smaller than a decode batch."""
 
+    schedules: ClassVar[bool] = False
+    """True for a task whose ``forward`` takes all of a batch's encoded rows at once and cuts its
+    own passes within ``self.batch_limits`` (continuous batching: generate and summarize keep a
+    decode batch full as rows end). Otherwise the runner cuts micro-batches for ``forward``."""
+
+    batch_limits: tuple[int, int | None] = (2048, None)
+    """(tokens, rows) a pass may hold: the runner's ``max_batch_tokens`` and ``max_batch_rows``,
+    set when a runner takes the task. A ``schedules`` task keeps its passes within them."""
+
     cpu_batch_tokens: ClassVar[int | None] = None
     """The token budget per forward pass on CPU actors when the spec sets none (None: 2048, good
     for encoders; generation tasks set more, since a decode step costs about the same for many rows)."""

@@ -6,7 +6,8 @@ What the runner guarantees for a batch of n rows:
   null outputs, while the other rows of its batch are still processed: a failing call is
   split in halves until the failing rows are found (so one bad row costs ~2 log2(n) calls);
 - rows are sorted by token length and cut into micro-batches under a token budget
-  (rows x longest row <= ``max_batch_tokens``), so short rows are not padded to long ones.
+  (rows x longest row <= ``max_batch_tokens``), so short rows are not padded to long ones; a
+  task that ``schedules`` its own passes (continuous batching) gets them all in one call.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pyarrow as pa
 
 from rayinfer.errors import ERROR_COL, RowError
 from rayinfer.task.base import Batch, Task
+from rayinfer.text import micro_batches
 
 log = logging.getLogger("rayinfer")
 
@@ -62,39 +64,6 @@ class Prepared:
     lengths: dict[int, int]
 
 
-PAD_SLACK = 0.2
-"""Once a chunk holds half the budget, a row this much shorter than its longest starts a new one."""
-
-
-def micro_batches(order: list[int], lengths: dict[int, int], max_tokens: int,
-                  max_rows: int | None = None) -> list[list[int]]:
-    """Cut rows (already sorted longest first) into chunks with len(chunk) * longest <= max_tokens.
-
-    Encoders (``max_rows`` None): a chunk that already holds half the budget also ends where the
-    rows get more than ``PAD_SLACK`` shorter than its longest row: without that, a budget's worth
-    of short rows spans a wide range of lengths and pads a fifth of its work (1.22x -> 1.14x padded
-    tokens on the benchmark's sentences), while passes of half the budget still run at full speed.
-    Decoders (``max_rows`` set): chunks of up to ``max_rows`` rows within the budget, no cut for
-    padding: each chunk is a whole decode loop, so fewer, fuller chunks win. A single row longer
-    than the budget still gets a chunk of its own.
-    """
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        n = max(1, lengths[i])
-        over = (len(current) + 1) * max(longest, n) > max_tokens or len(current) == (max_rows or len(current) + 1)
-        spread = max_rows is None and 2 * len(current) * longest >= max_tokens and n < longest * (1 - PAD_SLACK)
-        if current and (over or spread):
-            chunks.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        chunks.append(current)
-    return chunks
-
-
 class TaskRunner:
     """Runs a loaded task on batches of task inputs (``run``) or of dataset rows (``prepare_table`` then
     ``complete_table``, as the unit loop does)."""
@@ -116,6 +85,7 @@ class TaskRunner:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows  # set for decoding tasks: rows per decode loop
         self.task_schema = type(task).output_schema(task.options)
+        task.batch_limits = (max_batch_tokens, max_batch_rows)
 
     # -- the core: task inputs in, output columns + errors out ------------------------------
 
@@ -146,10 +116,15 @@ class TaskRunner:
         batch, n, errors, encoded, lengths = p.batch, p.n, p.errors, p.encoded, p.lengths
         order = sorted(encoded, key=lambda i: -lengths[i])
         outputs: dict[int, Any] = {}
-        for chunk in micro_batches(order, lengths, self.max_batch_tokens, self.max_batch_rows):
+        if self.task.schedules:  # the task cuts its own passes: no padding across its rows
+            chunks = [order] if order else []
+        else:
+            chunks = micro_batches(order, lengths, self.max_batch_tokens, self.max_batch_rows)
+        for chunk in chunks:
             stats.forward_calls += 1
             stats.tokens += sum(lengths[i] for i in chunk)
-            stats.padded_tokens += len(chunk) * max(lengths[i] for i in chunk)
+            longest = max(lengths[i] for i in chunk)
+            stats.padded_tokens += sum(lengths[i] for i in chunk) if self.task.schedules else len(chunk) * longest
             for i, out in self._isolate(lambda idx: self.task.forward([encoded[j] for j in idx]), chunk, errors, "forward"):
                 outputs[i] = out
 

@@ -1,0 +1,279 @@
+"""A decode loop that keeps its batch full: continuous batching of causal LMs, row by row.
+
+``decode(model, prompts, ...)`` generates for any number of prompts with at most ``slots`` rows
+in flight. Each row owns a slot of a preallocated KV cache (its prompt's keys and values from
+column 0, one column more per step), so nothing is copied as the cache grows (the default
+cache concatenates every layer's keys and values at every step: a third of a decode step on
+CPUs). A row that ends (end-of-sequence, ``max_new_tokens``, a stop string) frees its slot at
+once; the next waiting rows are prefilled together and join the batch where it is, each at its
+own position. Nothing is decoded for rows that already ended.
+
+Each row's keys and values are exactly those ``model.generate`` computes for it (its own
+positions, no padding inside its slot), and each step attends over the row's own columns only,
+so greedy decoding gives ``generate``'s tokens (fp32; batch shapes can change the last bits of
+a matmul, never seen to change a token in the tests). Rows that sample pick their tokens with
+their own ``pick`` function (their own generator), whatever the batch.
+
+``supports(model)`` says whether a model can take this path: a decoder-only transformers model
+whose cache is the standard per-layer key/value cache, with SDPA or eager attention and no
+sliding window shorter than the rows. Other models go through ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+
+Picker = Callable[[list[int], torch.Tensor], int]
+"""Chooses a row's next token: (the row's tokens so far, prompt and new; its scores [1, vocab]) -> id."""
+
+JOIN_FRACTION = 8
+"""Waiting rows join once a slot in this many is free (or the batch has run dry): each prefill is
+a pass of its own, so joining one row at a time costs a pass per row."""
+
+
+@dataclass
+class DecodeStats:
+    """What a ``decode`` call computed: passes and the rows in them."""
+
+    prefills: int = 0  # passes that brought rows in
+    prefill_tokens: int = 0  # prompt tokens they computed, padding included
+    steps: int = 0  # decode steps
+    row_steps: int = 0  # rows in flight, summed over the steps: the tokens decoded
+    slot_steps: int = 0  # slots computed, summed over the steps (>= row_steps: free slots)
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt: list[int]
+    pick: Picker | None
+    new: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Slots:
+    """What every layer's cache shares: the rows' lengths, the columns a step attends over."""
+
+    lens: torch.Tensor  # [slots] tokens cached per slot
+    rows: torch.Tensor  # [slots] arange, to index the write
+    width: int = 1  # columns a step reads: the longest slot + the new token
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's cache: keys and values [slots, heads, length, dim], a row per slot from column 0."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, shared: _Slots, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.shared, self.keys, self.values = shared, keys, values
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise AssertionError("slot caches are allocated up front")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.shared
+        self.keys[s.rows, :, s.lens] = key_states[:, :, 0]
+        self.values[s.rows, :, s.lens] = value_states[:, :, 0]
+        return self.keys[:, :, : s.width], self.values[:, :, : s.width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.shared.width, 0
+
+    def get_seq_length(self) -> int:
+        return self.shared.width - 1
+
+    def get_max_length(self) -> int:
+        return int(self.keys.shape[2])
+
+
+def _cache_arg(model: Any) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def supports(model: Any, longest: int | None = None) -> bool:
+    """Whether ``decode`` can run this model (else use ``model.generate``)."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    params = inspect.signature(model.forward).parameters
+    if not ({"cache", "past_key_values"} & set(params)) or "position_ids" not in params:
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window and (longest is None or longest > window):
+        return False
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def decode(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos: set[int],
+    pad: int,
+    slots: int,
+    budget: int | None = None,
+    pickers: Sequence[Picker | None] | None = None,
+    min_new_tokens: int = 0,
+    stopped: Callable[[list[int]], bool] | None = None,
+    stats: DecodeStats | None = None,
+) -> list[list[int]]:
+    """New tokens per prompt (up to, without, the first ``eos``). At most ``slots`` rows in flight,
+    fewer where ``budget`` (tokens of KV cache: slots x (longest prompt + max_new_tokens)) says so.
+    ``pickers[i]`` chooses row i's tokens (None: greedy); ``stopped(new)`` ends a row early;
+    ``stats`` counts the work."""
+    rows = [_Row(i, list(p), pickers[i] if pickers else None) for i, p in enumerate(prompts)]
+    if not rows:
+        return []
+    length = max(len(r.prompt) for r in rows) + max_new_tokens
+    n_slots = max(1, min(slots, len(rows), (budget // length) if budget else len(rows)))
+    loop = _Loop(model, n_slots, length, eos, pad, max_new_tokens, min_new_tokens, stopped,
+                 stats if stats is not None else DecodeStats())
+    loop.run(rows)
+    return [r.new for r in rows]
+
+
+class _Loop:
+    def __init__(self, model: Any, n_slots: int, length: int, eos: set[int], pad: int, max_new: int,
+                 min_new: int, stopped: Callable[[list[int]], bool] | None, stats: DecodeStats) -> None:
+        self.stats = stats
+        self.model, self.eos, self.pad, self.max_new, self.min_new, self.stopped = model, eos, pad, max_new, min_new, stopped
+        self.device = model.device
+        self.cache_arg = _cache_arg(model)
+        self.eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=self.device)
+        self.n_slots, self.length = n_slots, length
+        self.shared = _Slots(torch.zeros(n_slots, dtype=torch.long, device=self.device),
+                             torch.arange(n_slots, device=self.device))
+        self.cache: Cache | None = None  # allocated by the first prefill, when the shapes are known
+        self.slot_row: list[_Row | None] = [None] * n_slots
+        self.next_token = torch.full((n_slots, 1), pad, dtype=torch.long, device=self.device)
+        eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+        self.mask_fill = torch.finfo(model.dtype).min if eager else None
+
+    def run(self, rows: list[_Row]) -> None:
+        waiting = list(reversed(rows))  # pop() takes the next row in order
+        while True:
+            free = [s for s, r in enumerate(self.slot_row) if r is None]
+            busy = self.n_slots - len(free)
+            if waiting and free and (busy == 0 or len(free) * JOIN_FRACTION >= self.n_slots or len(waiting) <= len(free)):
+                self._join([waiting.pop() for _ in range(min(len(free), len(waiting)))], free)
+                continue
+            if busy == 0:
+                return
+            if not waiting and busy * 2 <= self.n_slots and self.n_slots > 1:
+                self._shrink()
+            self._step()
+
+    # -- prefill: rows join -----------------------------------------------------------------
+
+    def _join(self, group: list[_Row], free: list[int]) -> None:
+        longest = max(len(r.prompt) for r in group)
+        ids = torch.full((len(group), longest), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(group), longest), dtype=torch.long)
+        for i, r in enumerate(group):
+            ids[i, longest - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
+            mask[i, longest - len(r.prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += ids.numel()
+        prefill = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self.cache_arg: prefill})
+        if self.cache is None:
+            self._allocate(prefill)
+        assert self.cache is not None
+        for i, (r, s) in enumerate(zip(group, free)):
+            n = len(r.prompt)
+            for layer, fresh in zip(self.cache.layers, prefill.layers):
+                layer.keys[s, :, :n] = fresh.keys[i, :, longest - n:]
+                layer.values[s, :, :n] = fresh.values[i, :, longest - n:]
+            self.shared.lens[s] = n
+            self.slot_row[s] = r
+        self._advance(out.logits[:, -1, :], list(zip(free, group)))
+
+    def _allocate(self, prefill: DynamicCache) -> None:
+        layers = []
+        for fresh in prefill.layers:
+            _, heads, _, dk = fresh.keys.shape
+            dv = fresh.values.shape[-1]
+            keys = torch.zeros((self.n_slots, heads, self.length, dk), dtype=fresh.keys.dtype, device=self.device)
+            values = torch.zeros((self.n_slots, heads, self.length, dv), dtype=fresh.values.dtype, device=self.device)
+            layers.append(_SlotLayer(self.shared, keys, values))
+        self.cache = Cache(layers=layers)
+
+    # -- decode steps -----------------------------------------------------------------------
+
+    def _step(self) -> None:
+        s = self.shared
+        lens = s.lens.tolist()
+        s.width = max(lens[i] for i, r in enumerate(self.slot_row) if r is not None) + 1
+        columns = torch.arange(s.width, device=self.device)
+        allowed = (columns[None, :] <= s.lens[:, None])[:, None, None, :]
+        mask = allowed if self.mask_fill is None else torch.zeros(allowed.shape, dtype=self.model.dtype,
+                                                                  device=self.device).masked_fill(~allowed, self.mask_fill)
+        out = self.model(input_ids=self.next_token, attention_mask=mask, position_ids=s.lens[:, None].clone(),
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        active = [(i, r) for i, r in enumerate(self.slot_row) if r is not None]
+        self.stats.steps += 1
+        self.stats.row_steps += len(active)
+        self.stats.slot_steps += self.n_slots
+        s.lens += torch.tensor([1 if r is not None else 0 for r in self.slot_row], device=self.device)
+        self._advance(out.logits[:, -1, :], active, rows_are_slots=True)
+
+    def _advance(self, logits: torch.Tensor, placed: list[tuple[int, _Row]], rows_are_slots: bool = False) -> None:
+        """Pick each placed row's next token from its logits (row k of ``logits`` is the k-th
+        placed row, or its slot's row when ``rows_are_slots``); end the rows that are done."""
+        where = [s if rows_are_slots else k for k, (s, _) in enumerate(placed)]
+        scores = logits[where].float()
+        if self.min_new:
+            young = torch.tensor([len(r.new) < self.min_new for _, r in placed], device=scores.device)
+            if bool(young.any()):
+                scores[young.nonzero()[:, 0][:, None], self.eos_ids[None, :]] = float("-inf")
+        greedy = scores.argmax(-1).tolist()
+        for k, (slot, r) in enumerate(placed):
+            token = greedy[k] if r.pick is None else r.pick(r.prompt + r.new, scores[k: k + 1])
+            if token in self.eos:
+                self.slot_row[slot] = None
+                continue
+            r.new.append(token)
+            if len(r.new) >= self.max_new or (self.stopped is not None and self.stopped(r.new)):
+                self.slot_row[slot] = None
+            else:
+                self.next_token[slot, 0] = token
+        for slot, r in placed:
+            if self.slot_row[slot] is None:
+                self.shared.lens[slot] = 0
+                self.next_token[slot, 0] = self.pad
+
+    def _shrink(self) -> None:
+        """Few rows left and none waiting: drop the empty slots, so steps compute only live rows."""
+        keep = [i for i, r in enumerate(self.slot_row) if r is not None]
+        idx = torch.tensor(keep, device=self.device)
+        assert self.cache is not None
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+        self.shared.lens = self.shared.lens.index_select(0, idx)
+        self.shared.rows = torch.arange(len(keep), device=self.device)
+        self.next_token = self.next_token.index_select(0, idx)
+        self.slot_row = [self.slot_row[i] for i in keep]
+        self.n_slots = len(keep)
+
+
+__all__ = ["DecodeStats", "Picker", "decode", "supports"]
