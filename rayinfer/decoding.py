@@ -14,6 +14,13 @@ so greedy decoding gives ``generate``'s tokens (fp32; batch shapes can change th
 a matmul, never seen to change a token in the tests). Rows that sample pick their tokens with
 their own ``pick`` function (their own generator), whatever the batch.
 
+``prepare(model)`` makes a loaded model decode faster on CPUs: every ``nn.Linear`` runs through
+oneDNN with its weight prepacked once (``torch.ops.mkldnn._linear_pointwise``, as inductor's
+freezing does), still in the model's dtype: fp32 stays fp32 (results differ from MKL's sgemm in
+the last bits only). At the small row counts of decoding (32 rows x 576 x 1536) it runs at twice
+MKL's speed on this AVX-512 machine (SmolLM2's 210 layer matmuls: 58 -> 29 ms). The cost: the
+packed copy beside each weight (the model's linear weights twice in memory).
+
 ``supports(model)`` says whether a model can take this path: a decoder-only transformers model
 whose cache is the standard per-layer key/value cache, with SDPA or eager attention and no
 sliding window shorter than the rows. Other models go through ``model.generate``.
@@ -93,6 +100,42 @@ class _SlotLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return int(self.keys.shape[2])
+
+
+PACK_ROWS = 32  # the row count oneDNN lays packed weights out for (any count works)
+
+
+class _PackedLinear(torch.nn.Module):
+    """An ``nn.Linear`` through oneDNN with its weight prepacked (``weight`` and ``bias`` kept, for
+    code that reads them)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def prepare(model: Any) -> int:
+    """Prepack the model's linear layers for oneDNN where that runs faster (CPU, fp32 or bf16);
+    return how many were packed (0 elsewhere, or where this torch build cannot)."""
+    if getattr(model, "device", torch.device("cpu")).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return 0
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return 0
+    packed = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
+                try:
+                    setattr(module, name, _PackedLinear(child))
+                except RuntimeError:  # a layout oneDNN does not take: this layer stays as it is
+                    continue
+                packed += 1
+    return packed
 
 
 def _cache_arg(model: Any) -> str:
@@ -296,4 +339,4 @@ class _Loop:
         self.n_slots = len(keep)
 
 
-__all__ = ["DecodeStats", "Picker", "decode", "supports"]
+__all__ = ["DecodeStats", "Picker", "decode", "prepare", "supports"]

@@ -105,6 +105,15 @@ def make_picker(processors: list[Any], generator: Any | None) -> Any:
     return pick
 
 
+def ready_for_decoding(model: Any) -> None:
+    """At load: a causal LM that ``rayinfer.decoding`` runs gets its linear layers prepacked
+    (CPUs: oneDNN at twice MKL's speed for decode-sized matmuls; elsewhere nothing changes)."""
+    from rayinfer import decoding
+
+    if decoding.supports(model, 1):
+        decoding.prepare(model)
+
+
 def generate(
     model: Any,
     tokenizer: Any,

@@ -10,7 +10,7 @@ from pydantic import Field
 from rayinfer import Batch, InputColumn, ModelRequirement, RowError, Task, TaskOptions, hookimpl
 from rayinfer.text import encode_prompts
 
-from rayinfer_tasks._generation import SamplingOptions, generate
+from rayinfer_tasks._generation import SamplingOptions, generate, ready_for_decoding
 
 
 class GenerateTask(Task):
@@ -40,6 +40,10 @@ class GenerateTask(Task):
     @classmethod
     def output_schema(cls, options: TaskOptions) -> pa.Schema:
         return pa.schema([pa.field("generated", pa.string()), pa.field("num_tokens", pa.int32())])
+
+    def load(self) -> None:
+        super().load()
+        ready_for_decoding(self.model)
 
     def preprocess(self, batch: Batch) -> list[Any]:
         encoded = encode_prompts(self.tokenizer, batch["prompt"], self.options.chat, self.options.system)

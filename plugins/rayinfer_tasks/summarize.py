@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from rayinfer import Batch, ModelRequirement, Task, TaskOptions, hookimpl
 from rayinfer.text import cut_text, encode, encode_prompts, require_text_slot
 
-from rayinfer_tasks._generation import SamplingOptions, generate
+from rayinfer_tasks._generation import SamplingOptions, generate, ready_for_decoding
 
 DEFAULT_INSTRUCTION = "Summarize the following text in one or two sentences.\n\n{text}"
 
@@ -65,6 +65,8 @@ class SummarizeTask(Task):
     def load(self) -> None:
         super().load()
         self.seq2seq = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        if not self.seq2seq:
+            ready_for_decoding(self.model)
         chat = self.options.chat
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if chat is None else chat
 
