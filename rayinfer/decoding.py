@@ -48,7 +48,8 @@ class DecodeStats:
     """What a ``decode`` call computed: passes and the rows in them."""
 
     prefills: int = 0  # passes that brought rows in
-    prefill_tokens: int = 0  # prompt tokens they computed, padding included
+    prefill_tokens: int = 0  # prompt tokens they computed, padding and the shared prefix included
+    prefix_tokens: int = 0  # the prompts' common first tokens, computed once
     steps: int = 0  # decode steps
     row_steps: int = 0  # rows in flight, summed over the steps: the tokens decoded
     slot_steps: int = 0  # slots computed, summed over the steps (>= row_steps: free slots)
@@ -188,9 +189,13 @@ def decode(
     n_slots = max(1, min(slots, len(rows), (budget // length) if budget else len(rows)))
     loop = _Loop(model, n_slots, length, eos, pad, max_new_tokens, min_new_tokens, stopped,
                  stats if stats is not None else DecodeStats())
+    loop.share_prefix(rows)
     loop.run(rows)
     return [r.new for r in rows]
 
+
+MIN_PREFIX = 8
+"""Prompts that share at least this many first tokens compute them once (``share_prefix``)."""
 
 PREFILL_SLACK = 0.2
 """A prefill pass ends where its rows get this much shorter than its longest: prompts are padded to
@@ -221,6 +226,7 @@ class _Loop:
         self.shared = _Slots(torch.zeros(n_slots, dtype=torch.long, device=self.device),
                              torch.arange(n_slots, device=self.device))
         self.cache: Cache | None = None  # allocated by the first prefill, when the shapes are known
+        self.prefix: list[tuple[torch.Tensor, torch.Tensor]] = []  # the shared prefix's keys and values per layer
         self.slot_row: list[_Row | None] = [None] * n_slots
         self.next_token = torch.full((n_slots, 1), pad, dtype=torch.long, device=self.device)
         eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
@@ -245,31 +251,71 @@ class _Loop:
 
     # -- prefill: rows join -----------------------------------------------------------------
 
+    def share_prefix(self, rows: list[_Row]) -> None:
+        """Compute the prompts' common first tokens (a system prompt, few-shot examples) once:
+        every prefill then starts from them and computes only each row's own tokens."""
+        if len(rows) < 2:
+            return
+        shared = rows[0].prompt
+        for r in rows[1:]:
+            n = next((k for k, (a, b) in enumerate(zip(shared, r.prompt)) if a != b), min(len(shared), len(r.prompt)))
+            shared = shared[:n]
+        shared = shared[: min(len(r.prompt) for r in rows) - 1]  # every row keeps a token of its own
+        if len(shared) < MIN_PREFIX:
+            return
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([shared], dtype=torch.long, device=self.device)
+        self.model(input_ids=ids, position_ids=torch.arange(len(shared), device=self.device)[None, :],
+                   use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+        self.prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        self.stats.prefix_tokens = len(shared)
+        self.stats.prefill_tokens += len(shared)
+
     def _join(self, group: list[_Row], free: list[int]) -> None:
-        longest = max(len(r.prompt) for r in group)
+        p0 = self.stats.prefix_tokens
+        own = [r.prompt[p0:] for r in group]
+        longest = max(len(o) for o in own)
         ids = torch.full((len(group), longest), self.pad, dtype=torch.long)
         mask = torch.zeros((len(group), longest), dtype=torch.long)
-        for i, r in enumerate(group):
-            ids[i, longest - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
-            mask[i, longest - len(r.prompt):] = 1
+        for i, o in enumerate(own):
+            ids[i, longest - len(o):] = torch.tensor(o, dtype=torch.long)
+            mask[i, longest - len(o):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        positions = (p0 + mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         self.stats.prefills += 1
         self.stats.prefill_tokens += ids.numel()
         prefill = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        attention: torch.Tensor = mask
+        if p0:
+            for k, (keys, values) in enumerate(self.prefix):
+                prefill.update(keys.expand(len(group), -1, -1, -1), values.expand(len(group), -1, -1, -1), k)
+            causal = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()
+            own_part = causal[None, :, :] & mask.bool()[:, None, :]
+            head = torch.ones(len(group), longest, p0, dtype=torch.bool, device=self.device)
+            attention = self._mask(torch.cat([head, own_part], dim=-1)[:, None, :, :])
+        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self.cache_arg: prefill})
         if self.cache is None:
             self._allocate(prefill)
         assert self.cache is not None
+        width = p0 + longest
         for i, (r, s) in enumerate(zip(group, free)):
             n = len(r.prompt)
             for layer, fresh in zip(self.cache.layers, prefill.layers):
-                layer.keys[s, :, :n] = fresh.keys[i, :, longest - n:]
-                layer.values[s, :, :n] = fresh.values[i, :, longest - n:]
+                layer.keys[s, :, :p0] = fresh.keys[i, :, :p0]
+                layer.values[s, :, :p0] = fresh.values[i, :, :p0]
+                layer.keys[s, :, p0:n] = fresh.keys[i, :, width - (n - p0):]
+                layer.values[s, :, p0:n] = fresh.values[i, :, width - (n - p0):]
             self.shared.lens[s] = n
             self.slot_row[s] = r
         self._advance(out.logits[:, -1, :], list(zip(free, group)))
+
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A 4D boolean mask (True: attend) as the model's attention takes it: SDPA as it is, eager
+        as an additive float mask."""
+        if self.mask_fill is None:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device).masked_fill(~allowed, self.mask_fill)
 
     def _allocate(self, prefill: DynamicCache) -> None:
         layers = []
@@ -288,9 +334,7 @@ class _Loop:
         lens = s.lens.tolist()
         s.width = max(lens[i] for i, r in enumerate(self.slot_row) if r is not None) + 1
         columns = torch.arange(s.width, device=self.device)
-        allowed = (columns[None, :] <= s.lens[:, None])[:, None, None, :]
-        mask = allowed if self.mask_fill is None else torch.zeros(allowed.shape, dtype=self.model.dtype,
-                                                                  device=self.device).masked_fill(~allowed, self.mask_fill)
+        mask = self._mask((columns[None, :] <= s.lens[:, None])[:, None, None, :])
         out = self.model(input_ids=self.next_token, attention_mask=mask, position_ids=s.lens[:, None].clone(),
                          use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
         active = [(i, r) for i, r in enumerate(self.slot_row) if r is not None]

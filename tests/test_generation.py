@@ -124,12 +124,14 @@ def _ends(new):
     return len(new) >= new[0] % 5 + 2
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own-prompts", "shared-prefix"])
 @pytest.mark.parametrize("which", ["llama", "neox-ja"])
-def test_continuous_batching_rows_leave_and_join_with_batch_one_parity(which, rayinfer_llama, rayinfer_models_dir):
+def test_continuous_batching_rows_leave_and_join_with_batch_one_parity(which, shared, rayinfer_llama, rayinfer_models_dir):
     """rayinfer.decoding with 2 slots for 7 prompts of mixed lengths: rows end at different steps
     (their own rule), waiting rows join the running batch, and every row's tokens equal
     ``model.generate`` on its prompt alone; nothing is decoded for a row after it ends. Llama
-    (SDPA, boolean mask) and GPT-NeoX-Japanese (eager attention, additive mask)."""
+    (SDPA, boolean mask) and GPT-NeoX-Japanese (eager attention, additive mask); with prompts
+    that begin alike (an instruction), that beginning is computed once and rows start from it."""
     from rayinfer import decoding
     from rayinfer.testing import JAPANESE_SENTENCES, build_gpt_neox_japanese
 
@@ -141,6 +143,9 @@ def test_continuous_batching_rows_leave_and_join_with_batch_one_parity(which, ra
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     assert decoding.supports(model, 200)
     ids = [tok(p)["input_ids"] for p in prompts]
+    if shared:
+        head = tok(prompts[-1] + prompts[-2])["input_ids"]
+        ids = [head + i for i in ids]
     assert len({len(i) for i in ids}) > 3
     stats = decoding.DecodeStats()
     with torch.inference_mode():
@@ -154,6 +159,7 @@ def test_continuous_batching_rows_leave_and_join_with_batch_one_parity(which, ra
     assert len({len(n) for n in got}) > 1  # rows really ended at different steps
     assert stats.prefills > 2  # rows joined as others ended, not all at the start
     assert stats.row_steps == sum(len(n) for n in got) - len(got)  # each step served live rows only
+    assert (stats.prefix_tokens >= len(head)) if shared else stats.prefix_tokens == 0
 
 
 SMOLLM2 = "smollm2-135m-instruct"
