@@ -5,8 +5,11 @@ in flight. Each row owns a slot of a preallocated KV cache (its prompt's keys an
 column 0, one column more per step), so nothing is copied as the cache grows (the default
 cache concatenates every layer's keys and values at every step: a third of a decode step on
 CPUs). A row that ends (end-of-sequence, ``max_new_tokens``, a stop string) frees its slot at
-once; the next waiting rows are prefilled together and join the batch where it is, each at its
-own position. Nothing is decoded for rows that already ended.
+once; the next waiting rows are prefilled together (in passes of similar lengths, so little
+padding is computed) and join the batch where it is, each at its own position. Nothing is
+decoded for rows that already ended. The prompts' common first tokens (a chat template's system
+prompt, an instruction, few-shot examples) are computed once per call; each prefill computes
+only a row's own tokens after them.
 
 Each row's keys and values are exactly those ``model.generate`` computes for it (its own
 positions, no padding inside its slot), and each step attends over the row's own columns only,
