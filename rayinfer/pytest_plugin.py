@@ -5,6 +5,7 @@ Installed with rayinfer, it gives every test session:
 - ``rayinfer_models_dir``: a session temp folder for models;
 - ``rayinfer_bert`` (masked-LM head), ``rayinfer_bert_classifier`` (labels neg/neu/pos),
   ``rayinfer_bert_nsp``, ``rayinfer_llama`` (causal LM with a chat template, no pad token),
+  ``rayinfer_llama_bpe`` (the same with a byte-level BPE tokenizer, as real LLMs have),
   ``rayinfer_t5`` (seq2seq): small random models saved with ``save_pretrained``, with tokenizers
   trained on real English text, built once per session on first use;
 - ``rayinfer_run_task``: ``rayinfer.testing.run_task``, a task on a list of rows without Ray;
@@ -56,6 +57,13 @@ def rayinfer_llama(rayinfer_models_dir: Path) -> Path:
     from rayinfer.testing import build_causal_lm
 
     return build_causal_lm(rayinfer_models_dir / "llama")
+
+
+@pytest.fixture(scope="session")
+def rayinfer_llama_bpe(rayinfer_models_dir: Path) -> Path:
+    from rayinfer.testing import build_causal_lm
+
+    return build_causal_lm(rayinfer_models_dir / "llama-bpe", tokenizer_kind="bpe")
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,24 @@ def build_wordpiece_tokenizer(
     )
 
 
+def build_bpe_tokenizer(sentences: Sequence[str] | None = None, vocab_size: int = 1000,
+                        model_max_length: int = 128) -> Any:
+    """A byte-level BPE fast tokenizer (GPT-2, Llama 3, Qwen and SmolLM2 style: every token is
+    bytes of the text, spaces included) trained on ``sentences``; ``<|end|>`` ends a text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sentences = list(sentences or english_sentences()[:3000])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(sentences, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|end|>", "<|start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", bos_token="<|start|>",
+                                   model_max_length=model_max_length)
+
+
 def build_bert(
     path: str | Path,
     head: str = "masked-lm",
@@ -174,20 +192,27 @@ def write_dataset(folder: str | Path, columns: dict[str, list[Any]], files: int 
     return paths
 
 
-def build_causal_lm(path: str | Path, seed: int = 0, hidden_size: int = 32, layers: int = 2, chat: bool = True) -> Path:
-    """A small random Llama with a WordPiece tokenizer (eos = [SEP], no pad token) and a chat template."""
+def build_causal_lm(path: str | Path, seed: int = 0, hidden_size: int = 32, layers: int = 2, chat: bool = True,
+                    tokenizer_kind: str = "wordpiece") -> Path:
+    """A small random Llama with a chat template, no pad token and a WordPiece tokenizer (eos =
+    [SEP]) or, with ``tokenizer_kind="bpe"``, a byte-level BPE one (eos = <|end|>), as real LLMs have."""
     import transformers
 
     path = Path(path)
-    tokenizer = build_wordpiece_tokenizer(model_max_length=256)
-    tokenizer.pad_token = None
-    tokenizer.eos_token = "[SEP]"
-    tokenizer.bos_token = "[CLS]"
+    if tokenizer_kind == "bpe":
+        tokenizer = build_bpe_tokenizer(model_max_length=256)
+        start, end = "<|start|>", "<|end|>"
+    else:
+        tokenizer = build_wordpiece_tokenizer(model_max_length=256)
+        tokenizer.pad_token = None
+        tokenizer.eos_token = "[SEP]"
+        tokenizer.bos_token = "[CLS]"
+        start, end = "[CLS]", "[SEP]"
     tokenizer.model_input_names = ["input_ids", "attention_mask"]  # as Llama's tokenizers: no token types
     if chat:
         tokenizer.chat_template = (
-            "{% for m in messages %}[CLS] {{ m['role'] }} : {{ m['content'] }} [SEP] {% endfor %}"
-            "{% if add_generation_prompt %}[CLS] assistant : {% endif %}"
+            f"{{% for m in messages %}}{start} {{{{ m['role'] }}}} : {{{{ m['content'] }}}} {end} {{% endfor %}}"
+            f"{{% if add_generation_prompt %}}{start} assistant : {{% endif %}}"
         )
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
-from rayinfer import TaskOptions
+from rayinfer import RowError, TaskOptions
 from rayinfer.text import collate, micro_batches, pad_id
 
 
@@ -87,12 +87,24 @@ def make_row_sampler(generators: list[Any]) -> Any:
     return RowSampler()
 
 
-def make_picker(processors: list[Any], generator: Any | None) -> Any:
-    """A row's token choice for ``rayinfer.decoding.decode``: its processors, then a draw from its
-    own generator (sampling) or the best token (greedy), exactly as ``generate`` would for it."""
+def make_picker(processors: list[Any], generator: Any | None, constraint: Any | None = None,
+                eos: int | None = None) -> Any:
+    """A row's token choice for ``rayinfer.decoding.decode``: its constraint's mask (a
+    ``rayinfer.constraints.RowConstraint``), its processors, then a draw from its own generator
+    (sampling) or the best token (greedy), exactly as ``generate`` would for it."""
     import torch
 
     def pick(ids: list[int], scores: Any) -> int:
+        if constraint is not None:
+            token = choose(ids, scores.clone())  # the masked scores are this row's alone
+            if not constraint.accept(token):
+                return eos if eos is not None else token  # the grammar refused it: the row ends, unmet
+            return token
+        return choose(ids, scores)
+
+    def choose(ids: list[int], scores: Any) -> int:
+        if constraint is not None:
+            constraint.allow(scores)
         if processors:
             seen = torch.tensor([ids], dtype=torch.long, device=scores.device)
             for p in processors:
@@ -103,6 +115,29 @@ def make_picker(processors: list[Any], generator: Any | None) -> Any:
         return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
     return pick
+
+
+def make_constraint_processor(constraints: list[Any], eos: set[int]) -> Any:
+    """The same masks for ``model.generate`` (rows that ``rayinfer.decoding`` does not run): each
+    call first moves every live row's constraint on by the token the last step chose."""
+    from transformers import LogitsProcessor
+
+    class ConstraintProcessor(LogitsProcessor):
+        def __init__(self) -> None:
+            self.calls = 0
+            self.ended = [False] * len(constraints)
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            for i, c in enumerate(constraints):
+                if self.calls and not self.ended[i]:
+                    token = int(input_ids[i, -1])
+                    self.ended[i] = token in eos or not c.accept(token)
+                if not self.ended[i]:
+                    c.allow(scores[i : i + 1])
+            self.calls += 1
+            return scores
+
+    return ConstraintProcessor()
 
 
 def ready_for_decoding(model: Any) -> None:
@@ -121,9 +156,12 @@ def generate(
     options: SamplingOptions,
     seeds_from: list[str] | None = None,
     limits: tuple[int, int | None] | None = None,
+    constraint: Any | None = None,
     **extra: Any,
-) -> list[tuple[str, int]]:
-    """Generate for encoded rows; return (new text, number of new tokens) per row.
+) -> list[Any]:
+    """Generate for encoded rows; return (new text, number of new tokens) per row, or a
+    ``constraint_unmet`` ``RowError`` for a row whose output does not fit ``constraint`` (a
+    ``rayinfer.constraints.Constraint``) when it ends.
 
     Decoder-only models that ``rayinfer.decoding`` supports, without beams or n-gram bans, go
     through its continuous batching: all ``items`` at once, at most ``limits`` = (tokens of KV
@@ -138,24 +176,37 @@ def generate(
 
         longest = max(len(it["input_ids"]) for it in items) + options.max_new_tokens
         if decoding.supports(model, longest):
-            return _continuous(decoding, model, tokenizer, items, options, texts, tokens, rows,
-                               int(extra.get("min_new_tokens") or 0))
+            news = _continuous(decoding, model, tokenizer, items, options, texts, tokens, rows,
+                               int(extra.get("min_new_tokens") or 0), constraint)
+            return [_result(tokenizer, new, options, constraint) for new in news]
     lengths = {i: len(it["input_ids"]) + options.max_new_tokens for i, it in enumerate(items)}
     order = sorted(lengths, key=lambda i: -lengths[i])
-    out: dict[int, tuple[str, int]] = {}
+    out: dict[int, list[int]] = {}
     for chunk in micro_batches(order, lengths, tokens, rows or len(items)):
-        done = _generate_pass(model, tokenizer, [items[i] for i in chunk], options, [texts[i] for i in chunk], **extra)
+        done = _generate_pass(model, tokenizer, [items[i] for i in chunk], options, [texts[i] for i in chunk],
+                              constraint, **extra)
         out.update(zip(chunk, done))
-    return [out[i] for i in range(len(items))]
+    return [_result(tokenizer, out[i], options, constraint) for i in range(len(items))]
+
+
+def _result(tokenizer: Any, new: list[int], options: SamplingOptions, constraint: Any | None) -> Any:
+    text = _cut(tokenizer.decode(new, skip_special_tokens=True), options.stop)
+    if constraint is not None and not constraint.fits(new):
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        return RowError(f"the output does not fit the {constraint.kind} in {len(new)} tokens "
+                        f"(max_new_tokens {options.max_new_tokens}): {shown!r}", "constraint_unmet")
+    return text, len(new)
 
 
 def _continuous(decoding: Any, model: Any, tokenizer: Any, items: list[dict[str, Any]], options: SamplingOptions,
-                texts: list[str], tokens: int, rows: int | None, min_new: int) -> list[tuple[str, int]]:
+                texts: list[str], tokens: int, rows: int | None, min_new: int, constraint: Any | None
+                ) -> list[list[int]]:
     processors = _row_processors(options, greedy_penalty=True)  # row-wise and stateless: shared
     pickers = None
-    if processors or options.do_sample:
+    if processors or options.do_sample or constraint is not None:
         generators = _generators(options, texts) if options.do_sample else [None] * len(items)
-        pickers = [make_picker(processors, g) for g in generators]
+        pickers = [make_picker(processors, g, constraint.row() if constraint is not None else None,
+                               tokenizer.eos_token_id) for g in generators]
     stopped = None
     if options.stop:
         def stopped(new: list[int]) -> bool:
@@ -166,7 +217,7 @@ def _continuous(decoding: Any, model: Any, tokenizer: Any, items: list[dict[str,
     news = decoding.decode(model, [it["input_ids"] for it in items], max_new_tokens=options.max_new_tokens,
                            eos=eos, pad=pad_id(tokenizer), slots=rows or len(items), budget=tokens,
                            pickers=pickers, min_new_tokens=min_new, stopped=stopped)
-    return [(_cut(tokenizer.decode(new, skip_special_tokens=True), options.stop), len(new)) for new in news]
+    return news
 
 
 def _cut(text: str, stop: list[str]) -> str:
@@ -183,9 +234,11 @@ def _generate_pass(
     items: list[dict[str, Any]],
     options: SamplingOptions,
     texts: list[str],
+    constraint: Any | None = None,
     **extra: Any,
-) -> list[tuple[str, int]]:
-    """One ``model.generate`` call on a micro-batch (encoder-decoders, beams, n-gram bans)."""
+) -> list[list[int]]:
+    """One ``model.generate`` call on a micro-batch (encoder-decoders, beams, n-gram bans): each
+    row's new tokens, up to (without) end-of-sequence."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -206,6 +259,9 @@ def _generate_pass(
         config.repetition_penalty = options.repetition_penalty
     if options.do_sample:
         processors.extend(_row_processors(options, greedy_penalty=False))
+    if constraint is not None:  # before the sampler: it draws among the allowed tokens
+        processors.insert(0, make_constraint_processor([constraint.row() for _ in items], {eos}))
+    if options.do_sample:
         processors.append(make_row_sampler(_generators(options, texts)))
     kwargs: dict[str, Any] = {}
     if options.stop:
@@ -221,5 +277,5 @@ def _generate_pass(
             if t == eos or (t == tokenizer.pad_token_id and t != eos and encoder_decoder):
                 n = j
                 break
-        results.append((_cut(tokenizer.decode(row[:n], skip_special_tokens=True), options.stop), n))
+        results.append(row[:n])
     return results

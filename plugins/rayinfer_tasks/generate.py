@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rayinfer import Batch, InputColumn, ModelRequirement, RowError, Task, TaskOptions, hookimpl
+from rayinfer.errors import ModelError
 from rayinfer.text import encode_prompts
 
 from rayinfer_tasks._generation import SamplingOptions, generate, ready_for_decoding
@@ -36,6 +37,35 @@ class GenerateTask(Task):
         chat: bool = Field(False, description="Wrap each prompt in the model's chat template as a user message.")
         system: str | None = Field(None, description="A system message (with chat).")
         max_input_tokens: int | None = Field(None, ge=1, description="Longest prompt in tokens; default: the model's limit.")
+        json_schema: dict[str, Any] | None = Field(
+            None, description="Every output is JSON that fits this schema (json.dumps' layout); "
+            "rows that cannot within max_new_tokens are constraint_unmet errors.")
+        regex: str | None = Field(None, description="Every output matches this regular expression, whole.")
+        choices: list[str] | None = Field(None, description="Every output is one of these strings.")
+
+        @model_validator(mode="after")
+        def _one_constraint(self) -> GenerateTask.Options:
+            given = [k for k in ("json_schema", "regex", "choices") if getattr(self, k) is not None]
+            if len(given) > 1:
+                raise ValueError(f"give at most one of json_schema, regex, choices (got {', '.join(given)})")
+            if given:
+                if self.stop:
+                    raise ValueError(f"stop cannot be combined with {given[0]}: a constrained output ends where "
+                                     "the constraint completes")
+                from rayinfer.constraints import ConstraintError, grammar
+
+                try:
+                    grammar(**{given[0]: getattr(self, given[0])})
+                except ConstraintError as exc:
+                    raise ValueError(f"{given[0]}: {exc}") from None
+            return self
+
+        def constraint(self) -> tuple[str, Any] | None:
+            """The constraint asked for, as (option, value), or None."""
+            for k in ("json_schema", "regex", "choices"):
+                if getattr(self, k) is not None:
+                    return k, getattr(self, k)
+            return None
 
     @classmethod
     def output_schema(cls, options: TaskOptions) -> pa.Schema:
@@ -44,6 +74,18 @@ class GenerateTask(Task):
     def load(self) -> None:
         super().load()
         ready_for_decoding(self.model)
+        self.constraint = None
+        asked = self.options.constraint()
+        if asked is not None:
+            from rayinfer.constraints import Constraint, ConstraintError, grammar
+
+            kind, value = asked
+            vocab = int(getattr(self.model.config.get_text_config(), "vocab_size", 0) or len(self.tokenizer))
+            try:
+                self.constraint = Constraint(self.tokenizer, grammar(**{kind: value}), vocab,
+                                             [self.tokenizer.eos_token_id], kind=kind)
+            except ConstraintError as exc:
+                raise ModelError(f"{kind}: {exc}") from None
 
     def preprocess(self, batch: Batch) -> list[Any]:
         encoded = encode_prompts(self.tokenizer, batch["prompt"], self.options.chat, self.options.system)
@@ -58,7 +100,7 @@ class GenerateTask(Task):
 
     def forward(self, items: list[Any]) -> list[Any]:
         return generate(self.model, self.tokenizer, items, self.options, seeds_from=[i["seed_text"] for i in items],
-                        limits=self.batch_limits)
+                        limits=self.batch_limits, constraint=self.constraint)
 
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:
         return {"generated": [o[0] for o in outputs], "num_tokens": [o[1] for o in outputs]}

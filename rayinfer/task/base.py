@@ -199,7 +199,9 @@ class Task(ABC):
 
     @abstractmethod
     def forward(self, items: list[Any]) -> list[Any]:
-        """Run the model on one micro-batch of encoded rows; return one raw output per row."""
+        """Run the model on one micro-batch of encoded rows; return one raw output per row (or a
+        ``RowError`` for a row whose result is an error: it becomes that row's error, and
+        ``postprocess`` never sees it)."""
 
     @abstractmethod
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:

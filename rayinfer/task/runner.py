@@ -126,7 +126,10 @@ class TaskRunner:
             longest = max(lengths[i] for i in chunk)
             stats.padded_tokens += sum(lengths[i] for i in chunk) if self.task.schedules else len(chunk) * longest
             for i, out in self._isolate(lambda idx: self.task.forward([encoded[j] for j in idx]), chunk, errors, "forward"):
-                outputs[i] = out
+                if isinstance(out, RowError):  # a row whose result is an error (e.g. constraint_unmet)
+                    errors[i] = out
+                else:
+                    outputs[i] = out
 
         names = [f.name for f in self.task_schema]
 
