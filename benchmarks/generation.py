@@ -2,12 +2,14 @@
 
     python -m benchmarks.generation                       # both workloads, 2 repeats (~15 min on 2 cores)
     python -m benchmarks.generation --workloads chat --repeat 1
+    python -m benchmarks.generation --continuous          # also transformers' generate_batch
 
 Workloads (SmolLM2-135M-Instruct from the catalog, greedy, fp32, the model's chat template):
   chat       48 varied prompts (questions, short writing tasks, "Summarize: <paragraph>"),
              ``max_new_tokens: 128``: the ``generate`` task;
-  summarize  the Python-docs texts of 300-600 tokens (up to 24; 14 exist in CPython 3.11's docs) in
-             the summarize task's prompt, ``max_new_tokens: 64``: the ``summarize`` task.
+  summarize  48 Python-docs texts of 300-600 tokens (``--texts``: the 14 topics of that length in
+             CPython 3.11's docs, then longer topics' paragraphs packed to that length) in the
+             summarize task's prompt, ``max_new_tokens: 64``: the ``summarize`` task.
 
 The peer is the loop a careful user writes: the model loaded once, the prompts encoded exactly as
 rayinfer encodes them, sorted by length, left padding with an attention mask, ``model.generate``
@@ -67,23 +69,43 @@ def chat_prompts(n: int = 48) -> list[str]:
     return out
 
 
-def summarize_texts(model: str, n: int = 24) -> list[str]:
-    """Up to n texts of the Python docs of 300-600 tokens (14 on CPython 3.11)."""
+def summarize_texts(model: str, n: int = 48) -> list[str]:
+    """n texts of the Python docs of 300-600 tokens: the topics that are that long (14 on CPython
+    3.11), then consecutive paragraphs of the longer topics packed into texts of that length."""
+    import re
+
+    from pydoc_data.topics import topics
     from transformers import AutoTokenizer
 
     from rayinfer.demo import documents
 
     tok = AutoTokenizer.from_pretrained(model)
-    texts = [d["text"] for d in documents(max_chars=3000)]
-    fit = [t for t in texts if 300 <= len(tok(t)["input_ids"]) <= 600]
+
+    def tokens(text: str) -> int:
+        return len(tok(text)["input_ids"])
+
+    fit = [t for t in (d["text"] for d in documents(max_chars=3000)) if 300 <= tokens(t) <= 600]
+    for key in sorted(topics):
+        prose = [re.sub(r"\s+", " ", p.strip()) for p in re.split(r"\n\s*\n", topics[key])[1:]
+                 if p.strip() and not p.startswith((" ", "*", "=", "-", ">>>")) and "::=" not in p and len(p) > 60]
+        chunk: list[str] = []
+        for p in prose:
+            if len(fit) >= n:
+                return fit
+            if chunk and tokens("\n\n".join(chunk + [p])) > 600:
+                text = "\n\n".join(chunk)
+                if tokens(text) >= 300 and text not in fit:
+                    fit.append(text)
+                chunk = []
+            chunk.append(p)
     return fit[:n]
 
 
-def workloads(model: str) -> dict[str, dict[str, Any]]:
+def workloads(model: str, texts: int = 48) -> dict[str, dict[str, Any]]:
     return {
         "chat": {"task": "generate", "column": "prompt", "texts": chat_prompts(),
                  "options": {"chat": True, "max_new_tokens": 128}},
-        "summarize": {"task": "summarize", "column": "text", "texts": summarize_texts(model),
+        "summarize": {"task": "summarize", "column": "text", "texts": summarize_texts(model, texts),
                       "options": {"chat": True, "max_new_tokens": 64}},
     }
 
@@ -107,9 +129,11 @@ import json, sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model_dir, batch, max_new, ids_file = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 torch.set_num_threads(int(sys.argv[5]))
+device = sys.argv[6]
 prompts = json.load(open(ids_file))
 tok = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
 new_tokens = 0
@@ -120,19 +144,55 @@ with torch.inference_mode():
         width = max(len(r) for r in rows)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tok.eos_token_id)[:, width:].tolist()
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)[:, width:].tolist()
         for row in out:
             new_tokens += next((j for j, t in enumerate(row) if t == tok.eos_token_id), len(row))
 print(json.dumps({"seconds": time.perf_counter() - t0, "new_tokens": new_tokens}))
 """
 
 
-def run_loop(model: str, ids: list[list[int]], batch: int, max_new: int, tmp: Path) -> dict[str, float]:
+CONTINUOUS = r"""
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+model_dir, max_new, ids_file, threads, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+torch.set_num_threads(threads)
+prompts = json.load(open(ids_file))
+tok = AutoTokenizer.from_pretrained(model_dir)
+dtype = torch.bfloat16 if device == "cuda" else torch.float32
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=pad)
+model.generate_batch(inputs=prompts[:2], generation_config=config)  # warm-up: its manager, and graphs on GPUs
+t0 = time.perf_counter()
+with torch.inference_mode():
+    out = model.generate_batch(inputs=prompts, generation_config=config)
+new_tokens = 0
+for o in out.values():
+    row = list(o.generated_tokens)
+    new_tokens += next((j for j, t in enumerate(row) if t == tok.eos_token_id), len(row))
+print(json.dumps({"seconds": time.perf_counter() - t0, "new_tokens": new_tokens, "rows": len(out)}))
+"""
+
+
+def run_continuous(model: str, ids: list[list[int]], max_new: int, tmp: Path, device: str = "cpu") -> dict[str, float]:
+    """transformers' own continuous batching (``model.generate_batch``, paged attention) on the prompts."""
+    ids_file = tmp / "ids.json"
+    ids_file.write_text(json.dumps(ids))
+    res = subprocess.run([sys.executable, "-c", CONTINUOUS, model, str(max_new), str(ids_file),
+                          str(os.cpu_count() or 1), device], capture_output=True, text=True, cwd=ROOT)
+    if res.returncode:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_loop(model: str, ids: list[list[int]], batch: int, max_new: int, tmp: Path, device: str = "cpu") -> dict[str, float]:
+    """The careful user's loop (in a fresh process): sorted prompts, left padding, ``model.generate``
+    on batches of ``batch``; fp32 on CPUs, bfloat16 on a GPU."""
     ids_file = tmp / "ids.json"
     ids_file.write_text(json.dumps(ids))
     res = subprocess.run([sys.executable, "-c", LOOP, model, str(batch), str(max_new), str(ids_file),
-                          str(os.cpu_count() or 1)], capture_output=True, text=True, cwd=ROOT)
+                          str(os.cpu_count() or 1), device], capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -191,6 +251,9 @@ def main() -> None:
     parser.add_argument("--workloads", default="chat,summarize")
     parser.add_argument("--batches", default="16,32,48", help="The loop's batch sizes to try (the best is the peer).")
     parser.add_argument("--repeat", type=int, default=2, help="Alternating rounds of (best loop, rayinfer).")
+    parser.add_argument("--continuous", action="store_true",
+                        help="Also transformers' continuous batching (generate_batch) as a peer.")
+    parser.add_argument("--texts", type=int, default=48, help="Texts of the summarize workload (14 are whole topics).")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rayinfer.models import catalog
@@ -200,7 +263,7 @@ def main() -> None:
     print(f"fp32 matmul: {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} threads")
     rows = []
     for name in args.workloads.split(","):
-        work = workloads(model)[name]
+        work = workloads(model, args.texts)[name]
         ids = encoded(model, work)
         max_new = work["options"]["max_new_tokens"]
         with tempfile.TemporaryDirectory() as tmp:
@@ -210,6 +273,10 @@ def main() -> None:
                 print(f"{name}: loop batch {b}: {r['new_tokens'] / r['seconds']:.1f} new tokens/s ({r['seconds']:.1f} s)")
             best = max(loops, key=lambda b: loops[b]["new_tokens"] / loops[b]["seconds"])
             tokens = loops[best]["new_tokens"]
+            if args.continuous:
+                cb = run_continuous(model, ids, max_new, tmp)
+                print(f"{name}: transformers generate_batch: {tokens / cb['seconds']:.1f} new tokens/s "
+                      f"({cb['seconds']:.1f} s, {cb['new_tokens']} new tokens)")
             loop_rates, ri_rates = [tokens / loops[best]["seconds"]], []
             for i in range(args.repeat):
                 if i:

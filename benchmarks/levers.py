@@ -2,10 +2,14 @@
 
     python -m benchmarks.levers                 # chat workload: 48 prompts x 128 new tokens (~3 min on 2 cores)
     python -m benchmarks.levers --rows 24 --new 64
+    python -m benchmarks.levers --compile       # also the loop with a static cache and torch.compile
 
 Rows, each on the same prompts (benchmarks/generation.py's chat workload, SmolLM2-135M-Instruct,
 greedy, the chat template), measured in this run:
   loop        the plain ``model.generate`` loop at batch 32 (its best on 2 cores), fp32;
+  + compile   (``--compile``) the loop with a static KV cache and ``torch.compile`` (inductor),
+              transformers' own way (``cache_implementation="static"``, a ``CompileConfig``),
+              compiled on a warm-up batch first (not timed);
   engine      ``rayinfer.decoding.decode``: a KV-cache slot per row, rows leave and join
               (continuous batching, 32 in flight), prefill in passes of similar lengths, fp32;
   + prepack   the same after ``rayinfer.decoding.prepare`` (linear layers through oneDNN with
@@ -25,12 +29,27 @@ import time
 from typing import Any
 
 
-def loop(model: Any, tok: Any, prompts: list[list[int]], batch: int, new: int) -> tuple[float, list[list[int]]]:
+def loop(model: Any, tok: Any, prompts: list[list[int]], batch: int, new: int, compiled: bool = False
+         ) -> tuple[float, list[list[int]]]:
+    """The plain loop; ``compiled``: with a static KV cache and ``torch.compile`` (transformers'
+    own: ``cache_implementation="static"`` and a compile config that allows CPUs), after a warm-up
+    batch that compiles it (not timed)."""
     import torch
+    from transformers import CompileConfig
+
+    extra: dict[str, Any] = {}
+    if compiled:
+        config = CompileConfig(dynamic=True)
+        config._compile_all_devices = True
+        extra = {"cache_implementation": "static", "compile_config": config}
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: dict[int, list[int]] = {}
+    if compiled:  # compile once (a batch of the longest prompts), then time the loop
+        warm = torch.tensor([prompts[order[-1]]] * min(batch, len(order)))
+        model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False,
+                       pad_token_id=pad, eos_token_id=tok.eos_token_id, **extra)
     start = time.perf_counter()
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
@@ -38,7 +57,7 @@ def loop(model: Any, tok: Any, prompts: list[list[int]], batch: int, new: int) -
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
         rows = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                              pad_token_id=pad, eos_token_id=tok.eos_token_id)[:, width:].tolist()
+                              pad_token_id=pad, eos_token_id=tok.eos_token_id, **extra)[:, width:].tolist()
         for i, row in zip(idx, rows):
             out[i] = row[: next((j for j, t in enumerate(row) if t == tok.eos_token_id), len(row))]
     return time.perf_counter() - start, [out[i] for i in range(len(prompts))]
@@ -65,6 +84,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--new", type=int, default=128, help="max_new_tokens")
     parser.add_argument("--batch", type=int, default=32, help="The loop's batch and the engine's slots.")
+    parser.add_argument("--compile", action="store_true", help="Also the loop with a static cache and torch.compile.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -95,6 +115,9 @@ def main() -> None:
         model = fresh(torch.bfloat16)
         decoding.prepare(model)
         rows.append(("engine + prepack + bf16", *engine(model, tok, prompts, args.batch, args.new)))
+        if args.compile:  # last: compiling leaves the process changed (its worker pool, inductor's state)
+            seconds, out = loop(fresh(torch.float32), tok, prompts, args.batch, args.new, compiled=True)
+            rows.append(("loop + static cache + torch.compile", seconds, out, None))
     loop_rate = tokens / rows[0][1]
     print(f"{args.rows} chat prompts x {args.new} new tokens, {tokens} new tokens (fp32 greedy), "
           f"{os.cpu_count()} threads\n")

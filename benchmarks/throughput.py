@@ -2,6 +2,7 @@
 
     python -m benchmarks.throughput                  # all four tasks (about 45 minutes on 2 cores)
     python -m benchmarks.throughput --tasks classify,fill-mask --rows 1000
+    python -m benchmarks.throughput --tasks generate,summarize --repeat 1   # generation rows (~25 min)
     python -m benchmarks.throughput --device cuda --rows 20000 --gen-rows 512   # one GPU
 
 For each task, in ONE run, on the same model and the same real, mixed-length text:
@@ -27,6 +28,15 @@ is the model process's peak RSS ((a): the pipeline process; (b), (c): the actor 
 ``--device cuda`` runs all three on one GPU in bfloat16 (the pipeline with ``dtype=bfloat16``,
 the recipe's and rayinfer's actor with ``num_gpus: 1``, rayinfer at its GPU token budget) and
 gives the pipeline GPU batch sizes; matmul FLOP/s are then measured in bfloat16 on the GPU.
+
+Generation (generate, summarize) runs benchmarks/generation.py's workloads at their real size
+(``--gen-rows`` varied chat prompts x 128 new tokens; as many Python-docs texts of 300-600 tokens
+x 64), greedy, and adds the plain ``model.generate`` loop at its best batch (16, 32, 48; on a GPU
+64-256) and, with ``--device cuda``, transformers' continuous batching (``generate_batch``, paged
+attention) as peers; its table gives new tokens/s (the loop's count of new tokens: greedy
+decoding gives every peer the same tokens) and rayinfer's model FLOP/s as a share of matmul's.
+rayinfer runs a generation task with no ``runtime`` keys on CPUs (its decoding actor takes the
+node's CPUs, as the loop does).
 
 Models: all-MiniLM-L6-v2 (a real 6-layer BERT encoder) with a classification head and with its
 MLM head (heads freshly initialised: speed does not depend on their values), and SmolLM2-135M-
@@ -57,8 +67,8 @@ ACTOR_CPUS = 1.5  # what (b) and (c) reserve per actor; the rest is left to Ray 
 
 # On CPUs generation gets faster with larger batches (a decode step costs about the same for 8
 # rows as for 64), so the pipeline is given large candidates too.
-CANDIDATE_BATCHES = {"classify": [8, 16, 32, 64], "fill-mask": [8, 16, 32, 64], "generate": [8, 16, 32, 64],
-                     "summarize": [8, 16, 32]}
+CANDIDATE_BATCHES = {"classify": [8, 16, 32, 64], "fill-mask": [8, 16, 32, 64], "generate": [16, 32, 48],
+                     "summarize": [16, 32, 48]}
 GPU_CANDIDATE_BATCHES = {"classify": [64, 128, 256, 512], "fill-mask": [64, 128, 256, 512],
                          "generate": [32, 64, 128, 256], "summarize": [16, 32, 64, 128]}
 
@@ -114,33 +124,37 @@ def masked(texts: list[str]) -> list[str]:
 
 
 def workloads(rows: int, gen_rows: int) -> dict[str, dict[str, Any]]:
-    from rayinfer import demo
+    """The generation rows are benchmarks/generation.py's workloads at their real size: varied chat
+    prompts with 128 new tokens, Python-docs texts of 300-600 tokens summarized in 64."""
+    from benchmarks import generation
     from rayinfer.models import catalog
 
     smol = str(catalog.fetch("smollm2-135m-instruct"))
-    docs = [d["text"] for d in demo.documents(max_chars=600)][:gen_rows]
-    prompts = [f"Here is a sentence from the Python documentation: {s}\nIt means that" for s in sentences(gen_rows * 7)[::7]]
     return {
         "classify": {"model": str(encoder_with_head("cls")), "column": "text", "texts": sentences(rows),
                      "options": {}, "pipeline": ("text-classification", {"top_k": None})},
         "fill-mask": {"model": str(encoder_with_head("mlm")), "column": "text", "texts": masked(sentences(rows)),
                       "options": {"top_k": 3}, "pipeline": ("fill-mask", {"top_k": 3})},
-        "generate": {"model": smol, "column": "prompt", "texts": prompts[:gen_rows],
-                     "options": {"max_new_tokens": 16},
-                     "pipeline": ("text-generation", {"max_new_tokens": 16, "do_sample": False, "return_full_text": False})},
-        "summarize": {"model": smol, "column": "text", "texts": docs,
-                      "options": {"max_new_tokens": 24, "chat": True},
-                      "pipeline": ("text-generation", {"max_new_tokens": 24, "do_sample": False, "return_full_text": False})},
+        "generate": {"model": smol, "column": "prompt", "texts": generation.chat_prompts(gen_rows), "task": "generate",
+                     "options": {"chat": True, "max_new_tokens": 128},
+                     "pipeline": ("text-generation", {"max_new_tokens": 128, "do_sample": False, "return_full_text": False})},
+        "summarize": {"model": smol, "column": "text", "texts": generation.summarize_texts(smol, gen_rows),
+                      "task": "summarize", "options": {"max_new_tokens": 64, "chat": True},
+                      "pipeline": ("text-generation", {"max_new_tokens": 64, "do_sample": False, "return_full_text": False})},
     }
 
 
+GENERATION = ("generate", "summarize")
+
+
 def pipeline_inputs(task: str, work: dict[str, Any]) -> list[Any]:
-    """What (a) and (b) feed the pipeline: for summarize the same chat prompt rayinfer builds."""
-    if task != "summarize":
+    """What (a) and (b) feed the pipeline: chat messages, for summarize with the prompt rayinfer builds."""
+    if task not in GENERATION:
         return work["texts"]
     from rayinfer_tasks.summarize import DEFAULT_INSTRUCTION
 
-    return [[{"role": "user", "content": DEFAULT_INSTRUCTION.replace("{text}", t)}] for t in work["texts"]]
+    texts = [DEFAULT_INSTRUCTION.replace("{text}", t) for t in work["texts"]] if task == "summarize" else work["texts"]
+    return [[{"role": "user", "content": t}] for t in texts]
 
 
 # ---- measurements -----------------------------------------------------------------------------
@@ -283,8 +297,8 @@ def run_ray_recipe(task: str, work: dict[str, Any], data: Path, out: Path, batch
     import ray
 
     kind, kwargs = work["pipeline"]
-    chat = task == "summarize"
-    if chat:
+    chat = task in GENERATION
+    if task == "summarize":
         from rayinfer_tasks.summarize import DEFAULT_INSTRUCTION
 
         table = pq.read_table(data)
@@ -323,8 +337,9 @@ def run_rayinfer(task: str, work: dict[str, Any], data: Path, out: Path) -> dict
         "input": {"path": str(data), "id_column": "id", "columns": {("prompt" if task == "generate" else "text"): work["column"]}},
         "output": {"path": str(out), "mode": "overwrite"},
         "options": work["options"],
-        # batch_size, max_batch_tokens and dtype at their defaults: what a user gets
-        "runtime": {"actors": 1, "num_cpus": ACTOR_CPUS, **({"num_gpus": 1} if cuda() else {})},
+        # batch_size, max_batch_tokens and dtype at their defaults: what a user gets (a generation
+        # task's CPU actor at its default too: it takes the node's CPUs, as the loop does)
+        "runtime": {"num_gpus": 1} if cuda() else {} if task in GENERATION else {"actors": 1, "num_cpus": ACTOR_CPUS},
     }
     t0 = time.perf_counter()
     with Watcher() as watcher:
@@ -368,7 +383,8 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), num_gpus=torch.cuda.device_count() if cuda() else 0,
              include_dashboard=False, logging_level="ERROR", _temp_dir=str(tmp / "ray"))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    results = []
+    results: list[Any] = []
+    generation_rows: list[dict[str, Any]] = []
     try:
         for task in tasks:
             work = work_all[task]
@@ -396,13 +412,19 @@ def main() -> None:
             a = median_run(a_runs, "rows")
             c = median_run(c_runs, "steady_rows")
             c["ratios"] = sorted((cr["steady_rows"] / cr["steady_s"]) / (ar["rows"] / ar["steady_s"]) for ar, cr in zip(a_runs, c_runs))
-            generated = task in ("generate", "summarize")
-            tokens, flops = model_flops(work["model"], work["texts"]) if not generated else (0, 0.0)
+            if task in GENERATION:
+                generation_rows.append(generation_peers(task, work, bs, a, b, c, tmp / task, peak))
+                continue
+            tokens, flops = model_flops(work["model"], work["texts"])
             results.append((task, bs, a, b, c, tokens, flops, len(work["texts"])))
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
+    if generation_rows:
+        print_generation(generation_rows)
+    if not results:
+        return
     print("\n| task | rows | (a) pipeline rows/s (best batch) | (b) Ray recipe rows/s | (c) rayinfer rows/s "
           "| c/a | c/b | (c) tokens/s | (c) model FLOP/s vs matmul | end-to-end s (a / b / c) | peak MB (a / b / c) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -410,14 +432,10 @@ def main() -> None:
         ra = a["rows"] / a["steady_s"]
         rb = b["steady_rows"] / b["steady_s"]
         rc = c["steady_rows"] / c["steady_s"]
-        if flops:
-            tok_s = tokens / rows * rc
-            fl = f"{flops / rows * rc / 1e9:.1f} G ({flops / rows * rc / peak:.0%})"
-        else:
-            tok_s = rc * (work_all[task]["options"]["max_new_tokens"])
-            fl = "n/a (generation)"
+        tok_s = tokens / rows * rc
+        fl = f"{flops / rows * rc / 1e9:.1f} G ({flops / rows * rc / peak:.0%})"
         print(f"| {task} | {rows} | {ra:.1f} ({bs}) | {rb:.1f} | {rc:.1f} | {rc / ra:.2f} | {rc / rb:.2f} | "
-              f"{tok_s:.0f}{'' if flops else ' new (max)'} | {fl} | {a['total_s']:.0f} / {b['total_s']:.0f} / {c['total_s']:.0f} | "
+              f"{tok_s:.0f} | {fl} | {a['total_s']:.0f} / {b['total_s']:.0f} / {c['total_s']:.0f} | "
               f"{a['peak_mb']:.0f} / {b['peak_mb']:.0f} / {c['peak_mb']:.0f} |")
     if ARGS.repeat > 1:
         print(f"\nrows/s are medians of {ARGS.repeat} runs of (a) at its best batch size and of (c), alternating; "
@@ -428,11 +446,49 @@ def main() -> None:
         f"{r[0]} {r[4]['padded_tokens'] / max(1, r[4]['tokens']):.2f}x real tokens" for r in results if r[4]["tokens"]))
 
 
+def generation_peers(task: str, work: dict[str, Any], bs: int, a: dict[str, Any], b: dict[str, Any], c: dict[str, Any],
+                     tmp: Path, peak: float) -> dict[str, Any]:
+    """A generation task's other peers, same run: the plain ``generate`` loop at its best batch
+    (benchmarks/generation.py's) and, on a GPU, transformers' continuous batching
+    (``generate_batch``); every rate as new tokens/s (the loop's count: greedy, the same tokens)."""
+    from benchmarks import generation
+
+    ids = generation.encoded(work["model"], {"task": work["task"], "texts": work["texts"]})
+    new = work["options"]["max_new_tokens"]
+    loops = {}
+    for batch in candidates(task):
+        loops[batch] = generation.run_loop(work["model"], ids, batch, new, tmp, ARGS.device)
+        print(f"  loop batch={batch}: {loops[batch]['new_tokens'] / loops[batch]['seconds']:.1f} new tokens/s", flush=True)
+    best = max(loops, key=lambda k: loops[k]["new_tokens"] / loops[k]["seconds"])
+    tokens = loops[best]["new_tokens"]
+    row = {"task": task, "rows": len(ids), "new": new, "tokens": tokens, "pipeline_batch": bs, "loop_batch": best,
+           "pipeline": tokens / len(ids) * a["rows"] / a["steady_s"], "loop": tokens / loops[best]["seconds"],
+           "recipe": tokens / len(ids) * b["steady_rows"] / b["steady_s"],
+           "rayinfer": tokens / len(ids) * c["steady_rows"] / c["steady_s"], "continuous": None}
+    if cuda():
+        cb = generation.run_continuous(work["model"], ids, new, tmp, ARGS.device)
+        row["continuous"] = tokens / cb["seconds"]
+        print(f"  transformers generate_batch: {row['continuous']:.1f} new tokens/s", flush=True)
+    row["matmul_share"] = generation.model_flops(work["model"], ids, tokens) / tokens * row["rayinfer"] / peak
+    return row
+
+
+def print_generation(rows: list[dict[str, Any]]) -> None:
+    print("\n| task | rows | max new | (a) pipeline new tok/s (batch) | loop new tok/s (batch) | "
+          "transformers continuous | (b) Ray recipe | (c) rayinfer | c/a | c/loop | (c) % of matmul |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cont = f"{r['continuous']:.1f}" if r["continuous"] else "(GPU only)"
+        print(f"| {r['task']} | {r['rows']} | {r['new']} | {r['pipeline']:.1f} ({r['pipeline_batch']}) | "
+              f"{r['loop']:.1f} ({r['loop_batch']}) | {cont} | {r['recipe']:.1f} | {r['rayinfer']:.1f} | "
+              f"{r['rayinfer'] / r['pipeline']:.2f} | {r['rayinfer'] / r['loop']:.2f} | {r['matmul_share']:.0%} |")
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default="classify,fill-mask,generate,summarize")
     ap.add_argument("--rows", type=int, default=1500, help="rows for classify and fill-mask")
-    ap.add_argument("--gen-rows", type=int, default=96, help="rows for generate and summarize")
+    ap.add_argument("--gen-rows", type=int, default=48, help="rows for generate and summarize")
     ap.add_argument("--repeat", type=int, default=3, help="runs of (a) at its best batch size and of (c); medians reported")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU, bfloat16")
     return ap.parse_args(argv)
