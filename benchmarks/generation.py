@@ -91,7 +91,7 @@ def summarize_texts(model: str, n: int = 48) -> list[str]:
         chunk: list[str] = []
         for p in prose:
             if len(fit) >= n:
-                return fit
+                return fit[:n]
             if chunk and tokens("\n\n".join(chunk + [p])) > 600:
                 text = "\n\n".join(chunk)
                 if tokens(text) >= 300 and text not in fit:
