@@ -7,9 +7,9 @@
 Workloads (SmolLM2-135M-Instruct from the catalog, greedy, fp32, the model's chat template):
   chat       48 varied prompts (questions, short writing tasks, "Summarize: <paragraph>"),
              ``max_new_tokens: 128``: the ``generate`` task;
-  summarize  48 Python-docs texts of 300-600 tokens (``--texts``: the 14 topics of that length in
-             CPython 3.11's docs, then longer topics' paragraphs packed to that length) in the
-             summarize task's prompt, ``max_new_tokens: 64``: the ``summarize`` task.
+  summarize  Python-docs texts of 300-600 tokens (``--texts``, default 14: the topics of that length
+             in CPython 3.11's docs; past 14, longer topics' paragraphs packed to that length) in
+             the summarize task's prompt, ``max_new_tokens: 64``: the ``summarize`` task.
 
 The peer is the loop a careful user writes: the model loaded once, the prompts encoded exactly as
 rayinfer encodes them, sorted by length, left padding with an attention mask, ``model.generate``
@@ -101,7 +101,7 @@ def summarize_texts(model: str, n: int = 48) -> list[str]:
     return fit[:n]
 
 
-def workloads(model: str, texts: int = 48) -> dict[str, dict[str, Any]]:
+def workloads(model: str, texts: int = 14) -> dict[str, dict[str, Any]]:
     return {
         "chat": {"task": "generate", "column": "prompt", "texts": chat_prompts(),
                  "options": {"chat": True, "max_new_tokens": 128}},
@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="Alternating rounds of (best loop, rayinfer).")
     parser.add_argument("--continuous", action="store_true",
                         help="Also transformers' continuous batching (generate_batch) as a peer.")
-    parser.add_argument("--texts", type=int, default=48, help="Texts of the summarize workload (14 are whole topics).")
+    parser.add_argument("--texts", type=int, default=14, help="Texts of the summarize workload (14: the whole topics; more: packed paragraphs).")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rayinfer.models import catalog

@@ -8,6 +8,7 @@ print a quality number where the data has an answer key:
   most-common-answer baseline (always guessing the atom that is most often the answer);
 - classify (reaction classifier): the class codes given;
 - zero-shot-classify (SmolLM2): accuracy against the hand labels, and the majority baseline;
+- generate with a json_schema (SmolLM2): how many outputs parse as JSON objects with its keys;
 - perplexity (SmolLM2): median perplexity of the prose and of the shuffled-word copies, and in
   how many documents the prose scores lower than its shuffled copy;
 - nsp: accuracy against which pairs really follow on (hub model: skipped when offline).
@@ -80,6 +81,15 @@ def quality(task: str, spec: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if task == "nsp" and "follows" in rows[0]:
         hits = sum(r["is_next"] == r["follows"] for r in rows)
         return f"accuracy {hits}/{len(rows)}"
+    if task == "generate" and (spec.get("options") or {}).get("json_schema"):
+        import json
+
+        schema = spec["options"]["json_schema"]
+        fit = 0
+        for r in rows:
+            value = json.loads(r["generated"])
+            fit += isinstance(value, dict) and set(schema.get("required", [])) <= set(value) <= set(schema["properties"])
+        return f"{fit}/{len(rows)} outputs parse as JSON objects with the schema's keys"
     if task == "generate":
         return f"mean {sum(r['num_tokens'] for r in rows) / len(rows):.0f} new tokens per row"
     if task == "perplexity" and "kind" in rows[0]:

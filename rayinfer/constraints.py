@@ -50,11 +50,21 @@ def grammar(json_schema: dict[str, Any] | None = None, regex: str | None = None,
                 raise ConstraintError("choices must be a non-empty list of non-empty strings")
             text = llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
     except ValueError as exc:
-        raise ConstraintError(str(exc)) from None
+        raise ConstraintError(_one_line(str(exc))) from None
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
     if is_error:
-        raise ConstraintError(messages[0] if messages else "the grammar is not valid")
+        raise ConstraintError(_one_line(messages[0]) if messages else "the grammar is not valid")
     return text
+
+
+def _one_line(message: str) -> str:
+    """llguidance's multi-line report (the regex, a caret, the grammar) as one line: its first line
+    and the parser's own ``error:`` line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return "the grammar is not valid"
+    error = next((line[len("error:"):].strip() for line in lines[1:] if line.startswith("error:")), None)
+    return lines[0].rstrip(":") + (f": {error}" if error else "")
 
 
 _PENALTY: Any = None

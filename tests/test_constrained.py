@@ -108,6 +108,12 @@ def test_bad_constraints_are_refused_with_the_options(options, message):
         GenerateTask.Options.model_validate(options)
 
 
+def test_a_bad_regex_is_reported_in_one_line():
+    with pytest.raises(constraints.ConstraintError) as caught:
+        constraints.grammar(regex="(abc")
+    assert "unclosed group" in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_choices_with_quotes_and_spaces_are_literals(rayinfer_llama_bpe):
     odd = ['say "hi"', "a|b", "x.*"]
     out = run_task(GenerateTask, [{"prompt": p} for p in PROMPTS[:4]], rayinfer_llama_bpe, {"choices": odd, "max_new_tokens": 12})
