@@ -118,7 +118,12 @@ def run_one(path: Path) -> tuple[str, str, str]:
     plan = plan_job(path)
     expected = []
     for f in plan.files:
-        expected += pq.read_table(f.path, columns=[plan.spec.input.id_column]).column(0).to_pylist()
+        if f.path.endswith((".jsonl", ".json")):
+            import pyarrow.json as pj
+
+            expected += pj.read_json(f.path).column(plan.spec.input.id_column).to_pylist()
+        else:
+            expected += pq.read_table(f.path, columns=[plan.spec.input.id_column]).column(0).to_pylist()
     start = time.monotonic()
     manifest = run_job(path)
     took = f"{time.monotonic() - start:.0f}"
