@@ -6,14 +6,15 @@ checks it, before Ray starts (no model needed). In an actor, ``Constraint(tokeni
 vocab, eos)`` builds the tokenizer's side once; ``constraint.row()`` gives each row its own
 ``RowConstraint``: before a token is chosen, ``allow(scores)`` sets every token the grammar forbids
 to -inf (end-of-sequence only once the output is complete); after, ``accept(token)`` moves the
-grammar on. A row that ends (``max_new_tokens``, a stop string) with ``satisfied`` false did not
+grammar on. A row that ends (``max_new_tokens`` reached) with ``satisfied`` false did not
 fit: the generate task makes it a ``constraint_unmet`` error row, never an output.
 
 Why llguidance (benchmarks/constrained.py, SmolLM2's 49,152-token vocabulary, 2 CPU cores): a
-row's mask and token step cost 59-79 us (xgrammar: 8-15 us), ~1.5% of a CPU decode step per row
-(~5 ms); compiling the issue's schema 1.8 ms. xgrammar is faster per token, but requires triton
+row's mask and token step cost 58-70 us (xgrammar: 8-12 us), under 2% of a CPU decode step per row
+(~4.3 ms); compiling the issue's schema 1.4 ms. xgrammar is faster per token, but requires triton
 on Linux x86-64 (a 286 MB wheel, of no use on CPUs) and its CPU kernel to apply a mask costs 244 us
-a row; llguidance is one 3 MB wheel with no dependencies, with the widest JSON-schema coverage.
+a row; llguidance is one 3 MB wheel with no dependencies (and, by its maintainers' account, the
+widest JSON-schema coverage).
 
 JSON is constrained to ``json.dumps``' layout (", " and ": " between items, no other whitespace):
 flexible whitespace lets a small model spend its tokens on newlines and never close the object.
