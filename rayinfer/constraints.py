@@ -95,11 +95,12 @@ class Constraint:
                  kind: str = "constraint") -> None:
         import llguidance as llg
         import llguidance.hf
+        import llguidance.torch
 
         self.vocab, self.kind = vocab, kind
-        self.eos = sorted(eos)
+        self.fill_bitmask = llguidance.torch.fill_next_token_bitmask  # looked up once, not per row and token
         try:
-            info = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=self.eos)
+            info = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=sorted(eos))
         except ValueError as exc:  # WordPiece, slow (Python) tokenizers: tokens that are not text pieces
             raise ConstraintError(
                 f"constrained output needs a fast tokenizer whose tokens are pieces of the text (byte-level BPE "
@@ -119,41 +120,27 @@ class Constraint:
 
 
 class RowConstraint:
-    """One row's place in the grammar."""
+    """One row's place in the grammar (a matcher that, once it refuses a token, stays in error)."""
 
     def __init__(self, constraint: Constraint, matcher: Any) -> None:
         import torch
 
         self.constraint, self.matcher = constraint, matcher
         self._mask = torch.zeros((1, (constraint.vocab + 31) // 32), dtype=torch.int32)
-        self.failed = False
 
     def allow(self, scores: Any) -> None:
         """Forbidden tokens' scores [1, vocab] (any device) become -inf, in place."""
-        import llguidance.torch as llt
-
-        llt.fill_next_token_bitmask(self.matcher, self._mask, 0)
+        self.constraint.fill_bitmask(self.matcher, self._mask, 0)
         apply_bitmask(scores, self._mask)
 
     def accept(self, token: int) -> bool:
-        """Move on by ``token``; false (and ``failed``) when the grammar refuses it."""
-        if not self.matcher.consume_token(token):
-            self.failed = True
-        return not self.failed
-
-    @property
-    def done(self) -> bool:
-        """Nothing but end-of-sequence can follow (or the row failed)."""
-        return self.failed or bool(self.matcher.is_stopped())
+        """Move on by ``token``; false when the grammar refuses it (or refused an earlier one)."""
+        return bool(self.matcher.consume_token(token))
 
     @property
     def satisfied(self) -> bool:
         """The output so far is complete under the grammar."""
-        return not self.failed and bool(self.matcher.is_accepting())
-
-    @property
-    def error(self) -> str:
-        return str(self.matcher.get_error() or "")
+        return not self.matcher.is_error() and bool(self.matcher.is_accepting())
 
 
 __all__ = ["Constraint", "ConstraintError", "RowConstraint", "apply_bitmask", "grammar"]

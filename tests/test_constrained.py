@@ -83,8 +83,6 @@ def test_a_wordpiece_tokenizer_is_refused_with_what_would_work(rayinfer_llama):
 
 def test_constraint_tokens_checked_after_the_fact():
     """``Constraint.fits`` judges a finished row's tokens: complete outputs only."""
-    from rayinfer.testing import build_causal_lm  # noqa: F401 (the tokenizer below is a real one)
-
     tok = AutoTokenizer.from_pretrained(str(catalog.model_dir("smollm2-135m-instruct"))) \
         if catalog.is_installed("smollm2-135m-instruct") else None
     if tok is None:

@@ -96,7 +96,7 @@ def make_picker(processors: list[Any], generator: Any | None, constraint: Any | 
 
     def pick(ids: list[int], scores: Any) -> int:
         if constraint is not None:
-            token = choose(ids, scores.clone())  # the masked scores are this row's alone
+            token = choose(ids, scores)  # scores: this row's own [1, vocab], masked in place
             if not constraint.accept(token):
                 return eos if eos is not None else token  # the grammar refused it: the row ends, unmet
             return token

@@ -14,6 +14,9 @@ from rayinfer.text import encode_prompts
 from rayinfer_tasks._generation import SamplingOptions, generate, ready_for_decoding
 
 
+CONSTRAINTS = ("json_schema", "regex", "choices")  # the options that constrain the output (one at most)
+
+
 class GenerateTask(Task):
     name = "generate"
     # A decode batch is cut by rows (32 on CPU actors: rayinfer.run.cluster.CPU_DECODE_ROWS); the
@@ -45,13 +48,13 @@ class GenerateTask(Task):
 
         @model_validator(mode="after")
         def _one_constraint(self) -> GenerateTask.Options:
-            given = [k for k in ("json_schema", "regex", "choices") if getattr(self, k) is not None]
+            given = [k for k in CONSTRAINTS if getattr(self, k) is not None]
             if len(given) > 1:
                 raise ValueError(f"give at most one of json_schema, regex, choices (got {', '.join(given)})")
+            if given and self.stop:
+                raise ValueError(f"stop cannot be combined with {given[0]}: a constrained output ends where "
+                                 "the constraint completes")
             if given:
-                if self.stop:
-                    raise ValueError(f"stop cannot be combined with {given[0]}: a constrained output ends where "
-                                     "the constraint completes")
                 from rayinfer.constraints import ConstraintError, grammar
 
                 try:
@@ -62,10 +65,7 @@ class GenerateTask(Task):
 
         def constraint(self) -> tuple[str, Any] | None:
             """The constraint asked for, as (option, value), or None."""
-            for k in ("json_schema", "regex", "choices"):
-                if getattr(self, k) is not None:
-                    return k, getattr(self, k)
-            return None
+            return next(((k, getattr(self, k)) for k in CONSTRAINTS if getattr(self, k) is not None), None)
 
     @classmethod
     def output_schema(cls, options: TaskOptions) -> pa.Schema:
