@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from helpers import fill_mask_job
 
 from rayinfer.cli import main
+from rayinfer.io.location import nested
 from rayinfer.testing import write_dataset
 
 
@@ -121,7 +122,9 @@ def test_run_with_a_bad_spec_exits_2_and_writes_nothing(tmp_path, rayinfer_bert)
         pytest.param("{tmp}/in/out", "{tmp}/in", id="output-inside-input"),
         pytest.param("{tmp}/in", "{tmp}/in", id="the-same-folder"),
         pytest.param("{tmp}", "{tmp}/in", id="input-inside-output"),
-        pytest.param("{tmp}/in/out", "{tmp}/in/*.parquet", id="output-under-a-glob's-folder"),
+        pytest.param("{tmp}/in/out", "{tmp}/in/**/*.parquet", id="a-recursive-glob-reaching-the-output"),
+        pytest.param("{tmp}/in/out", "{tmp}/in/*/*.parquet", id="a-glob-whose-folder-wildcard-reaches-it"),
+        pytest.param("{tmp}/in", "{tmp}/in/*.parquet", id="a-glob-matching-inside-the-output"),
         pytest.param("{tmp}/link/out", "{tmp}/in", id="through-a-symlink"),
     ],
 )
@@ -136,6 +139,24 @@ def test_output_and_input_must_not_overlap(tmp_path, rayinfer_bert, output, inpu
     assert result.exit_code == 2, result.output
     assert "overlap: a later run would read the output parts as input" in result.output
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pattern, output, reaches", [
+    ("d/in-*.parquet", "d/predictions", False),
+    ("d/*.parquet", "d/in/out", False),
+    ("d/predictions*", "d/predictions", False),  # matches the folder itself, never a file in it
+    ("d/**/*.parquet", "d/predictions2", True),
+    ("d/*/*.parquet", "d/predictions", True),
+    ("d/p*/x.parquet", "d/predictions", True),
+    ("d/**", "d/x", True),
+    ("d/*.parquet", "d", True),
+    ("d/*.parquet", ".", True),
+    ("d/in-*.parquet", "e/predictions", False),
+])
+def test_a_glob_overlaps_only_what_it_can_match(tmp_path, pattern, output, reaches):
+    """A glob is judged by the paths it can match, not by the folder above its first wildcard."""
+    assert nested(str(tmp_path / pattern), str(tmp_path / output)) is reaches
+    assert nested(str(tmp_path / output), str(tmp_path / pattern)) is reaches
 
 
 def test_an_output_path_that_is_a_file_is_refused(tmp_path, rayinfer_bert):

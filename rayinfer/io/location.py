@@ -9,6 +9,8 @@ output part and the manifest, so a secret in a URI would be copied into the resu
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import os
 from urllib.parse import parse_qsl, urlsplit
 
@@ -91,9 +93,51 @@ def location_key(path: str) -> tuple[str, str]:
     return parts.scheme, f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
 
 
+def is_glob(path: str) -> bool:
+    return not is_uri(path) and any(ch in path for ch in "*?[")
+
+
 def nested(a: str, b: str) -> bool:
-    """Whether spec paths ``a`` and ``b`` are the same place or one lies inside the other."""
-    (sa, pa_), (sb, pb) = location_key(a), location_key(b)
+    """Whether spec paths ``a`` and ``b`` are the same place or one lies inside the other. A glob
+    (``a`` or ``b``) is judged by what it can match: whether some file under the other path (a
+    folder) could be one of its matches, or the other path lie under one of them."""
+    if is_glob(a) or is_glob(b):
+        pattern, other = (a, b) if is_glob(a) else (b, a)
+        if is_glob(other):  # two globs: by the folders above their wildcards
+            return _keys_nested(location_key(a), location_key(b))
+        return glob_reaches(pattern, other)
+    return _keys_nested(location_key(a), location_key(b))
+
+
+def _keys_nested(ka: tuple[str, str], kb: tuple[str, str]) -> bool:
+    (sa, pa_), (sb, pb) = ka, kb
     if sa != sb:
         return False
     return pa_ == pb or pb.startswith(pa_.rstrip("/") + "/") or pa_.startswith(pb.rstrip("/") + "/")
+
+
+def glob_reaches(pattern: str, folder: str) -> bool:
+    """Whether the local glob ``pattern`` (``**`` recursive, as ``input.path`` reads it) can match
+    a path under ``folder``, the folder itself or a file it may hold: ``data/in-*.parquet`` cannot
+    reach ``data/predictions``; ``data/**/*.parquet`` and ``data/*/*.parquet`` can. Symlinks in
+    the literal part of either are resolved."""
+    if is_uri(folder) and not folder.startswith("file://"):
+        return False  # a glob is local; a remote folder is elsewhere
+    local = local_path(pattern) or pattern
+    cut = min(i for i, ch in enumerate(local) if ch in "*?[")
+    head, _, _ = local[:cut].rpartition("/")
+    rest = [c for c in local[len(head):].split("/") if c]
+    pat = [c for c in os.path.realpath(head or "/").split("/") if c] + rest
+    target = [c for c in os.path.realpath(local_path(folder) or folder).split("/") if c]
+
+    @functools.lru_cache(maxsize=None)
+    def reach(i: int, j: int) -> bool:
+        if j == len(target):  # the folder reached: what is left of the pattern can name a file in it
+            return i < len(pat)
+        if i == len(pat):  # the pattern ends above the folder: it names a folder, not the files in it
+            return False
+        if pat[i] == "**":  # zero or more folders
+            return reach(i + 1, j) or reach(i, j + 1)
+        return fnmatch.fnmatchcase(target[j], pat[i]) and reach(i + 1, j + 1)
+
+    return reach(0, 0)
