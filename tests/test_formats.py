@@ -12,10 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from helpers import FORMAT_CASES, write_as, write_job
 from rayinfer_tasks.classify import ClassifyTask
 
 from rayinfer.api import plan_job, run_job
+from rayinfer.cli import main
 from rayinfer.errors import InputError
 from rayinfer.io.formats import text as formats
 from rayinfer.io.rows import read_rows
@@ -89,18 +91,23 @@ def test_a_malformed_json_line_is_an_error_row_naming_file_and_line(tmp_path, ra
     lines = [json.dumps(r) for r in TABLE.to_pylist()]
     lines[20] = '{"uid": "r020", "text": "cut off'  # not JSON
     lines[33] = '{"uid": "r033", "text": 33}'  # JSON, but the text is a number
+    lines[40] = json.dumps({"uid": None, "text": TEXTS[40]})  # a row without its id: never a silent result
     lines.insert(10, "")  # a blank line is no row
     path = tmp_path / "in" / "data.jsonl"
     path.parent.mkdir()
     path.write_text("\n".join(lines) + "\n")
     manifest = run_job(classify_job(tmp_path, rayinfer_bert_classifier, path))
-    assert manifest["rows"] == len(TEXTS) and manifest["errors"] == 2
+    assert manifest["rows"] == len(TEXTS) and manifest["errors"] == 3
+    assert manifest["errors_this_run_by_kind"] == {"malformed": 2, "null_id": 1}
     out = pq.read_table(tmp_path / "out").to_pylist()
     bad = sorted((r["error"] for r in out if r["error"]))
     assert bad[0].startswith(f"input file {str(path)!r}, line 22: not valid JSON (Unterminated string")
     assert bad[1].startswith(f"input file {str(path)!r}, line 35: JSON parse error: Column(/text) changed from string")
+    assert bad[2].startswith(f"input file {str(path)!r}, line 42: its id (column 'uid') is null; every row needs an id")
+    assert [r["label"] for r in out if r["uid"] is None] == [None]
     good = [r for r in out if r["error"] is None]
-    assert sorted(r["uid"] for r in good) == sorted(u for u in TABLE.column("uid").to_pylist() if u not in ("r020", "r033"))
+    assert sorted(r["uid"] for r in good) == sorted(u for u in TABLE.column("uid").to_pylist()
+                                                    if u not in ("r020", "r033", "r040"))
 
 
 def test_a_csv_record_with_missing_fields_is_an_error_row_and_the_block_goes_on(tmp_path, small_text_chunks):
@@ -125,6 +132,63 @@ def test_text_inputs_are_indexed_in_blocks_that_are_read_alone(fmt, cut, tmp_pat
     # a unit of the third block alone reads only that block's bytes and gives its rows
     rows = [r for t, _, _ in read_rows(file, [(32, 48)], ["uid"]) for r in t.to_pylist()]
     assert [r["uid"] for r in rows] == [f"r{i:03d}" for i in range(32, 48)]
+
+
+def test_a_folder_whose_schema_drifts_runs_as_one_dataset(tmp_path, rayinfer_bert_classifier, expected, ray_session):
+    """What pandas and Polars write: the second file's text is large_string, it has a column the
+    first lacks. The glob beside its output (data/in-*.parquet -> data/predictions) cannot match
+    the parts, so it is no overlap."""
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(TABLE.slice(0, 20), data / "in-a.parquet", row_group_size=8)
+    b = TABLE.slice(20)
+    b = pa.table({"uid": b.column("uid"), "text": pc.cast(b.column("text"), pa.large_string()),
+                  "source": pa.array(range(b.num_rows), pa.int32())})
+    pq.write_table(b, data / "in-b.parquet")
+    job = write_job(tmp_path / "job.yaml", task="classify", model=str(rayinfer_bert_classifier),
+                    input={"path": str(data / "in-*.parquet"), "id_column": "uid", "keep": ["source"]},
+                    output={"path": str(data / "predictions")}, runtime={"batch_size": 8, "num_cpus": 1})
+    plan = plan_job(job)
+    assert plan.input_schema.field("text").type == pa.large_string()
+    manifest = run_job(job)
+    assert manifest["status"] == "complete" and manifest["rows"] == len(TEXTS) and manifest["errors"] == 0
+    out = pq.read_table(data / "predictions").to_pylist()
+    assert sorted(r["uid"] for r in out) == sorted(expected)
+    for r in out:
+        assert (r["label"], r["score"]) == (expected[r["uid"]][0], pytest.approx(expected[r["uid"]][1], abs=1e-6))
+        assert r["source"] == (None if r["uid"] < "r020" else int(r["uid"][1:]) - 20)
+
+
+def test_schemas_unify_where_types_agree_and_a_conflict_names_both_files(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": pa.array([1, 2], pa.int32()), "text": ["a", "b"], "tags": [["x"], ["y"]]}),
+                   tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.table({"id": pa.array([3], pa.int64()), "text": pa.array(["c"], pa.string_view()),
+                             "tags": [["z"]]}), tmp_path / "in" / "b.parquet")
+    files, schema = scan(str(tmp_path / "in"), required=("id", "text"))
+    assert schema.types == [pa.int64(), pa.string(), pa.list_(pa.string())]
+    got = [r for f in files for t, _, _ in read_rows(f, [(0, f.num_rows)], ["id", "text"]) for r in t.to_pylist()]
+    assert got == [{"id": 1, "text": "a"}, {"id": 2, "text": "b"}, {"id": 3, "text": "c"}]
+    pq.write_table(pa.table({"id": [4], "text": ["d"], "tags": ["not a list"]}), tmp_path / "in" / "c.parquet")
+    a, c = str(tmp_path / "in" / "a.parquet"), str(tmp_path / "in" / "c.parquet")
+    with pytest.raises(InputError, match=f"column 'tags' is string in {c!r} but list<element: string> in {a!r}"):
+        scan(str(tmp_path / "in"))
+    (tmp_path / "in" / "c.parquet").unlink()
+    pq.write_table(pa.table({"id": [4], "body": ["d"]}), tmp_path / "in" / "c.parquet")
+    with pytest.raises(InputError, match=f"input file {c!r} lacks column 'text' that {a!r} has"):
+        scan(str(tmp_path / "in"), required=("id", "text"))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow-file", "arrow-stream"])
+def test_a_binary_file_with_null_ids_is_refused_before_ray_starts(fmt, tmp_path, rayinfer_bert_classifier):
+    table = TABLE.set_column(0, "uid", pa.array([None if i in (3, 17) else u for i, u in
+                                                 enumerate(TABLE.column("uid").to_pylist())], pa.string()))
+    path = write_as(fmt, table, tmp_path / "in", chunk_rows=16)
+    result = CliRunner().invoke(main, ["run", str(classify_job(tmp_path, rayinfer_bert_classifier, path))])
+    assert result.exit_code == 2, result.output
+    assert (f"input file {str(path)!r} has 2 row(s) whose id (column 'uid') is null: every row needs an id"
+            in result.output)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_hugging_face_dataset_dict_names_its_splits(tmp_path):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
 from rayinfer.errors import InputError, RowError, UnreadableInput
 from rayinfer.io.formats import open_chunks
-from rayinfer.io.formats.base import Piece
+from rayinfer.io.formats.base import Piece, null_id
 from rayinfer.io.ranges import Ranges, clip_ranges, merge_ranges, numbers
 from rayinfer.io.scan import InputFile
 
@@ -51,6 +51,9 @@ def read_rows(
                          "(the file changed)")
     pending = _Pending(batch_rows)
     reader = open_chunks(file.path, file.source, id_column)
+    conform = _conformer(file, columns)
+    if conform is not None:
+        columns = [c for c in columns if c in file.conform[0].names]  # type: ignore[index]
     try:
         chunk_start = 0
         for i, n in enumerate(file.chunk_rows):
@@ -60,6 +63,10 @@ def read_rows(
                 offset = chunk_start
                 try:
                     for piece in reader.chunk(i, columns, batch_rows):
+                        if conform is not None:
+                            piece = Piece(conform(piece.table), piece.problems)
+                        if id_column is not None:
+                            piece = _null_ids(piece, id_column, offset)
                         lo, offset = offset, offset + piece.table.num_rows
                         for a, b in clip_ranges(wanted, lo, offset):
                             yield from _in_order(file.path, piece, lo, a, b, pending)
@@ -82,15 +89,47 @@ def read_rows(
         reader.close()
 
 
+def _conformer(file: InputFile, columns: list[str]) -> Callable[[pa.Table], pa.Table] | None:
+    """For a file whose schema differs from the dataset's (``InputFile.conform``): a function that
+    makes its pieces the dataset's (its types; null columns for those the file lacks)."""
+    if file.conform is None:
+        return None
+    own, dataset = file.conform
+    fields = [dataset.field(c) for c in columns]
+
+    def conform(table: pa.Table) -> pa.Table:
+        arrays = [table.column(f.name).cast(f.type) if f.name in own.names else pa.nulls(table.num_rows, f.type)
+                  for f in fields]
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+    return conform
+
+
+def _null_ids(piece: Piece, id_column: str, lo: int) -> Piece:
+    """``piece`` (its first row is input row ``lo``) with its rows whose id is null marked as
+    problems, where the format's reader has not (Parquet and Arrow files with null ids are refused
+    when the job is planned: this catches a file rewritten since)."""
+    ids = piece.table.column(id_column) if id_column in piece.table.column_names else None
+    if ids is None or not ids.null_count:
+        return piece
+    import pyarrow.compute as pc
+
+    problems = dict(piece.problems)
+    for k in pc.indices_nonzero(pc.is_null(ids)).to_pylist():
+        problems.setdefault(k, null_id(f"row {lo + k}", id_column))
+    return Piece(piece.table, problems)
+
+
 def _in_order(path: str, piece: Piece, lo: int, a: int, b: int, pending: "_Pending") -> Iterator[RowBatch]:
     """Rows [a, b) of ``piece`` (whose first row is input row ``lo``): good rows join ``pending``;
     a malformed row first flushes what is pending, then comes out alone, so order is kept."""
     start = a
-    for row in sorted(lo + k for k in piece.malformed if a <= lo + k < b):
+    for row in sorted(lo + k for k in piece.problems if a <= lo + k < b):
         if row > start:
             yield from pending.add(piece.table.slice(start - lo, row - start), numbers([(start, row)]))
         yield from pending.flush()
-        problem = RowError(f"input file {path!r}, {piece.malformed[row - lo]}", "malformed")
+        what = piece.problems[row - lo]
+        problem = RowError(f"input file {path!r}, {what}", what.kind)
         yield RowBatch(piece.table.slice(row - lo, 1), numbers([(row, row + 1)]), problem)
         start = row + 1
     if b > start:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob as globlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -25,6 +25,7 @@ class InputFile:
     chunk_rows: tuple[int, ...]  # rows per chunk: row group, record batch or block of lines
     fingerprint: str = ""  # "size:mtime_ns": a rewritten file gets another (resume checks it)
     source: Source = Source("parquet")  # how its chunks are read
+    conform: tuple[pa.Schema, pa.Schema] | None = None  # (its schema, the dataset's) where they differ
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -115,15 +116,18 @@ def fingerprint(path: str) -> str:
 
 
 def scan(path: str, fmt: str = "auto", column_types: dict[str, str] | None = None,
-         delimiter: str | None = None) -> tuple[list[InputFile], pa.Schema]:
+         delimiter: str | None = None, required: tuple[str, ...] = (), id_column: str | None = None
+         ) -> tuple[list[InputFile], pa.Schema]:
     """Describe every input file (rows per chunk; for text formats the index of their blocks) and
-    find one schema they all agree on. JSON Lines and CSV columns are typed once, from the first
-    file (``column_types`` win), and every file is parsed into that schema."""
+    find the one schema of the dataset. JSON Lines and CSV columns are typed once, from the first
+    file (``column_types`` win), and every file is parsed into that schema. Parquet and Arrow
+    files are unified (``unify``): text is text whatever its Arrow type, numbers widen, a column
+    some files lack is null there; the ``required`` columns (the id and what the task reads) must
+    be in every file. Parquet and Arrow files whose ``id_column`` holds nulls are refused."""
     types = {name: _data_type(name, t) for name, t in (column_types or {}).items()}
     files: list[InputFile] = []
-    schema: pa.Schema | None = None
+    schemas: dict[str, pa.Schema] = {}
     text_schema: pa.Schema | None = None
-    first = ""
     for f, kind in list_files(path, fmt):
         chunk_rows, fschema, source = describe(f, kind, types, delimiter, text_schema)
         if kind in ("jsonl", "csv"):
@@ -134,20 +138,122 @@ def scan(path: str, fmt: str = "auto", column_types: dict[str, str] | None = Non
         elif types:
             raise InputError(f"input.column_types is for JSON Lines and CSV inputs; {f!r} is {kind}, which "
                              "carries its own types")
+        else:
+            _refuse_null_ids(f, kind, fschema, id_column)
         files.append(InputFile(path=f, num_rows=sum(chunk_rows), chunk_rows=chunk_rows, fingerprint=fingerprint(f),
                                source=source))
-        if schema is None:
-            schema, first = fschema, f
-        else:
-            for field in schema:
-                other = fschema.field(field.name) if field.name in fschema.names else None
-                if other is None:
-                    raise InputError(f"input file {f!r} lacks column {field.name!r} that {first!r} has")
-                if other.type != field.type:
-                    raise InputError(
-                        f"column {field.name!r} is {other.type} in {f!r} but {field.type} in {first!r}"
-                    )
-    return files, schema if schema is not None else pa.schema([])
+        schemas[f] = fschema
+    if not schemas:
+        return files, pa.schema([])
+    schema = unify(schemas, required)
+    files = [replace(i, conform=(schemas[i.path], schema)) if i.path in schemas and not _same(schemas[i.path], schema)
+             else i for i in files]
+    return files, schema
+
+
+def _same(a: pa.Schema, b: pa.Schema) -> bool:
+    return a.names == b.names and a.types == b.types
+
+
+def unify(schemas: dict[str, pa.Schema], required: tuple[str, ...] = ()) -> pa.Schema:
+    """The one schema of files whose schemas may drift, as pandas, Polars and Spark write them:
+    ``string``, ``large_string``, ``string_view`` and dictionary-encoded text are text
+    (``large_string`` where any file has it), integers widen (int32 and int64: int64; an int and
+    a float: float64), a column that some files lack is in the schema and null in those files.
+    Refused, naming both files: a column whose types cannot be one (text in one file, a list in
+    another), and a ``required`` column that a file lacks."""
+    names = list(schemas)
+    first, first_schema = names[0], schemas[names[0]]
+    for f, sch in schemas.items():
+        for column in required:
+            if column in first_schema.names and column not in sch.names:
+                raise InputError(f"input file {f!r} lacks column {column!r} that {first!r} has (and the job reads it)")
+            if column not in first_schema.names and column in sch.names:
+                raise InputError(f"input file {first!r} lacks column {column!r} that {f!r} has (and the job reads it)")
+    if all(_same(s, first_schema) for s in schemas.values()):
+        return first_schema
+    text: dict[str, pa.DataType] = {}  # the text columns' one type
+    seen: dict[str, tuple[str, pa.DataType]] = {}  # the first file and type of each column
+    for f, sch in schemas.items():
+        for field in sch:
+            was = seen.setdefault(field.name, (f, field.type))
+            if is_string_type(field.type) or is_string_type(was[1]):
+                if not (is_string_type(field.type) and is_string_type(was[1])):
+                    raise _conflict(field.name, was, (f, field.type))
+                large = pa.types.is_large_string(_plain(field.type)) or text.get(field.name) == pa.large_string()
+                text[field.name] = pa.large_string() if large else pa.string()
+    plain = [pa.schema([pa.field(fl.name, text.get(fl.name, fl.type), fl.nullable) for fl in s]) for s in schemas.values()]
+    try:
+        unified = pa.unify_schemas(plain, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):  # name the two files that disagree
+        for f, sch in zip(names, plain):
+            try:
+                pa.unify_schemas([plain[0], sch], promote_options="permissive")
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                column = next(fl.name for fl in sch if fl.name in plain[0].names and fl.type != plain[0].field(fl.name).type
+                              and _unmergeable(plain[0].field(fl.name).type, fl.type))
+                raise _conflict(column, (first, schemas[first].field(column).type), (f, schemas[f].field(column).type)) from None
+        raise
+    return unified.remove_metadata().with_metadata(first_schema.metadata)
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _unmergeable(a: pa.DataType, b: pa.DataType) -> bool:
+    try:
+        pa.unify_schemas([pa.schema([("x", a)]), pa.schema([("x", b)])], promote_options="permissive")
+        return False
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return True
+
+
+def _conflict(column: str, a: tuple[str, pa.DataType], b: tuple[str, pa.DataType]) -> InputError:
+    return InputError(f"column {column!r} is {b[1]} in {b[0]!r} but {a[1]} in {a[0]!r}: the files of one input must "
+                      "agree on what each column holds (text, numbers, lists); convert one of them")
+
+
+def _refuse_null_ids(path: str, kind: str, schema: pa.Schema, id_column: str | None) -> None:
+    """Refuse a Parquet or Arrow file whose id column holds nulls (from the Parquet footer's null
+    counts where it has them, else by reading that column alone): an output row without its id
+    cannot be joined back to its input, and resume and retry could not tell such rows apart."""
+    if id_column is None or id_column not in schema.names:
+        return
+    nulls = _null_count(path, kind, id_column)
+    if nulls:
+        raise InputError(f"input file {path!r} has {nulls} row(s) whose id (column {id_column!r}) is null: every row "
+                         "needs an id to be joined back to its input (and resumed, and retried); fill them in, or "
+                         "set input.id_column to a column that identifies every row")
+
+
+def _null_count(path: str, kind: str, column: str) -> int:
+    from rayinfer.io.formats import open_chunks
+    from rayinfer.io.formats.binary import open_parquet
+
+    if kind == "parquet":
+        pf = open_parquet(path)
+        try:
+            md = pf.metadata
+            leaves = [j for j in range(md.num_columns) if md.schema.column(j).path == column]
+            count = 0
+            for rg in range(md.num_row_groups):
+                stats = md.row_group(rg).column(leaves[0]).statistics if leaves else None
+                if stats is None or not stats.has_null_count:
+                    return pf.read(columns=[column]).column(column).null_count
+                count += stats.null_count
+            return count
+        finally:
+            pf.close()
+    reader = open_chunks(path, Source(kind))
+    try:
+        count = 0
+        for i in range(len(reader.chunk_rows())):
+            for piece in reader.chunk(i, [column], 1 << 20):
+                count += piece.table.column(column).null_count
+        return count
+    finally:
+        reader.close()
 
 
 def _data_type(column: str, name: str) -> pa.DataType:

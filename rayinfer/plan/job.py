@@ -117,7 +117,8 @@ def plan_job(
             "run would read the output parts as input (or overwrite would delete input files). Write the output "
             "outside the input folder."
         )
-    files, schema = scan(spec.input.path, spec.input.format, spec.input.column_types, spec.input.delimiter)
+    files, schema = scan(spec.input.path, spec.input.format, spec.input.column_types, spec.input.delimiter,
+                         required=(spec.input.id_column, *column_map.values()), id_column=spec.input.id_column)
     check_columns(schema, {spec.input.id_column: None}, "input.id_column")
     for name, col in column_map.items():
         check_columns(schema, {col: task_cls.inputs[name].dtype}, f"task input {name!r}")

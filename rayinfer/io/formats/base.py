@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from rayinfer.errors import InputError
+from rayinfer.errors import InputError, RowError
 from rayinfer.io.location import filesystem
 
 FORMATS = ("parquet", "arrow", "jsonl", "csv")
@@ -38,10 +38,18 @@ class Source:
 
 @dataclass
 class Piece:
-    """Consecutive rows of a chunk; a malformed row is all nulls here, its problem in ``malformed``."""
+    """Consecutive rows of a chunk. A row that cannot run (a malformed record: all nulls here but
+    its id where it could be recovered; a row whose id is null) has its RowError in ``problems``,
+    its text naming the row (``line 7: ...``), not the file."""
 
     table: pa.Table
-    malformed: dict[int, str] = field(default_factory=dict)  # row offset in the piece -> what is wrong
+    problems: dict[int, RowError] = field(default_factory=dict)  # row offset in the piece -> what is wrong
+
+
+def null_id(where: str, column: str) -> RowError:
+    """The problem of a row whose id is null (``where``: ``line 7``, ``row 6``)."""
+    return RowError(f"{where}: its id (column {column!r}) is null; every row needs an id to be joined back to its input: "
+                    "fill it in, then run rayinfer retry-errors", "null_id")
 
 
 def format_of(path: str, given: str) -> str | None:

@@ -16,11 +16,12 @@ from collections import Counter
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
-from rayinfer.errors import InputError
-from rayinfer.io.formats.base import Chunks, Piece, Source, input_file, open_input
+from rayinfer.errors import InputError, RowError
+from rayinfer.io.formats.base import Chunks, Piece, Source, input_file, null_id, open_input
 
 TEXT_CHUNK_ROWS = 65_536
 
@@ -176,10 +177,21 @@ class TextChunks(Chunks):
             piece = Piece(table)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             piece = self._parse_records(block, self.source.lines[i])
+        self._null_ids(piece, block, self.source.lines[i])
         table = piece.table.select(columns)
         for start in range(0, table.num_rows, batch_rows):
-            malformed = {k - start: v for k, v in piece.malformed.items() if start <= k < start + batch_rows}
-            yield Piece(table.slice(start, batch_rows), malformed)
+            problems = {k - start: v for k, v in piece.problems.items() if start <= k < start + batch_rows}
+            yield Piece(table.slice(start, batch_rows), problems)
+
+    def _null_ids(self, piece: Piece, block: bytes, first_line: int) -> None:
+        """Mark the records whose id is null (and that are not malformed already), naming their lines."""
+        name = self.id_column
+        if name is None or name not in piece.table.column_names or not piece.table.column(name).null_count:
+            return
+        nulls = set(pc.indices_nonzero(pc.is_null(piece.table.column(name))).to_pylist()) - set(piece.problems)
+        for k, (line_no, _) in enumerate(_records(block, first_line, self.source.format == "csv")):
+            if k in nulls:
+                piece.problems[k] = null_id(f"line {line_no}", name)
 
     def _parse(self, block: bytes) -> pa.Table:
         schema = self.source.schema
@@ -216,7 +228,7 @@ class TextChunks(Chunks):
                 except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                     problem = " ".join(str(exc).split())
             if problem is not None:
-                malformed[len(tables)] = f"line {line_no}: {problem}"
+                malformed[len(tables)] = RowError(f"line {line_no}: {problem}", "malformed")
                 table = self._null_row(record)
             tables.append(table.cast(schema))
         return Piece(pa.concat_tables(tables) if tables else schema.empty_table(), malformed)
