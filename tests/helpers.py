@@ -77,7 +77,9 @@ def write_units(location: str, files: list, coverage: dict, batch: int, unit_row
     return committed
 
 
-FORMAT_CASES = ["parquet", "arrow-file", "arrow-stream", "hf-dataset", "jsonl", "csv"]
+FORMAT_CASES = ["parquet", "arrow-file", "arrow-stream", "hf-dataset", "jsonl", "csv", "c4-json.gz", "jsonl.zst"]
+"""c4-json.gz: two gzipped JSON Lines files named as C4 ships them (``.json.gz``); jsonl.zst: one
+zstd-compressed JSON Lines file, as The Pile and Dolma ship them."""
 
 
 def write_as(fmt: str, table: Any, folder: Path, chunk_rows: int, name: str = "data") -> Path:
@@ -108,6 +110,19 @@ def write_as(fmt: str, table: Any, folder: Path, chunk_rows: int, name: str = "d
     elif fmt == "jsonl":
         path = folder / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table.to_pylist()), encoding="utf-8")
+    elif fmt == "c4-json.gz":
+        import gzip
+
+        half = (table.num_rows + 1) // 2
+        for i, part in enumerate([table.slice(0, half), table.slice(half)]):
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part.to_pylist())
+            (folder / f"{name}.{i:05d}-of-00002.json.gz").write_bytes(gzip.compress(lines.encode("utf-8")))
+        path = folder / f"{name}.*-of-00002.json.gz"
+    elif fmt == "jsonl.zst":
+        path = folder / f"{name}.jsonl.zst"
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in table.to_pylist())
+        with pa.output_stream(str(path), compression="zstd") as f:
+            f.write(lines.encode("utf-8"))
     elif fmt == "csv":
         path = folder / f"{name}.csv"
         pacsv.write_csv(table, path)

@@ -123,9 +123,25 @@ def test_an_actor_killed_mid_run_is_replaced_and_every_id_comes_out_once(tmp_pat
     assert pids - {str(killed[0])}, manifest["actors"]  # a replacement actor did the rest
 
 
-def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_parts(tmp_path, rayinfer_bert, ray_session):
+def as_jsonl_gz(folder: Path) -> None:
+    """Each Parquet file of ``folder`` as a gzipped JSON Lines file in its place."""
+    import gzip
+
+    for path in sorted(folder.glob("*.parquet")):
+        lines = "".join(json.dumps(r) + "\n" for r in pq.read_table(path).to_pylist())
+        path.with_suffix(".jsonl.gz").write_bytes(gzip.compress(lines.encode("utf-8")))
+        path.unlink()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl.gz"])
+def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_parts(fmt, tmp_path, rayinfer_bert,
+                                                                                ray_session):
+    """Also over gzipped JSON Lines, where a resume decompresses each file from its start up to the
+    first row no part holds."""
     n = 3000
     job = fill_mask_job(tmp_path, rayinfer_bert, rows=n, files=3, row_group_size=100, runtime={"batch_size": 20, "actors": 1})
+    if fmt == "jsonl.gz":
+        as_jsonl_gz(tmp_path / "in")
     out = tmp_path / "out"
     address = ray_session.get_runtime_context().gcs_address
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -56,7 +56,8 @@ def classify_job(tmp_path, model, input_path, **input_spec):
 def test_every_format_gives_the_same_output(fmt, tmp_path, rayinfer_bert_classifier, expected, ray_session,
                                             small_text_chunks):
     path = write_as(fmt, TABLE, tmp_path / "in", chunk_rows=16)
-    manifest = run_job(classify_job(tmp_path, rayinfer_bert_classifier, path))
+    given = {"format": "jsonl"} if fmt == "c4-json.gz" else {}  # C4's .json files are JSON Lines; .jsonl.zst: auto
+    manifest = run_job(classify_job(tmp_path, rayinfer_bert_classifier, path, **given))
     assert manifest["status"] == "complete" and manifest["rows"] == len(TEXTS) and manifest["errors"] == 0
     out = pq.read_table(tmp_path / "out").to_pylist()
     assert sorted(r["uid"] for r in out) == sorted(expected)
@@ -189,6 +190,69 @@ def test_a_binary_file_with_null_ids_is_refused_before_ray_starts(fmt, tmp_path,
     assert (f"input file {str(path)!r} has 2 row(s) whose id (column 'uid') is null: every row needs an id"
             in result.output)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("codec, ext", [("gzip", ".gz"), ("bz2", ".bz2"), ("zstd", ".zst"), ("xz", ".xz"), ("lz4", ".lz4")])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_compressed_text_inputs_read_as_streams_like_the_plain_file(fmt, codec, ext, tmp_path, small_text_chunks):
+    """Each codec, read through pyarrow's streams (xz: Python's lzma): the same blocks and rows
+    as the plain file, a block read alone, a unit that starts inside the file."""
+    import lzma
+
+    plain = write_as(fmt, TABLE, tmp_path / "plain", chunk_rows=16)
+    packed = tmp_path / "in" / (plain.name + ext)
+    packed.parent.mkdir()
+    if codec == "xz":
+        packed.write_bytes(lzma.compress(plain.read_bytes()))
+    else:
+        with pa.output_stream(str(packed), compression=codec) as f:
+            f.write(plain.read_bytes())
+    [want], want_schema = scan(str(plain))
+    [got], schema = scan(str(packed))
+    assert got.source.compression == codec and got.source.format == fmt and schema == want_schema
+    assert got.chunk_rows == want.chunk_rows == (16, 16, 16, 1) and got.source.offsets == want.source.offsets
+    whole = [r for t, _, _ in read_rows(got, [(0, got.num_rows)], ["uid", "text"], 7) for r in t.to_pylist()]
+    assert whole == TABLE.to_pylist()
+    inside = [r["uid"] for t, _, _ in read_rows(got, [(20, 23), (40, 49)], ["uid"]) for r in t.to_pylist()]
+    assert inside == [f"r{i:03d}" for i in [20, 21, 22, *range(40, 49)]]
+
+
+def test_json_files_are_json_lines_when_their_first_line_is_an_object(tmp_path):
+    import gzip
+
+    (tmp_path / "c4").mkdir()
+    lines = "".join(json.dumps(r) + "\n" for r in TABLE.to_pylist())
+    (tmp_path / "c4" / "c4-train.00000-of-01024.json.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "c4" / "plain.json").write_text(lines)
+    files, schema = scan(str(tmp_path / "c4"))
+    assert [f.source.format for f in files] == ["jsonl", "jsonl"] and schema.names == ["uid", "text"]
+    assert [f.num_rows for f in files] == [len(TEXTS)] * 2
+    (tmp_path / "doc.json").write_text(json.dumps(TABLE.to_pylist(), indent=1))
+    with pytest.raises(InputError, match="is JSON but not JSON Lines .one object per line.: rayinfer reads JSON in chunks"):
+        scan(str(tmp_path / "doc.json"))
+
+
+def test_a_damaged_compressed_file_is_refused_when_planned_and_one_line_when_it_breaks_later(tmp_path):
+    import gzip
+
+    from rayinfer.errors import UnreadableInput
+
+    path = tmp_path / "in.jsonl.gz"
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in TABLE.to_pylist()).encode())
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"in.jsonl.gz' cannot be read to its end \(.*\): is it damaged or cut off\?"):
+        scan(str(path))
+    path.write_bytes(data)
+    [file], _ = scan(str(path))
+    path.write_bytes(data[:100] + b"\xff" * 40 + data[140:])  # damaged after the job was planned
+    with pytest.raises(UnreadableInput, match=r"in.jsonl.gz', the block of rows 0-48 from line 1 cannot be read"):
+        list(read_rows(file, [(0, file.num_rows)], ["uid"]))
+    for name, message in [("in.zip", "is a zip archive, not a stream of records: unzip it"),
+                          ("in.parquet.gz", "is a parquet file compressed as a whole .gzip.: rayinfer reads parquet "
+                                            "files by random access")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(InputError, match=message):
+            scan(str(tmp_path / name), fmt="jsonl" if name.endswith(".zip") else "auto")
 
 
 def test_a_hugging_face_dataset_dict_names_its_splits(tmp_path):

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 
 from rayinfer.errors import InputError
 from rayinfer.io.formats import describe
-from rayinfer.io.formats.base import FORMATS, Source, format_of
+from rayinfer.io.formats.base import FORMATS, Source, format_of, resolve_json
 from rayinfer.io.location import filesystem, uri_for
 
 
@@ -43,7 +43,7 @@ def list_files(path: str, fmt: str = "auto") -> list[tuple[str, str]]:
         )
         if not found:
             raise InputError(f"input.path {path!r}: the glob matches no files")
-        return _of_one_format(path, [(f, format_of(f, fmt)) for f in found], fmt)
+        return _of_one_format(path, [(f, _resolved(f, format_of(f, fmt))) for f in found], fmt)
     fs, fpath = _filesystem(path)
     info = fs.get_file_info(fpath)
     if info.type == pafs.FileType.NotFound:
@@ -53,7 +53,7 @@ def list_files(path: str, fmt: str = "auto") -> list[tuple[str, str]]:
         if found_fmt is None:
             raise InputError(f"input.path {path!r}: cannot tell its format from the extension; set input.format "
                              f"({', '.join(FORMATS)})")
-        return [(uri_for(fpath, path), found_fmt)]
+        return [(uri_for(fpath, path), _resolved(uri_for(fpath, path), found_fmt) or found_fmt)]
     hf = _hugging_face_files(fs, fpath, path)
     if hf is not None:
         return [(f, "arrow") for f in hf]
@@ -64,11 +64,16 @@ def list_files(path: str, fmt: str = "auto") -> list[tuple[str, str]]:
         if i.type == pafs.FileType.File
         and not any(part.startswith((".", "_")) for part in os.path.relpath(i.path, fpath).split(os.sep))
     ]
-    files = sorted((f, k) for f, k in files if k is not None)
+    files = sorted((f, _resolved(f, k)) for f, k in files if k is not None)
     if not files:
         kinds = "files of format " + fmt if fmt != "auto" else "input files (.parquet, .arrow, .jsonl, .csv, ...)"
         raise InputError(f"input.path {path!r} is a folder with no {kinds} in it")
     return _of_one_format(path, files, fmt)
+
+
+def _resolved(path: str, kind: str | None) -> str | None:
+    """A ``.json`` file's format: JSON Lines when its first line is an object (else refused)."""
+    return resolve_json(path) if kind == "json" else kind
 
 
 def _of_one_format(path: str, files: list[tuple[str, str | None]], fmt: str) -> list[tuple[str, str]]:

@@ -3,7 +3,8 @@
 Text formats have no random access of their own: when the job is planned, one pass over each
 file finds the byte offset where each block starts (and, for CSV, where quoted values span
 lines), so that a work unit, a resume or a retry reads only the blocks that hold its rows. A
-JSON line or CSV record that does not parse, or whose values do not fit the column types, is a
+compressed file is indexed through its codec (offsets into the decompressed stream) and read
+forward (``_Forward``): a stream cannot seek. A JSON line or CSV record that does not parse, or whose values do not fit the column types, is a
 *malformed* row: it becomes an error row naming file and line, and the rest of its block goes on."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
 from rayinfer.errors import InputError, RowError
-from rayinfer.io.formats.base import Chunks, Piece, Source, input_file, null_id, open_input
+from rayinfer.io.formats.base import Chunks, Piece, Source, input_file, null_id, open_stream
 
 TEXT_CHUNK_ROWS = 65_536
 
@@ -32,13 +33,11 @@ SAMPLE_BYTES = 1 << 20  # text formats: column types are inferred from about thi
 _READ_BLOCK = 8 << 20
 
 
-def index_text(path: str, is_csv: bool) -> tuple[bytes, list[int], list[int], list[int]]:
+def index_text(path: str, is_csv: bool, compression: str | None = None) -> tuple[bytes, list[int], list[int], list[int]]:
     """One pass over a text file: the CSV header, and for every TEXT_CHUNK_ROWS-th record its
     byte offset and line number (then the end), and the records per chunk. Blank lines are not
-    records; in CSV a record goes on over line ends inside quotes (RFC 4180: "" is a quote)."""
-    if path.lower().endswith((".gz", ".bz2", ".zst", ".xz", ".lz4", ".zip")):
-        raise InputError(f"input file {path!r} is compressed: JSON Lines and CSV inputs are read by byte ranges, "
-                         "so decompress it first (or convert it to Parquet)")
+    records; in CSV a record goes on over line ends inside quotes (RFC 4180: "" is a quote).
+    A compressed file is read through its codec: its offsets are into the decompressed bytes."""
     header_lines: list[bytes] = []
     header = b""
     offsets: list[int] = []
@@ -47,7 +46,7 @@ def index_text(path: str, is_csv: bool) -> tuple[bytes, list[int], list[int], li
     pos = line_no = records = 0
     in_quotes = False
     need_header = is_csv
-    for raw in _lines(path):
+    for raw in _lines(path, compression):
         start, continuing = pos, in_quotes
         pos += len(raw) + 1
         line_no += 1
@@ -74,11 +73,10 @@ def index_text(path: str, is_csv: bool) -> tuple[bytes, list[int], list[int], li
     return header, offsets, lines, counts
 
 
-def _lines(path: str) -> Iterator[bytes]:
-    fs, fpath = open_input(path)
+def _lines(path: str, compression: str | None) -> Iterator[bytes]:
     rest = b""
-    with fs.open_input_stream(fpath, compression=None) as stream:
-        while block := stream.read(_READ_BLOCK):
+    with open_stream(path, compression) as stream:
+        while block := _read(stream, path, _READ_BLOCK):
             parts = (rest + block).split(b"\n")
             rest = parts.pop()
             yield from parts
@@ -86,17 +84,50 @@ def _lines(path: str) -> Iterator[bytes]:
         yield rest
 
 
-def read_range(path: str, start: int, stop: int) -> bytes:
-    with input_file(path) as f:
-        f.seek(start)
-        return f.read(stop - start)
+def _read(stream: Any, path: str, n: int) -> bytes:
+    try:
+        return stream.read(n)
+    except OSError as exc:  # a damaged stream (bad gzip data, a cut-off file) when the job is planned
+        raise InputError(f"input file {path!r} cannot be read to its end ({' '.join(str(exc).split())}): is it "
+                         "damaged or cut off?") from None
+
+
+def read_range(path: str, start: int, stop: int, compression: str | None = None) -> bytes:
+    """Bytes [start, stop) of a file (of its decompressed stream where ``compression`` is set)."""
+    if compression is None:
+        with input_file(path) as f:
+            f.seek(start)
+            return f.read(stop - start)
+    with open_stream(path, compression) as stream:
+        return _Forward(stream).read(start, stop)
+
+
+class _Forward:
+    """A compressed stream read forward: byte ranges at or after its position are reached by
+    decompressing up to them (what a chunk of a compressed file costs: the stream from where the
+    reader is, so a unit that starts inside the file first decompresses what comes before it)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.pos = stream, 0
+
+    def read(self, start: int, stop: int) -> bytes:
+        while self.pos < start:
+            skipped = self.stream.read(min(_READ_BLOCK, start - self.pos))
+            if not skipped:
+                raise OSError(f"the stream ends at byte {self.pos}, before {start}")
+            self.pos += len(skipped)
+        data = self.stream.read(stop - start)
+        self.pos += len(data)
+        if len(data) < stop - start:
+            raise OSError(f"the stream ends at byte {self.pos}, before {stop}")
+        return data
 
 
 def infer_schema(path: str, source: Source, column_types: dict[str, pa.DataType]) -> pa.Schema:
     """Column types from about SAMPLE_BYTES of the file's first records (``column_types`` win)."""
     end = source.offsets[-1]
     start = source.offsets[0] if len(source.offsets) > 1 else end
-    sample = read_range(path, start, min(end, start + SAMPLE_BYTES)) if end > start else b""
+    sample = read_range(path, start, min(end, start + SAMPLE_BYTES), source.compression) if end > start else b""
     if end > start + SAMPLE_BYTES:
         sample = sample[: sample.rfind(b"\n") + 1]  # whole lines (a CSV value may span lines: see below)
     try:
@@ -167,11 +198,31 @@ class TextChunks(Chunks):
     """JSON Lines and CSV blocks: parsed whole by pyarrow; a block that fails is parsed record by
     record, so that each malformed record is found, named by its line and left out."""
 
+    def __init__(self, path: str, source: Source, id_column: str | None = None) -> None:
+        super().__init__(path, source, id_column)
+        self._stream: Any = None  # a compressed file: the open stream, read forward
+        self._forward: _Forward | None = None
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = self._forward = None
+
     def where(self, i: int, start: int, stop: int) -> str:
         return f"the block of rows {start}-{stop - 1} from line {self.source.lines[i]}"
 
+    def _block(self, i: int) -> bytes:
+        start, stop = self.source.offsets[i], self.source.offsets[i + 1]
+        if self.source.compression is None:
+            return read_range(self.path, start, stop)
+        if self._forward is None or self._forward.pos > start:  # (re)start the stream
+            self.close()
+            self._stream = open_stream(self.path, self.source.compression)
+            self._forward = _Forward(self._stream)
+        return self._forward.read(start, stop)
+
     def chunk(self, i: int, columns: list[str], batch_rows: int) -> Iterator[Piece]:
-        block = read_range(self.path, self.source.offsets[i], self.source.offsets[i + 1])
+        block = self._block(i)
         try:
             table = self._parse(block)
             piece = Piece(table)
