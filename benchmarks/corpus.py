@@ -2,6 +2,7 @@
 
     python -m benchmarks.corpus                      # 1M rows in 10 files (about 10 minutes on 2 cores)
     python -m benchmarks.corpus --rows 10000000 --repeat 1 --no-loop     # the 10M-row memory run
+    python -m benchmarks.corpus --small-files 600 --rows 60000    # 600 shards of 100 rows vs one file
 
 The workload is what a user with a big corpus and a small model meets: short real sentences
 (CPython's reference docs, cycled), ``--files`` Parquet files, classified by the tiny 2-layer BERT
@@ -14,7 +15,8 @@ of ``rayinfer.testing`` (hidden size 32). With a model this small per-row overhe
              model loads, every commit and the manifest are inside the time.
 
 Both are timed end to end (wall clock, start-up included) and alternated ``--repeat`` times; the
-table gives each run and the median ratio. The driver's and the actors' RSS are sampled every 5 s
+table gives each run and the median ratio. ``--small-files N`` instead times rayinfer on the rows
+in N Parquet files (a crawl's shards) against the same rows in one file, alternated, end to end. The driver's and the actors' RSS are sampled every 5 s
 during each rayinfer run and reported at 10% and at the end of the rows, with rows/s over the
 first and the second half (rows done come from rayinfer's own progress lines).
 """
@@ -216,7 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3, help="alternating runs of (loop) and (rayinfer)")
     ap.add_argument("--no-loop", action="store_true", help="rayinfer only (the 10M-row memory run)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="spec overrides for rayinfer")
+    ap.add_argument("--small-files", type=int, default=0, metavar="N",
+                    help="rayinfer on the rows in N files against the same rows in one file")
     args = ap.parse_args(argv)
+    if args.small_files:
+        small_files(args)
+        return
 
     from rayinfer.testing import build_bert
 
@@ -269,6 +276,36 @@ def main(argv: list[str] | None = None) -> None:
             h = halves(s, rows)
             if h:
                 print(f"run {i + 1} rows/s first half {h[0]:.0f}, second half {h[1]:.0f} ({h[1] / h[0] - 1:+.0%})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def small_files(args: argparse.Namespace) -> None:
+    """The same rows as one file and as ``--small-files`` files, each run by rayinfer end to end
+    (start-up included), alternated ``--repeat`` times; the table gives wall seconds, parts and
+    the median ratio of the many files' time to the one file's."""
+    from rayinfer.testing import build_bert
+
+    tmp = Path(tempfile.mkdtemp(prefix="rayinfer-small-files-"))
+    try:
+        model = build_bert(tmp / "model", head="sequence-classification")
+        one, many = tmp / "one", tmp / "many"
+        make_corpus(one, args.rows, 1)
+        make_corpus(many, args.rows, args.small_files)
+        print(f"corpus: {args.rows} rows as 1 file and as {args.small_files} files; model: 2-layer BERT, hidden 32; "
+              f"{os.cpu_count()} cores", flush=True)
+        print("\n| run | input | parts | wall s | rows/s |\n|---|---|---|---|---|", flush=True)
+        ratios = []
+        for i in range(args.repeat):
+            times = {}
+            for name, data in (("1 file", one), (f"{args.small_files} files", many)):
+                ri = run_rayinfer(model, data, tmp / "out", tmp, args.overrides)
+                times[name] = ri["wall_s"]
+                print(f"| {i + 1} | {name} | {ri['parts']} | {ri['wall_s']:.1f} | {ri['rows'] / ri['wall_s']:.0f} |",
+                      flush=True)
+            ratios.append(times[f"{args.small_files} files"] / times["1 file"])
+        print(f"\n{args.small_files} files / 1 file, wall time: " + ", ".join(f"{r:.2f}" for r in ratios)
+              + f" (median {sorted(ratios)[(len(ratios) - 1) // 2]:.2f})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -63,7 +63,7 @@ class OutputSpec(_Strict):
     part_rows: int = Field(
         1_000_000,
         gt=0,
-        description="Most input rows per output part (a part is one work unit: rows of one input file). A crash "
+        description="Most input rows per output part (a part is one work unit: rows of one input file, or of several small files packed together). A crash "
         "loses at most the part each actor is writing, so smaller parts lose less work but make more files. "
         "Jobs too small to give every actor several parts of this size get smaller parts.",
     )

@@ -68,11 +68,12 @@ def write_units(location: str, files: list, coverage: dict, batch: int, unit_row
     for unit in units:
         unit = unit_todo(store, unit)
         writer = PartWriter(store, schema, {"run": "test"}, part_bytes, row_group_rows=batch)
-        for table, rows, _ in read_rows(by_path[unit["file"]], unit["ranges"], ["id"], batch):
-            if stop_after is not None and committed >= stop_after:  # a part half-written when the process dies
-                PartWriter(store, schema, {"run": "test"}, 1 << 40, row_group_rows=1).write(unit["file"], table, rows)
-                return committed
-            committed += len(writer.write(unit["file"], table, rows, unit["fingerprint"]))
+        for piece in unit["pieces"]:
+            for table, rows, _ in read_rows(by_path[piece["file"]], piece["ranges"], ["id"], batch):
+                if stop_after is not None and committed >= stop_after:  # a part half-written when the process dies
+                    PartWriter(store, schema, {"run": "test"}, 1 << 40, row_group_rows=1).write(piece["file"], table, rows)
+                    return committed
+                committed += len(writer.write(piece["file"], table, rows, piece["fingerprint"]))
         committed += len(writer.close())
     return committed
 

@@ -18,10 +18,12 @@ def test_a_unit_started_again_counts_a_death_and_pins_it_on_the_batch_in_flight(
     c.end("f:0-100")
     c.begin("f:0-100", 8, 15)  # dies here
     again = c.start("f:0-100")
-    assert again["deaths"] == 2 and again["crashes"] == [[8, 15, 1]]
+    assert again["deaths"] == 2 and again["crashes"] == [["", 8, 15, 1]]
     c.begin("f:0-100", 8, 15)
-    assert c.start("f:0-100")["crashes"] == [[8, 15, 2]]
-    assert c.start("g:0-10")["attempt"] == 1 and c.worker_deaths() == 3
+    assert c.start("f:0-100")["crashes"] == [["", 8, 15, 2]]
+    c.begin("f:0-100", 8, 15, "/d/g.parquet")  # the same rows of another file of the unit (small files packed)
+    assert c.start("f:0-100")["crashes"] == [["", 8, 15, 2], ["/d/g.parquet", 8, 15, 1]]
+    assert c.start("g:0-10")["attempt"] == 1 and c.worker_deaths() == 4
     c.request_stop()
     assert c.stopping() and c.start("h:0-10")["stop"]
 
@@ -61,7 +63,7 @@ def test_isolation_converges_on_the_killing_rows_for_any_batch_and_retries():
         while True:
             state = c.start(unit)
             if state["attempt"] > 1:
-                crashes = {(a, b): k for a, b, k in state["crashes"]}
+                crashes = {(a, b): k for _, a, b, k in state["crashes"]}
             pieces = [(0, n, False)] if crashes is None else crash_pieces(list(range(n)), crashes, retries)
             died = False
             for lo, hi, kills in pieces:

@@ -8,10 +8,11 @@ import os
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from helpers import fill_mask_job, masked_corpus
+from helpers import fill_mask_job, masked_corpus, write_job
 
 from rayinfer.api import run_job
 from rayinfer.cli import main
@@ -71,6 +72,35 @@ def test_parts_hold_part_rows_or_part_bytes_except_each_units_tail(tmp_path, ray
         assert len(parts) > 2, parts
         assert all(size >= 6000 for _, size in parts[:-1]), parts  # all but the unit's tail are full
     assert sorted(pq.read_table(out).column("doc_id").to_pylist()) == list(range(1000, 1460))
+
+
+def test_many_small_files_make_parts_of_the_usual_size(tmp_path, rayinfer_bert_classifier, ray_session):
+    """600 Parquet files of 100 rows (a crawl's shards): units span files, so two actors make 8
+    parts (4 units each), not 600; every id exactly once, each part's footer naming its files'
+    rows one file after the other."""
+    from rayinfer.testing import english_sentences
+
+    sentences = english_sentences()
+    folder = tmp_path / "crawl"
+    folder.mkdir()
+    for f in range(600):
+        ids = list(range(f * 100, f * 100 + 100))
+        pq.write_table(pa.table({"id": ids, "text": [sentences[i % len(sentences)] for i in ids]}),
+                       folder / f"shard-{f:05d}.parquet")
+    job = write_job(tmp_path / "job.yaml", task="classify", model=str(rayinfer_bert_classifier),
+                    input={"path": str(folder)}, output={"path": str(tmp_path / "out")},
+                    runtime={"actors": 2, "num_cpus": 1})
+    manifest = run_job(job)
+    assert manifest["status"] == "complete" and manifest["rows"] == 60_000 and manifest["errors"] == 0
+    footers = parts_of(tmp_path / "out")
+    assert len(footers) <= 8 and sum(md.num_rows for md in footers) == 60_000
+    ids = pq.read_table(tmp_path / "out", columns=["id"]).column("id").to_pylist()
+    assert len(ids) == 60_000 and sorted(ids) == list(range(60_000))
+    for md in footers:  # a run of consecutive shards, every row of each
+        coverage = footer_coverage(md)
+        names = [Path(f).name for f in coverage]
+        assert names == sorted(names) and all(r == [(0, 100)] for r in coverage.values())
+        assert len(coverage) * 100 == md.num_rows
 
 
 def _resume(job: Path, *overrides: str):

@@ -44,7 +44,7 @@ def test_fill_mask_job_over_many_files(tmp_path, rayinfer_bert, ray_session):
     assert manifest["run_id"] == on_disk["run_id"] and on_disk["versions"]["ray"]
     assert on_disk["rows_per_s"] > 0 and on_disk["duration_s"] > 0
 
-    meta = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet"))).metadata
+    meta = pq.read_metadata(next((tmp_path / "out").glob("part-*.parquet"))).metadata
     provenance = json.loads(meta[b"rayinfer"])
     assert provenance["task"] == "fill-mask" and provenance["model"] == str(rayinfer_bert)
     assert provenance["options"] == {"top_k": 3, "max_length": None, "truncate": True}

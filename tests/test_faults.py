@@ -24,6 +24,7 @@ from rayinfer_tasks.fill_mask import FillMaskTask
 
 from rayinfer.api import run_job
 from rayinfer.errors import RunError
+from rayinfer.io.parts import part_coverage
 from rayinfer.io.store import MANIFEST, list_parts
 from rayinfer.testing import run_task
 
@@ -133,13 +134,15 @@ def as_jsonl_gz(folder: Path) -> None:
         path.unlink()
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl.gz"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl.gz", "small-files"])
 def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_parts(fmt, tmp_path, rayinfer_bert,
                                                                                 ray_session):
     """Also over gzipped JSON Lines, where a resume decompresses each file from its start up to the
-    first row no part holds."""
+    first row no part holds, and over 60 small files packed two to a unit and a part."""
     n = 3000
-    job = fill_mask_job(tmp_path, rayinfer_bert, rows=n, files=3, row_group_size=100, runtime={"batch_size": 20, "actors": 1})
+    small = fmt == "small-files"
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=n, files=60 if small else 3, row_group_size=100,
+                        runtime={"batch_size": 20, "actors": 1}, **({"output": {"part_rows": 100}} if small else {}))
     if fmt == "jsonl.gz":
         as_jsonl_gz(tmp_path / "in")
     out = tmp_path / "out"
@@ -167,6 +170,9 @@ def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_part
     assert len(ids) == n and sorted(ids) == list(range(1000, 1000 + n))
     assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed  # none recomputed
     assert json.loads((out / MANIFEST).read_text())["status"] == "complete"
+    if small:  # every part two whole files, one after the other
+        assert all(len(c := part_coverage(str(out), name)) == 2 and all(r == [(0, 50)] for r in c.values())
+                   for name in list_parts(out))
 
 
 def damage_row_group(path, row_group: int, column: str) -> None:

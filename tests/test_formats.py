@@ -83,7 +83,7 @@ def test_string_columns_of_every_arrow_string_type_are_text(case, tmp_path, rayi
     plan = plan_job(classify_job(tmp_path, rayinfer_bert_classifier, path))
     assert plan.input_schema.field("text").type == case.text
     [file] = plan.files
-    rows = [r for t, _, _ in read_rows(file, make_units(plan.files)[0]["ranges"], ["uid", "text"]) for r in t.to_pylist()]
+    rows = [r for t, _, _ in read_rows(file, make_units(plan.files)[0]["pieces"][0]["ranges"], ["uid", "text"]) for r in t.to_pylist()]
     assert [r["text"] for r in rows] == TEXTS and all(isinstance(r["text"], str) for r in rows)
 
 
@@ -117,7 +117,8 @@ def test_a_csv_record_with_missing_fields_is_an_error_row_and_the_block_goes_on(
     text[5] = '"r004"\n'  # line 6: one field of two
     path.write_text("".join(text))
     files, _ = scan(str(path))
-    got = [b for u in make_units(files, unit_rows=100) for b in read_rows(files[0], u["ranges"], ["uid", "text"], 100)]
+    got = [b for u in make_units(files, unit_rows=100) for p in u["pieces"]
+           for b in read_rows(files[0], p["ranges"], ["uid", "text"], 100)]
     errors = [(rows.to_pylist(), e) for t, rows, e in got if e is not None]
     assert len(errors) == 1 and errors[0][0] == [4]
     assert errors[0][1].kind == "malformed" and "line 6: CSV parse error: Expected 2 columns, got 1" in errors[0][1].message

@@ -194,13 +194,15 @@ def _run_units(task, registry, job: dict, out: Path, units_of) -> None:
     chunk=st.integers(1, 25),
     batch=st.integers(1, 16),
     unit_rows=st.integers(1, 70),
+    files=st.integers(1, 3),
 )
 def test_malformed_rows_fixed_then_retried_give_the_output_of_a_clean_run_row_for_row(
-    loaded_classifier, rayinfer_bert_classifier, fmt, n, data, chunk, batch, unit_rows
+    loaded_classifier, rayinfer_bert_classifier, fmt, n, data, chunk, batch, unit_rows, files
 ):
-    """Random malformed records in random places of a JSON Lines or CSV file: run, fix the file
-    in place, retry-errors; the output equals a clean run of the fixed file row for row (ids,
-    order within each part, labels; scores within float noise), and no row is lost or doubled."""
+    """Random malformed records in random places of one to three JSON Lines or CSV files (small
+    files are packed into units and parts together): run, fix the files in place, retry-errors;
+    the output equals a clean run of the fixed files row for row (ids, order within each part,
+    labels; scores within float noise), and no row is lost or doubled."""
     from rayinfer.io.store import Store
     from rayinfer.plan.retry import error_units
     from rayinfer.plan.work import make_units
@@ -213,24 +215,27 @@ def test_malformed_rows_fixed_then_retried_give_the_output_of_a_clean_run_row_fo
     table = pa.table({"id": [f"r{i}" for i in range(n)], "text": [sentences[i % len(sentences)] for i in range(n)]})
     with tempfile.TemporaryDirectory() as tmp, text_chunks(chunk):
         tmp = Path(tmp)
-        path = write_as(fmt, table, tmp / "in", chunk)
-        good = path.read_text().splitlines(keepends=True)
+        per = -(-n // files)
+        paths = [write_as(fmt, table.slice(k * per, per), tmp / "in", chunk, name=f"f{k}") for k in range(files)]
+        good = [p.read_text().splitlines(keepends=True) for p in paths]
         header = 1 if fmt == "csv" else 0
-        broken = list(good)
+        broken = [list(g) for g in good]
         for i, make in zip(bad, how):
-            broken[header + i] = make(i) + "\n"
-        path.write_text("".join(broken))
+            broken[i // per][header + i % per] = make(i) + "\n"
+        for p, lines in zip(paths, broken):
+            p.write_text("".join(lines))
 
         def job(out: str, mode: str = "error") -> dict:
             return {"task": "classify", "model": str(rayinfer_bert_classifier),
-                    "input": {"path": str(path)}, "output": {"path": str(tmp / out), "mode": mode},
+                    "input": {"path": str(tmp / "in")}, "output": {"path": str(tmp / out), "mode": mode},
                     "runtime": {"batch_size": batch}}
 
         _run_units(task, registry, job("out"), tmp / "out", lambda plan: make_units(plan.files, {}, unit_rows))
         first = pq.read_table(tmp / "out")
         assert first.num_rows == n and first.column("error").null_count == n - len(bad)
 
-        path.write_text("".join(good))  # fixed in place: same rows, same places
+        for p, lines in zip(paths, good):  # fixed in place: same rows, same places
+            p.write_text("".join(lines))
         retried = []
         _run_units(task, registry, job("out", "resume"), tmp / "out",
                    lambda plan: retried.extend(error_units(Store(str(tmp / "out")), plan)[0]) or retried)

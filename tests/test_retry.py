@@ -13,7 +13,7 @@ from helpers import fill_mask_job
 
 from rayinfer.errors import OutputError, RunError, SpecError
 from rayinfer.io.folder import write_manifest
-from rayinfer.io.parts import PartWriter, part_coverage, replace_rows
+from rayinfer.io.parts import PartWriter, part_coverage, part_name, replace_rows
 from rayinfer.io.ranges import rows_to_ranges
 from rayinfer.io.rows import read_rows
 from rayinfer.io.scan import scan
@@ -49,8 +49,8 @@ def test_replace_rows_swaps_only_the_given_rows_and_keeps_the_footer(tmp_path):
     store = Store(str(tmp_path / "out"))
     name, schema = _part(store, [7, 8, 9, 10], [None, "boom", None, "bad"])
     new = pa.table({"id": [8, 10], "label": ["fixed", None], "error": [None, "still bad"]}, schema=schema)
-    replace_rows(store, name, "/data/in.parquet", [1, 3], new, schema, "id", {"run_id": "retry", "rows": 2},
-                 ("/data/in.parquet", "11:2"))
+    replace_rows(store, name, [("/data/in.parquet", 1), ("/data/in.parquet", 3)], new, schema, "id",
+                 {"run_id": "retry", "rows": 2}, {"/data/in.parquet": "11:2"})
     got = pq.read_table(tmp_path / "out" / name)
     assert got.to_pylist() == [{"id": 7, "label": "l7", "error": None}, {"id": 8, "label": "fixed", "error": None},
                                {"id": 9, "label": "l9", "error": None}, {"id": 10, "label": None, "error": "still bad"}]
@@ -66,9 +66,35 @@ def test_replace_rows_refuses_rows_that_are_not_the_same_rows(tmp_path):
     name, schema = _part(store, [7, 8, 9], [None, "boom", None])
     before = (tmp_path / "out" / name).read_bytes()
     new = pa.table({"id": [80], "label": ["x"], "error": [None]}, schema=schema)
-    with pytest.raises(RunError, match=r"input row 1 now has id 80, the part holds 8 there: the input file changed"):
-        replace_rows(store, name, "/data/in.parquet", [1], new, schema, "id", {"run_id": "retry"})
+    with pytest.raises(RunError, match=r"input row 1 of '/data/in.parquet' now has id 80, the part holds 8 there: the "
+                                       "input file changed"):
+        replace_rows(store, name, [("/data/in.parquet", 1)], new, schema, "id", {"run_id": "retry"})
     assert (tmp_path / "out" / name).read_bytes() == before
+
+
+def test_a_part_of_packed_small_files_names_each_files_rows_and_retry_finds_them(tmp_path):
+    """Three small files in one part, file after file: the footer's coverage per file in that
+    order, every file's fingerprint, and error rows replaced across files by coordinates."""
+    store = Store(str(tmp_path / "out"))
+    schema = pa.schema([("id", pa.int64()), ("label", pa.string()), ("error", pa.string())])
+    writer = PartWriter(store, schema, {"run_id": "first"}, 1 << 30)
+    for file, ids, errors in [("/d/b.parquet", [1, 2], [None, "x"]), ("/d/a.parquet", [3], ["y"]),
+                              ("/d/c.parquet", [4, 5], [None, None])]:
+        table = pa.table({"id": ids, "label": [None if e else "ok" for e in errors], "error": errors}, schema=schema)
+        writer.write(file, table, pa.array([10 + k for k in range(len(ids))], pa.int64()), f"fp-{file[3]}")
+    with pytest.raises(RuntimeError, match="reached the part writer after another file's"):
+        writer.write("/d/a.parquet", table, pa.array([20], pa.int64()))
+    [(name, rows)] = writer.close()
+    assert rows == 5 and name == part_name("/d/b.parquet", 10)
+    assert list(part_coverage(store, name).items()) == [("/d/b.parquet", [(10, 12)]), ("/d/a.parquet", [(10, 11)]),
+                                                        ("/d/c.parquet", [(10, 12)])]
+    made = json.loads(pq.read_metadata(tmp_path / "out" / name).metadata[b"rayinfer"])
+    assert made["inputs"] == {"/d/a.parquet": "fp-a", "/d/b.parquet": "fp-b", "/d/c.parquet": "fp-c"}
+    new = pa.table({"id": [2, 3], "label": ["fixed", "fixed"], "error": [None, None]}, schema=schema)
+    replace_rows(store, name, [("/d/b.parquet", 11), ("/d/a.parquet", 10)], new, schema, "id", {"run_id": "retry"})
+    assert pq.read_table(tmp_path / "out" / name).column("label").to_pylist() == ["ok", "fixed", "fixed", "ok", "ok"]
+    with pytest.raises(RunError, match="does not hold input rows"):
+        replace_rows(store, name, [("/d/c.parquet", 12)], new.slice(0, 1), schema, "id", {"run_id": "retry"})
 
 
 def test_retry_errors_refuses_an_unfinished_output_and_another_job(tmp_path, rayinfer_bert):

@@ -10,8 +10,9 @@ Rules that make output safe to read at any moment and safe to resume:
 - a part's name is derived from its first (file, row) coordinate: parts never collide, and a
   retried unit first skips the rows its earlier attempt committed (``unit_todo``), so no row
   is ever committed twice; its rows come in input order, so its footer's row ranges name each;
-- each part records the input row ranges it covers and what produced it (the job's identity,
-  the input file's fingerprint) in its Parquet footer; resume reads these footers (not the ids)
+- each part records the input row ranges it covers (per input file: a unit of small files packed
+  together writes parts that hold several) and what produced it (the job's identity, the input
+  files' fingerprints) in its Parquet footer; resume reads these footers (not the ids)
   to skip covered rows, and refuses parts of another job;
 - ``_manifest.json`` is written last, and only by a run that finished and whose parts were
   checked to cover every input row exactly once (``verify_coverage``).
@@ -120,16 +121,24 @@ def _merged_coverage(footers: Iterable[tuple[str, pq.FileMetaData]], store: Stor
 def unit_todo(store: Store, unit: dict[str, Any]) -> dict[str, Any]:
     """``unit`` less the rows that committed parts already hold: a unit that Ray retries (its
     first actor died after committing some of its parts) must not commit those rows again. Only
-    parts named inside the unit's rows are read."""
-    file, ranges = unit["file"], [tuple(r) for r in unit["ranges"]]
-    first, stop = ranges[0][0], ranges[-1][1]
-    prefix = part_name(file, 0)[: -len("000000000000.parquet")]
-    names = [n for n in store.parts() if n.startswith(prefix) and first <= int(n[len(prefix):-len(".parquet")]) < stop]
+    parts named inside the unit's rows are read (a part is named by its first row, and every part
+    the unit wrote starts at one of its rows)."""
+    listed = store.parts()
+    names = []
+    for piece in unit["pieces"]:
+        ranges = piece["ranges"]
+        first, stop = ranges[0][0], ranges[-1][1]
+        prefix = part_name(piece["file"], 0)[: -len("000000000000.parquet")]
+        names += [n for n in listed if n.startswith(prefix) and first <= int(n[len(prefix):-len(".parquet")]) < stop]
     if not names:
         return unit
     cover, _ = _coverage(store, names)
-    todo = subtract_ranges(ranges, cover.get(file, []))
-    return {**unit, "ranges": [list(r) for r in todo] or [[first, first]], "todo": sum(b - a for a, b in todo)}
+    pieces = []
+    for piece in unit["pieces"]:
+        todo = subtract_ranges([tuple(r) for r in piece["ranges"]], cover.get(piece["file"], []))
+        if todo:
+            pieces.append({**piece, "ranges": [list(r) for r in todo]})
+    return {**unit, "pieces": pieces, "todo": sum(b - a for p in pieces for a, b in p["ranges"])}
 
 
 def resume_coverage(out_dir: str | Store, identity: dict[str, Any], files: list[InputFile]) -> tuple[dict[str, Ranges], int]:

@@ -53,27 +53,31 @@ def plan_retry(out_dir: str, overrides: list[str] | tuple[str, ...] = (),
 
 
 def error_units(store: Store, plan: Plan) -> tuple[list[dict[str, Any]], int]:
-    """One unit per part that holds error rows: the part, its input file (and that file's
-    fingerprint then and now) and the input rows to run again, as ranges: a part holds its rows
-    in input order, so the error rows' places in the part name their coordinates."""
+    """One unit per part that holds error rows: the part, and per input file of it (with that
+    file's fingerprint then and now) the input rows to run again, as ranges: a part holds its
+    files' rows in order, so the error rows' places in the part name their coordinates."""
     files = {f.path: f for f in plan.files}
     units: list[dict[str, Any]] = []
     for name in store.parts():
         md = part_metadata(store, name)
         if not count_errors(store, name, md):
             continue
-        ((file, ranges),) = footer_coverage(md, store.uri(name)).items()
-        if file not in files:
-            raise InputError(f"part {name} holds rows of input file {redact(file)!r}, which input.path no longer has")
+        coverage = footer_coverage(md, store.uri(name))
+        inputs = footer_provenance(md).get("inputs") or {}
         with store.open(name) as f:
             errors = pq.read_table(f, columns=[ERROR_COL]).column(ERROR_COL)
         positions = pc.indices_nonzero(pc.is_valid(errors)).to_numpy()
-        numbers = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges])
-        rows = rows_to_ranges(numbers[positions].tolist())
-        units.append({
-            "part": name, "file": file, "fingerprint": files[file].fingerprint,
-            "was": (footer_provenance(md).get("inputs") or {}).get(file),
-            "ranges": [list(r) for r in rows], "todo": len(positions),
-        })
+        pieces, base = [], 0
+        for file, ranges in coverage.items():
+            numbers = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges or [(0, 0)]])
+            mine = positions[(positions >= base) & (positions < base + len(numbers))] - base
+            base += len(numbers)
+            if not len(mine):
+                continue
+            if file not in files:
+                raise InputError(f"part {name} holds rows of input file {redact(file)!r}, which input.path no longer has")
+            pieces.append({"file": file, "fingerprint": files[file].fingerprint, "was": inputs.get(file),
+                           "ranges": [list(r) for r in rows_to_ranges(numbers[mine].tolist())]})
+        units.append({"part": name, "pieces": pieces, "todo": len(positions)})
     units.sort(key=lambda u: -u["todo"])
     return units, sum(u["todo"] for u in units)

@@ -20,6 +20,7 @@ from bisect import bisect_left, bisect_right
 from typing import Any
 
 Range = tuple[int, int]  # first and last input row of a batch
+Flight = tuple[str, int, int]  # a batch of a unit: its input file, and its first and last input row there
 
 
 class Coordinator:
@@ -61,11 +62,11 @@ class Coordinator:
                 u["in_flight"] = None
         u["attempts"] += 1
         return {"attempt": u["attempts"], "deaths": u["deaths"], "stop": self.stop_requested,
-                "crashes": [[a, b, n] for (a, b), n in u["crashes"].items()]}
+                "crashes": [[f, a, b, n] for (f, a, b), n in u["crashes"].items()]}
 
-    def begin(self, unit: str, first: int, last: int) -> None:
-        """Input rows ``first``..``last`` of ``unit`` are about to run."""
-        self.units[unit]["in_flight"] = (first, last)
+    def begin(self, unit: str, first: int, last: int, file: str = "") -> None:
+        """Input rows ``first``..``last`` of ``file`` (one of the unit's) are about to run."""
+        self.units[unit]["in_flight"] = (file, first, last)
 
     def end(self, unit: str) -> None:
         self.units[unit]["in_flight"] = None

@@ -34,6 +34,8 @@ from rayinfer.task.runner import BatchStats, TaskRunner
 
 log = logging.getLogger("rayinfer")
 
+Segments = list[tuple[int, int]]  # a batch's rows by file: (index of the unit's piece, rows), in order
+
 REPORT_EVERY_S = 1.0  # a unit's progress reports, besides one per committed part
 PREFETCH_BATCHES = 2  # batches read and tokenized ahead of the model, per actor
 
@@ -77,9 +79,7 @@ class UnitLoop:
         """Run one unit; yield a WorkReport (as a one-row table) about once a second and at every
         commit. A unit Ray runs again (its first worker died) first skips what that attempt
         committed, then runs its batches under the coordinator's watch (rayinfer/run/coordinator.py)."""
-        first, last = unit["ranges"][0][0], unit["ranges"][-1][1] - 1
-        key = f"{unit.get('part') or unit['file']}:{first}-{last}"
-        what = f"the error rows of {unit['part']}" if unit.get("part") else f"rows {first}-{last} of {unit['file']}"
+        key, what = unit_names(unit)
         crashes = self._start(key, what)
         if crashes is False:  # the run is stopping: leave the unit to the resume
             yield self._send(self._report(), BatchStats(), [])
@@ -93,10 +93,14 @@ class UnitLoop:
             sink = PartWriter(self.store, s.schema, s.provenance, s.part_bytes)
         report, stats, last_report = self._report(), BatchStats(), time.monotonic()
         try:
-            for batch, prepared in self._batches(unit, crashes):
+            for segments, batch, prepared in self._batches(unit, crashes):
                 started = time.perf_counter()
-                out = self._output(key, batch, prepared, stats)
-                committed = sink.write(unit["file"], out, batch.rows, unit["fingerprint"])
+                out = self._output(key, unit["pieces"][segments[0][0]]["file"], batch, prepared, stats)
+                committed, at = [], 0
+                for i, n in segments:  # a batch may hold the rows of several small files, one after the other
+                    piece = unit["pieces"][i]
+                    committed += sink.write(piece["file"], out.slice(at, n), batch.rows.slice(at, n), piece["fingerprint"])
+                    at += n
                 report.busy_s += time.perf_counter() - started
                 if committed or time.monotonic() - last_report >= REPORT_EVERY_S:
                     yield self._send(report, stats, committed)
@@ -109,7 +113,7 @@ class UnitLoop:
             raise
         yield self._send(report, stats, committed)
 
-    def _start(self, key: str, what: str) -> dict[tuple[int, int], int] | None | bool:
+    def _start(self, key: str, what: str) -> dict[tuple[str, int, int], int] | None | bool:
         """Tell the coordinator that work ``key`` starts. Returns False when the run is stopping,
         None on its first attempt, else the batches in flight when its earlier workers died."""
         state = self.call("start", key)
@@ -126,9 +130,9 @@ class UnitLoop:
             return None
         log.warning("rayinfer: a worker died running %s (%s death(s) so far); running them batch by batch under "
                     "watch, to isolate a row that kills", what, state["deaths"])
-        return {(a, b): n for a, b, n in state["crashes"]}
+        return {(f, a, b): n for f, a, b, n in state["crashes"]}
 
-    def _output(self, key: str, batch: RowBatch, prepared: Any, stats: BatchStats) -> pa.Table:
+    def _output(self, key: str, file: str, batch: RowBatch, prepared: Any, stats: BatchStats) -> pa.Table:
         """The output rows of one batch from ``_batches``."""
         schema = self.settings.schema
         if batch.problem is not None:  # a malformed record, or an unreadable chunk with on_unreadable: skip
@@ -140,53 +144,89 @@ class UnitLoop:
         if isinstance(prepared, RowError):  # a row that killed its worker, isolated
             return self.runner.error_table(len(batch.rows), schema, prepared, stats, table)
         if prepared is None:  # a batch of a unit whose worker died: run under watch
-            self.call("begin", key, batch.rows[0].as_py(), batch.rows[-1].as_py())
+            self.call("begin", key, batch.rows[0].as_py(), batch.rows[-1].as_py(), file)
             out = self.runner.complete_table(table, self.runner.prepare_table(table), schema, stats)
             self.call("end", key)
             return out
         return self.runner.complete_table(table, prepared, schema, stats)
 
-    def _read(self, unit: dict[str, Any]) -> Iterator[RowBatch]:
+    def _read(self, piece: dict[str, Any]) -> Iterator[RowBatch]:
         s = self.settings
-        return read_rows(s.files[unit["file"]], unit["ranges"], s.read_columns, s.batch_size, s.on_unreadable,
+        return read_rows(s.files[piece["file"]], piece["ranges"], s.read_columns, s.batch_size, s.on_unreadable,
                          self.runner.id_column)
 
-    def _batches(self, unit: dict[str, Any], crashes: dict[tuple[int, int], int] | None
-                 ) -> Iterator[tuple[RowBatch, Any]]:
-        """The unit's batches, each with what ``_output`` needs to run it. On a unit's first
-        attempt: prepared (tokenized) by ``_prepared``. After its worker died (``crashes``: the
-        batches in flight at each death): pieces of batches, not prepared (the loop names each to
-        the coordinator first, as tokenizing may be what kills), a piece that keeps killing cut in
-        halves, and a row that killed its worker more than ``crash_retries`` times alone with its
-        RowError. Rows that could not be read come with None."""
+    def _batches(self, unit: dict[str, Any], crashes: dict[tuple[str, int, int], int] | None
+                 ) -> Iterator[tuple[Segments, RowBatch, Any]]:
+        """The unit's batches, file after file, each with its segments (which of the unit's files
+        its rows come from) and what ``_output`` needs to run it. On a unit's first attempt: prepared (tokenized) by ``_prepared``. After its
+        worker died (``crashes``: the batches in flight at each death): pieces of batches, not
+        prepared (the loop names each to the coordinator first, as tokenizing may be what kills),
+        a piece that keeps killing cut in halves, and a row that killed its worker more than
+        ``crash_retries`` times alone with its RowError. Rows that could not be read come with None."""
         if crashes is None:
             yield from self._prepared(unit)
             return
-        for batch in self._read(unit):
-            if batch.problem is not None:
-                yield batch, None
-                continue
-            assert batch.table is not None
-            numbers = batch.rows.to_pylist()
-            for lo, hi, kills in crash_pieces(numbers, crashes, self.settings.crash_retries):
-                error = None
-                if kills:
-                    n = crashes[(numbers[lo], numbers[lo])]
-                    error = RowError(f"this row killed the worker process running it, also when run alone ({n}x): a "
-                                     "crash in the task or a library it calls (a segfault), or out of memory",
-                                     "worker_crash")
-                yield RowBatch(batch.table.slice(lo, hi - lo), batch.rows.slice(lo, hi - lo)), error
+        for i, piece in enumerate(unit["pieces"]):
+            mine = {(a, b): n for (f, a, b), n in crashes.items() if f == piece["file"]}
+            for batch in self._read(piece):
+                if batch.problem is not None:
+                    yield [(i, len(batch.rows))], batch, None
+                    continue
+                assert batch.table is not None
+                numbers = batch.rows.to_pylist()
+                for lo, hi, kills in crash_pieces(numbers, mine, self.settings.crash_retries):
+                    error = None
+                    if kills:
+                        n = mine[(numbers[lo], numbers[lo])]
+                        error = RowError(f"this row killed the worker process running it, also when run alone ({n}x): a "
+                                         "crash in the task or a library it calls (a segfault), or out of memory",
+                                         "worker_crash")
+                    yield [(i, hi - lo)], RowBatch(batch.table.slice(lo, hi - lo), batch.rows.slice(lo, hi - lo)), error
 
-    def _prepared(self, unit: dict[str, Any]) -> Iterator[tuple[RowBatch, Any]]:
-        """The unit's batches, read and tokenized (rows that could not be read: None). GPU actors
-        do it on a second thread, PREFETCH_BATCHES ahead, while the GPU computes; CPU actors in
-        turn with the model, as their cores are busy with it (the second thread cost CPU actors
-        15% of their speed: 9,323 -> 8,077 rows/s on 1M rows)."""
-        def prepared() -> Iterator[tuple[RowBatch, Any]]:
-            for batch in self._read(unit):
-                yield batch, None if batch.problem is not None else self.runner.prepare_table(batch.table)
+    def _prepared(self, unit: dict[str, Any]) -> Iterator[tuple[Segments, RowBatch, Any]]:
+        """The unit's batches (``_joined``), read and tokenized (rows that could not be read:
+        None). GPU actors do it on a second thread, PREFETCH_BATCHES ahead, while the GPU
+        computes; CPU actors in turn with the model, as their cores are busy with it (the second
+        thread cost CPU actors 15% of their speed: 9,323 -> 8,077 rows/s on 1M rows)."""
+        def prepared() -> Iterator[tuple[Segments, RowBatch, Any]]:
+            for segments, batch in self._joined(unit):
+                yield segments, batch, None if batch.problem is not None else self.runner.prepare_table(batch.table)
 
         yield from _ahead(prepared(), PREFETCH_BATCHES) if self.settings.prefetch else prepared()
+
+    def _joined(self, unit: dict[str, Any]) -> Iterator[tuple[Segments, RowBatch]]:
+        """The unit's rows in batches of up to ``batch_size`` rows, across its files: the small
+        files of a packed unit (shards of 10 rows, say) make full batches, not one per file.
+        ``segments``: (piece, rows) of each file in the batch, in order. Rows that could not be
+        read come alone."""
+        size = max(1, self.settings.batch_size)
+        held: list[tuple[int, RowBatch]] = []
+        count = 0
+
+        def flush() -> Iterator[tuple[Segments, RowBatch]]:
+            nonlocal held, count
+            if len(held) == 1:
+                yield [(held[0][0], count)], held[0][1]
+            elif held:
+                first = held[0][1].table
+                assert first is not None
+                table = pa.concat_tables([b.table.cast(first.schema) for _, b in held])  # type: ignore[union-attr]
+                yield [(i, len(b.rows)) for i, b in held], RowBatch(table, pa.concat_arrays([b.rows for _, b in held]))
+            held, count = [], 0
+
+        for i, piece in enumerate(unit["pieces"]):
+            for batch in self._read(piece):
+                if batch.problem is not None:
+                    yield from flush()
+                    yield [(i, len(batch.rows))], batch
+                    continue
+                if count and count + len(batch.rows) > size:
+                    yield from flush()
+                held.append((i, batch))
+                count += len(batch.rows)
+                if count >= size:
+                    yield from flush()
+        yield from flush()
 
     def _report(self) -> WorkReport:
         return WorkReport(actor=self.where, ready_at=self.ready_at)
@@ -202,6 +242,21 @@ class UnitLoop:
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         report.rss_mb = psutil.Process().memory_info().rss / 2**20
         return report.to_table()
+
+
+def unit_names(unit: dict[str, Any]) -> tuple[str, str]:
+    """(key, description) of a unit: the key the coordinator knows it by (unique in a run: no two
+    units share a first row), and how a message names it."""
+    pieces = unit["pieces"]
+    if not pieces:
+        return f"{unit.get('part') or 'empty'}:", "no rows"
+    head = pieces[0]
+    first, last = head["ranges"][0][0], pieces[-1]["ranges"][-1][1] - 1
+    more = f" and {len(pieces) - 1} more file(s)" if len(pieces) > 1 else ""
+    if unit.get("part"):
+        return f"{unit['part']}:{first}-{last}", f"the error rows of {unit['part']}"
+    return (f"{head['file']}:{first}-{last}:{len(pieces)}",
+            f"rows {first}-{head['ranges'][-1][1] - 1} of {head['file']}{more}")
 
 
 def _ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
