@@ -181,6 +181,24 @@ def test_schemas_unify_where_types_agree_and_a_conflict_names_both_files(tmp_pat
         scan(str(tmp_path / "in"), required=("id", "text"))
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_text_files_whose_columns_drift_are_parsed_into_the_first_files_columns(fmt, tmp_path):
+    """A later file without a column of the first: null there; one without a column the job
+    reads: refused (CSV, from its header) or, in JSON Lines, whose records are not read before the
+    run, a null the task reports per row."""
+    first = TABLE.slice(0, 10).append_column("source", pa.array(["web"] * 10))
+    write_as(fmt, first, tmp_path / "in", 16, name="a")
+    write_as(fmt, TABLE.slice(10, 5), tmp_path / "in", 16, name="b")  # no source column
+    files, schema = scan(str(tmp_path / "in"), required=("uid", "text"))
+    assert schema.names == ["uid", "text", "source"]
+    got = [r for f in files for t, _, _ in read_rows(f, [(0, f.num_rows)], ["uid", "source"]) for r in t.to_pylist()]
+    assert [r["source"] for r in got] == ["web"] * 10 + [None] * 5
+    if fmt == "csv":
+        b = str(tmp_path / "in" / "b.csv")
+        with pytest.raises(InputError, match=f"input file {b!r} lacks column 'source' that .*a.csv' has .and the job reads"):
+            scan(str(tmp_path / "in"), required=("uid", "source"))
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "arrow-file", "arrow-stream"])
 def test_a_binary_file_with_null_ids_is_refused_before_ray_starts(fmt, tmp_path, rayinfer_bert_classifier):
     table = TABLE.set_column(0, "uid", pa.array([None if i in (3, 17) else u for i, u in

@@ -3,6 +3,7 @@ that they agree on one schema, before Ray starts."""
 
 from __future__ import annotations
 
+import csv
 import glob as globlib
 import json
 import os
@@ -133,12 +134,21 @@ def scan(path: str, fmt: str = "auto", column_types: dict[str, str] | None = Non
     files: list[InputFile] = []
     schemas: dict[str, pa.Schema] = {}
     text_schema: pa.Schema | None = None
+    first_text = ""
     for f, kind in list_files(path, fmt):
         chunk_rows, fschema, source = describe(f, kind, types, delimiter, text_schema)
         if kind in ("jsonl", "csv"):
             if source.schema is None:  # an empty text file: it has no rows, its columns are the others'
                 files.append(InputFile(path=f, num_rows=0, chunk_rows=(), fingerprint=fingerprint(f), source=source))
                 continue
+            if kind == "csv" and text_schema is not None:  # its header: a column the job reads must be there
+                header = next(csv.reader([source.header.decode("utf-8", "replace")], delimiter=source.delimiter), [])
+                for column in required:
+                    if column in text_schema.names and column not in header:
+                        raise InputError(f"input file {f!r} lacks column {column!r} that {first_text!r} has (and the "
+                                         "job reads it)")
+            if text_schema is None:
+                first_text = f
             text_schema = fschema
         elif types:
             raise InputError(f"input.column_types is for JSON Lines and CSV inputs; {f!r} is {kind}, which "

@@ -250,7 +250,8 @@ class TextChunks(Chunks):
         if self.source.format == "csv":
             return pacsv.read_csv(
                 io.BytesIO(self.source.header + block), parse_options=_csv_parse(self.source),
-                convert_options=pacsv.ConvertOptions(column_types=schema, include_columns=schema.names),
+                convert_options=pacsv.ConvertOptions(column_types=schema, include_columns=schema.names,
+                                                     include_missing_columns=True),  # null where a file lacks one
             ).select(schema.names)
         return pajson.read_json(
             io.BytesIO(block), read_options=pajson.ReadOptions(block_size=max(len(block) + 1, 1 << 16)),
