@@ -169,7 +169,8 @@ def run_task(
     instance = task(task.Options.model_validate(options or {}), LoadContext(model=str(model), **context))
     instance.load()
     runner = TaskRunner(instance, max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_rows)
-    batch = {name: [r.get(name) for r in rows] for name in task.inputs}
+    batch = {name: [r.get(name) for r in rows] for name, spec in task.inputs.items()
+             if not spec.optional or any(name in r for r in rows)}
     columns, errors = runner.run(batch)
     return [
         {**{k: v[i] for k, v in columns.items()}, "error": errors[i].message if errors[i] else None}

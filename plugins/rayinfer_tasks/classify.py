@@ -1,7 +1,9 @@
 """classify: label each text with a sequence-classification head (``*ForSequenceClassification``).
 
-Scores as transformers' text-classification pipeline computes them. Labels from a causal LM
-without such a head: the ``zero-shot-classify`` task.
+Scores as transformers' text-classification pipeline computes them. With a ``text_pair``
+column each row is a pair of texts, tokenized together as the model was trained (a cross-encoder
+reranker scores query and document; an NLI model premise and hypothesis). Labels from a causal
+LM without such a head: the ``zero-shot-classify`` task.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from rayinfer import Batch, ModelRequirement, hookimpl
+from rayinfer import Batch, InputColumn, ModelRequirement, hookimpl
 from rayinfer.text import collate, encode
 
 from rayinfer_tasks._labels import LabelTask
@@ -20,7 +22,14 @@ ZERO_SHOT_OPTIONS = ("labels", "prompt", "label_prefix", "normalize", "chat", "s
 
 class ClassifyTask(LabelTask):
     name = "classify"
-    description = "Label texts with a sequence-classification head (softmax, sigmoid or raw scores)."
+    description = ("Label texts, or pairs of texts (a cross-encoder reranker, NLI), with a sequence-classification "
+                   "head (softmax, sigmoid or raw scores).")
+    inputs = {
+        "text": InputColumn("The text to label (with text_pair: the first text of the pair, e.g. the query)."),
+        "text_pair": InputColumn("Optional: a second text per row, scored with the first as one pair (a query's "
+                                 "document for a cross-encoder, an NLI hypothesis), as the model was trained.",
+                                 optional=True),
+    }
     requires = ModelRequirement(
         "AutoModelForSequenceClassification",
         architectures=("ForSequenceClassification",),
@@ -63,7 +72,7 @@ class ClassifyTask(LabelTask):
         self.function = fn
 
     def preprocess(self, batch: Batch) -> list[Any]:
-        return encode(self.tokenizer, batch["text"], self.max_length, self.options.truncate)
+        return encode(self.tokenizer, batch["text"], self.max_length, self.options.truncate, pairs=batch.get("text_pair"))
 
     def forward(self, items: list[Any]) -> list[Any]:
         logits = self.model(**collate(items, self.tokenizer, self.model.device)).logits.float()

@@ -217,7 +217,7 @@ def tasks_show(name: str, as_json: bool) -> None:
         return
     click.echo(f"{info['name']}: {info['description']}\n\ninputs (map with input.columns):")
     for k, v in info["inputs"].items():
-        click.echo(f"  {k} ({v['dtype']}): {v['description']}")
+        click.echo(f"  {k} ({v['dtype']}{', optional' if v.get('optional') else ''}): {v['description']}")
     click.echo("\noptions:")
     for o in info["options"]:
         default = "required" if o["required"] else f"default {o['default']!r}"

@@ -110,6 +110,7 @@ def plan_job(
             f"{sorted(task_cls.inputs)}"
         )
     column_map = {name: spec.input.columns.get(name, name) for name in task_cls.inputs}
+    optional = {name for name, i in task_cls.inputs.items() if i.optional and name not in spec.input.columns}
 
     if nested(spec.input.path, spec.output.path):
         raise SpecError(
@@ -118,7 +119,10 @@ def plan_job(
             "outside the input folder."
         )
     files, schema = scan(spec.input.path, spec.input.format, spec.input.column_types, spec.input.delimiter,
-                         required=(spec.input.id_column, *column_map.values()), id_column=spec.input.id_column)
+                         required=(spec.input.id_column, *(c for n, c in column_map.items() if n not in optional)),
+                         id_column=spec.input.id_column)
+    # an optional input (classify's text_pair) is read where input.columns maps it or a column has its name
+    column_map = {n: c for n, c in column_map.items() if n not in optional or c in schema.names}
     check_columns(schema, {spec.input.id_column: None}, "input.id_column")
     for name, col in column_map.items():
         check_columns(schema, {col: task_cls.inputs[name].dtype}, f"task input {name!r}")

@@ -42,6 +42,7 @@ class InputColumn:
     description: str
     dtype: str = "string"  # "string", or any pyarrow type name such as "int64"
     allow_empty: bool = False  # a null value is always a row error; empty strings too unless allowed
+    optional: bool = False  # read when ``input.columns`` maps it or the input has a column of its name
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,8 @@ class Task(ABC):
         return {
             "name": cls.name,
             "description": cls.description,
-            "inputs": {k: {"description": v.description, "dtype": v.dtype} for k, v in cls.inputs.items()},
+            "inputs": {k: {"description": v.description, "dtype": v.dtype, "optional": v.optional}
+                       for k, v in cls.inputs.items()},
             "options": options,
             "outputs": outputs + [{"name": "error", "type": "string"}],
         }

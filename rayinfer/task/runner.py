@@ -79,7 +79,9 @@ class TaskRunner:
         max_batch_rows: int | None = None,
     ) -> None:
         self.task = task
-        self.column_map = {name: (column_map or {}).get(name, name) for name in task.inputs}
+        given = column_map or {}
+        self.column_map = {name: given.get(name, name) for name, spec in task.inputs.items()
+                           if not spec.optional or name in given}  # an optional input: read only where mapped
         self.id_column = id_column
         self.keep = [k for k in keep if k != id_column]
         self.max_batch_tokens = max_batch_tokens
@@ -158,6 +160,8 @@ class TaskRunner:
 
     def _check_inputs(self, batch: Batch, errors: list[RowError | None]) -> None:
         for name, spec in self.task.inputs.items():
+            if spec.optional and batch.get(name) is None:
+                continue
             values = batch[name]
             column = self.column_map.get(name, name)
             label = f"input {name!r}" + (f" (column {column!r})" if column != name else "")
