@@ -140,6 +140,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_ports() -> list[str]:
+    """`ray start` flags putting a node's agents on ports of their own: the defaults (52365, ...)
+    may be held by another Ray on this machine (the tests' embedded Ray), and a head whose job
+    agent cannot bind takes no job ("No available agent to submit job")."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+
 def kill_cluster(temp: str) -> None:
     """Every process of a test cluster (their command lines name its temp dir), and their children."""
     import signal

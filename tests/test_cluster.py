@@ -18,12 +18,11 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import cluster_env, free_port, kill_cluster, masked_corpus
+from helpers import agent_ports, cluster_env, free_port, kill_cluster, masked_corpus
 
 from rayinfer.testing import write_dataset
 
 BIN = Path(sys.executable).parent
-
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -34,14 +33,14 @@ def cluster():
         head = subprocess.run(
             [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-             '--resources={"slot": 1}', f"--temp-dir={temp}", "--node-ip-address=127.0.0.1"],
+             '--resources={"slot": 1}', f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", *agent_ports()],
             env=env, capture_output=True, text=True, timeout=180,
         )
         assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
         head_raylets = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
         worker = subprocess.run(
             [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"slot": 1}',
-             "--node-ip-address=127.0.0.1"],
+             "--node-ip-address=127.0.0.1", *agent_ports()],
             env=env, capture_output=True, text=True, timeout=180,
         )
         assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
@@ -52,7 +51,6 @@ def cluster():
         kill_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
-
 def cli(cluster, *args, token=True, timeout=600):
     env = dict(cluster["env"])
     if not token:
@@ -61,7 +59,6 @@ def cli(cluster, *args, token=True, timeout=600):
         [sys.executable, "-m", "rayinfer", *args, "--address", cluster["address"]],
         env=env, capture_output=True, text=True, timeout=timeout,
     )
-
 
 def job_folder(tmp_path, model, rows, output=None, **runtime):
     write_dataset(tmp_path / "in", masked_corpus(rows), files=4, row_group_size=25)
@@ -75,7 +72,6 @@ def job_folder(tmp_path, model, rows, output=None, **runtime):
         "runtime": {"batch_size": 25, "num_cpus": 1, **runtime},
     }))
     return work, job
-
 
 def test_submit_wait_runs_on_both_nodes(cluster, tmp_path, rayinfer_bert):
     work, job = job_folder(tmp_path, rayinfer_bert, 400, actors=2, resources={"slot": 1})
@@ -107,7 +103,6 @@ def test_submit_wait_runs_on_both_nodes(cluster, tmp_path, rayinfer_bert):
     listed = cli(cluster, "jobs")
     assert f"{sid}  SUCCEEDED  fill-mask" in listed.stdout
 
-
 def test_stop_a_running_job_and_resume_it(cluster, tmp_path, rayinfer_bert):
     # parts of 100 rows: the first lands early, with most of the job still to do
     work, job = job_folder(tmp_path, rayinfer_bert, 4000, output={"part_rows": 100}, actors=1)
@@ -136,14 +131,12 @@ def test_stop_a_running_job_and_resume_it(cluster, tmp_path, rayinfer_bert):
     assert manifest["rows"] == 4000 and manifest["rows_resumed"] > 0
     assert sorted(pq.read_table(tmp_path / "out").column("doc_id").to_pylist()) == list(range(1000, 5000))
 
-
 def test_a_wrong_token_and_a_bad_spec_are_clear_errors(cluster, tmp_path, rayinfer_bert):
     work, job = job_folder(tmp_path, rayinfer_bert, 10)
     denied = cli(cluster, "jobs", token=False)
     assert denied.returncode == 2 and denied.stderr.startswith("rayinfer: error: ")
     bad = cli(cluster, "submit", str(job), "--set", "options.topk=3")
     assert bad.returncode == 2 and "did you mean 'options.top_k'" in bad.stderr
-
 
 def test_a_pool_the_cluster_cannot_hold_fails_clearly(cluster, tmp_path, rayinfer_bert):
     # three actors of one "slot" each; the cluster has two slots
@@ -155,7 +148,6 @@ def test_a_pool_the_cluster_cannot_hold_fails_clearly(cluster, tmp_path, rayinfe
     logs = cli(cluster, "logs", sid).stdout
     assert "the actor pool's first 3 actor(s) (CPU=1, slot=1 each) did not load within runtime.actor_start_timeout_s=15s" in logs
     assert not list((tmp_path / "out").glob("part-*.parquet"))
-
 
 def test_a_worker_node_lost_mid_run_costs_no_row(cluster, tmp_path, rayinfer_bert):
     """Last in this module: it kills the worker node (its raylet, SIGKILL) mid-run. Either Ray

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import cluster_env, free_port, kill_cluster, masked_corpus
+from helpers import agent_ports, cluster_env, free_port, kill_cluster, masked_corpus
 
 from rayinfer.testing import write_dataset
 
@@ -33,7 +33,7 @@ def gpu_node():
         head = subprocess.run(
             [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=2",
-             f"--temp-dir={temp}", "--node-ip-address=127.0.0.1"],
+             f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", *agent_ports()],
             env=env, capture_output=True, text=True, timeout=180,
         )
         assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
