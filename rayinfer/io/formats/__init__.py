@@ -7,9 +7,9 @@ job is planned, one pass over each file finds the byte offset where each block s
 CSV, where quoted values span lines), so that a work unit, a resume or a retry reads only the
 blocks that hold its rows. A compressed text file (``.gz``, ``.zst``, ``.bz2``, ``.xz``,
 ``.lz4``) is indexed the same way through its codec: its offsets are into the decompressed
-stream, which a reader decompresses forward up to the blocks it needs. A JSON line or CSV record that does not parse, or whose values do not
-fit the column types, is a *malformed* row: it becomes an error row naming file and line, and
-the rest of its block goes on.
+stream, which a reader decompresses forward up to the blocks it needs. A JSON line or CSV
+record that does not parse, or whose values do not fit the column types, is a *malformed* row:
+it becomes an error row naming file and line, and the rest of its block goes on.
 """
 
 from __future__ import annotations
