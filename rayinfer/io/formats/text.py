@@ -4,8 +4,9 @@ Text formats have no random access of their own: when the job is planned, one pa
 file finds the byte offset where each block starts (and, for CSV, where quoted values span
 lines), so that a work unit, a resume or a retry reads only the blocks that hold its rows. A
 compressed file is indexed through its codec (offsets into the decompressed stream) and read
-forward (``_Forward``): a stream cannot seek. A JSON line or CSV record that does not parse, or whose values do not fit the column types, is a
-*malformed* row: it becomes an error row naming file and line, and the rest of its block goes on."""
+forward (``_Forward``): a stream cannot seek. A JSON line or CSV record that does not parse, or
+whose values do not fit the column types, is a *malformed* row: it becomes an error row naming
+file and line, and the rest of its block goes on."""
 
 from __future__ import annotations
 
