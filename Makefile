@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# A registry download cut short (CI once failed on 'Connection broken: IncompleteRead', which pip
+# does not retry) is tried again, up to three times, before the set-up gives up.
+RETRY := for try in 1 2 3; do
+UNTIL := && break; [ $$try = 3 ] && exit 1; echo "pip failed (try $$try of 3), trying again"; sleep 10; done
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -15,9 +19,9 @@ setup: $(STAMP)
 # would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+	$(RETRY) $(PIP) install -q --upgrade pip $(UNTIL)
+	$(RETRY) $(PIP) install -q torch==2.13.0 $(UNTIL)
+	$(RETRY) $(PIP) install -q -e ".[test,embed]" $(UNTIL)
 	touch $(STAMP)
 
 # the layers contract first (seconds), then the suite

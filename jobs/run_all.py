@@ -11,7 +11,9 @@ print a quality number where the data has an answer key:
 - generate with a json_schema (SmolLM2): how many outputs parse as JSON objects with its keys;
 - perplexity (SmolLM2): median perplexity of the prose and of the shuffled-word copies, and in
   how many documents the prose scores lower than its shuffled copy;
-- nsp: accuracy against which pairs really follow on (hub model: skipped when offline).
+- nsp: accuracy against which pairs really follow on (hub model: skipped when offline);
+- embed (all-MiniLM-L6-v2): each document's title, embedded as a query, finds that document
+  first among all of them (top-1), against the 1-in-N chance.
 
 Usage: python jobs/run_all.py [JOB_NAME ...]     (names without .yaml; default: all)
 Exit status 1 when a job fails or a check does not hold.
@@ -34,7 +36,7 @@ ROOT = JOBS.parent
 
 # the column that must be non-empty in every row, per task
 PREDICTION = {"fill-mask": "filled", "classify": "label", "zero-shot-classify": "label", "nsp": "score",
-              "generate": "generated", "summarize": "summary", "perplexity": "perplexity"}
+              "generate": "generated", "summarize": "summary", "perplexity": "perplexity", "embed": "embedding"}
 
 
 def offline() -> bool:
@@ -99,6 +101,17 @@ def quality(task: str, spec: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         median = {k: statistics.median(by_doc[d, k] for d in docs) for k in ("prose", "shuffled")}
         return (f"median perplexity: prose {median['prose']:.1f}, shuffled words {median['shuffled']:.1f}; "
                 f"prose lower in {lower}/{len(docs)} documents")
+    if task == "embed" and "title" in rows[0]:
+        import numpy as np
+        from sentence_transformers import SentenceTransformer
+
+        from rayinfer.models import catalog
+
+        docs = np.array([r["embedding"] for r in rows])
+        queries = SentenceTransformer(str(catalog.model_dir(spec["model"])), device="cpu").encode(
+            [r["title"] for r in rows], normalize_embeddings=True)
+        hits = int((np.argmax(queries @ docs.T, axis=1) == np.arange(len(rows))).sum())
+        return f"{docs.shape[1]} dims; title -> its document top-1 {hits}/{len(rows)} (chance 1/{len(rows)})"
     if task == "summarize":
         return f"mean summary {sum(len(r['summary']) for r in rows) / len(rows):.0f} characters"
     return ""

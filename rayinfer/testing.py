@@ -1,6 +1,7 @@
 """Helpers for testing tasks and plugins without a model hub.
 
-- ``english_sentences()``: real English text that ships with every CPython (pydoc_data.topics).
+- ``english_sentences()`` / ``english_paragraphs()``: real English text that ships with every
+  CPython (pydoc_data.topics).
 - ``build_wordpiece_tokenizer`` / ``build_bert`` / ...: small random-weight models built from
   configs, with a tokenizer trained on the fly, saved with ``save_pretrained`` so the real
   ``from_pretrained`` path is what gets tested.
@@ -35,6 +36,22 @@ def english_sentences() -> tuple[str, ...]:
             sent = sent.strip()
             if 20 <= len(sent) <= 300 and not sent.startswith(("*", "|", "=", "-", ">>>")):
                 seen.setdefault(sent, None)
+    return tuple(seen)
+
+
+def english_paragraphs() -> tuple[str, ...]:
+    """Prose paragraphs of the Python reference documentation (pydoc_data.topics), whitespace
+    folded, deduplicated: real text of 60 to 2,000 characters (code and grammar blocks left out)."""
+    from pydoc_data.topics import topics
+
+    seen: dict[str, None] = {}
+    for key in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[key]):
+            if para.startswith((" ", "*", "=", "-", ">>>", "|")) or "::=" in para:
+                continue
+            para = re.sub(r"\s+", " ", para).strip()
+            if 60 <= len(para) <= 2000:
+                seen.setdefault(para, None)
     return tuple(seen)
 
 
@@ -165,8 +182,11 @@ def run_task(
 
     Returns one dict per row: the task's output columns plus ``error``.
     """
+    from rayinfer.models.locate import locate_model
+
     rows = list(rows)
-    instance = task(task.Options.model_validate(options or {}), LoadContext(model=str(model), **context))
+    validated = task.options_for_model(task.Options.model_validate(options or {}), locate_model(str(model)))
+    instance = task(validated, LoadContext(model=str(model), **context))
     instance.load()
     runner = TaskRunner(instance, max_batch_tokens=max_batch_tokens, max_batch_rows=max_batch_rows)
     batch = {name: [r.get(name) for r in rows] for name, spec in task.inputs.items()

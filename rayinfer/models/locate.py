@@ -99,7 +99,21 @@ def locate_model(ref: str, what: str = "model") -> ModelLocation:
     return ModelLocation("hub", ref, config, f"hub:{ref}")
 
 
-def _cached_hub_config(repo_id: str, filename: str) -> dict[str, Any] | None:
+def read_model_file(model: ModelLocation, name: str) -> Any | None:
+    """One of the model's JSON files (``modules.json``, ``1_Pooling/config.json``): from its folder,
+    or for a hub id from the local Hugging Face cache; None where it has none (or it is not cached)."""
+    if model.kind == "hub":
+        return _cached_hub_config(model.ref, name)
+    path = Path(model.ref, name)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON: {exc}") from None
+
+
+def _cached_hub_config(repo_id: str, filename: str) -> Any | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 

@@ -129,6 +129,7 @@ def plan_job(
     check_columns(schema, {k: None for k in spec.input.keep}, "input.keep")
 
     model = locate_model(spec.model)
+    options = task_cls.options_for_model(options, model)
     if model.config is not None:
         task_cls.check_model_config(model.config, options)
     adapter = locate_model(spec.adapter, what="adapter") if spec.adapter else None

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from rayinfer.errors import ModelError, RowError
 from rayinfer.models.load import LoadContext
+from rayinfer.models.locate import ModelLocation
 
 Batch = dict[str, list[Any]]
 """Task inputs for a batch: input name -> one value per row."""
@@ -153,6 +154,13 @@ class Task(ABC):
         """
         if cls.requires is not None:
             cls.requires.check(cls.name, config)
+
+    @classmethod
+    def options_for_model(cls, options: TaskOptions, model: ModelLocation) -> TaskOptions:
+        """The options completed from the model's files, before Ray starts (``embed`` reads the size
+        of the model's vectors, which its output schema needs); raise ``SpecError`` or
+        ``ModelError`` for options the model cannot serve. The default returns them as given."""
+        return options
 
     @classmethod
     def adapter_task_types(cls, options: TaskOptions) -> set[str] | None:

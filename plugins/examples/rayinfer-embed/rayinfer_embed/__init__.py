@@ -1,6 +1,7 @@
-"""embed: one fixed-size vector per text, the mean of the encoder's last hidden states over the
-text's tokens (padding excluded), optionally L2-normalised: what sentence-transformers models
-such as all-MiniLM-L6-v2 are trained for."""
+"""mean-embed: one fixed-size vector per text, the mean of the encoder's last hidden states over the
+text's tokens (padding excluded), optionally L2-normalised. A plugin written as a tutorial: the
+built-in ``embed`` task runs a model's own sentence-transformers modules (CLS or last-token
+pooling, Dense, prompts), which mean pooling alone gets wrong for many models."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rayinfer.text import collate, encode
 
 
 class EmbedTask(Task):
-    name = "embed"
+    name = "mean-embed"
     description = "Sentence embeddings: mean-pooled last hidden states of an encoder (e.g. all-MiniLM-L6-v2)."
     # The base class loads tokenizer and model from this (self.tokenizer, self.model,
     # self.max_length) and refuses an encoder-decoder before Ray starts.

@@ -1,4 +1,4 @@
-"""The embed task, tested the way a plugin author tests: rayinfer's pytest plugin gives a small
+"""The mean-embed task, tested the way a plugin author tests: rayinfer's pytest plugin gives a small
 local BERT (`rayinfer_bert`) and the helpers that run a task without Ray or as a real local job."""
 
 from __future__ import annotations
@@ -41,6 +41,6 @@ def test_bad_and_long_rows(rayinfer_bert):
 
 
 def test_a_real_local_job(rayinfer_bert, rayinfer_run_job):
-    rows = rayinfer_run_job("embed", [{"text": t} for t in TEXTS], rayinfer_bert, {"normalize": False})
+    rows = rayinfer_run_job("mean-embed", [{"text": t} for t in TEXTS], rayinfer_bert, {"normalize": False})
     assert [r["id"] for r in rows] == list(range(len(TEXTS)))
     assert all(len(r["embedding"]) == len(rows[0]["embedding"]) > 0 for r in rows)

@@ -1,0 +1,177 @@
+"""embed: parity with SentenceTransformer.encode on the model's own module stack (mean, CLS + Dense
++ a query prompt, last-token pooling of a decoder, a plain encoder), options, errors before Ray,
+and a job whose Parquet column is a fixed-size vector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from rayinfer_tasks.embed import EmbedTask
+from sentence_transformers import SentenceTransformer, quantize_embeddings
+
+from rayinfer.errors import SpecError
+from rayinfer.models import catalog
+from rayinfer.testing import english_paragraphs, run_task
+
+PARAGRAPHS = list(english_paragraphs()[:300])
+MINILM = "all-minilm-l6-v2"
+
+
+def embed(model, texts, options=None, **kw):
+    rows = run_task(EmbedTask, [{"text": t} for t in texts], model, options or {}, **kw)
+    assert [r["error"] for r in rows] == [None] * len(texts)
+    return rows, np.array([r["embedding"] for r in rows])
+
+
+def save_stack(folder, transformer_dir, pooling, dense=None, normalize=False, prompts=None, include_prompt=True):
+    """A sentence-transformers folder as sentence-transformers itself saves one."""
+    import torch
+    from sentence_transformers import models
+
+    torch.manual_seed(0)
+    first = models.Transformer(str(transformer_dir), max_seq_length=64)
+    if first.tokenizer.pad_token is None:  # a decoder's tokenizer: eos pads, as decoder embedders ship
+        first.tokenizer.pad_token = first.tokenizer.eos_token
+    dim = first.get_embedding_dimension()
+    stack = [first, models.Pooling(dim, pooling_mode=pooling, include_prompt=include_prompt)]
+    if dense:
+        stack.append(models.Dense(dim, dense, activation_function=torch.nn.Tanh()))
+    if normalize:
+        stack.append(models.Normalize())
+    SentenceTransformer(modules=stack, prompts=prompts or {}).save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cls_dense_query(tmp_path_factory, rayinfer_bert):
+    """The BGE shape: CLS pooling, then a Dense projection (to 24 dims), and a query prompt."""
+    return save_stack(tmp_path_factory.mktemp("st") / "cls", rayinfer_bert, "cls", dense=24,
+                      prompts={"query": "query: ", "document": ""})
+
+
+@pytest.fixture(scope="module")
+def lasttoken(tmp_path_factory, rayinfer_llama):
+    """The e5-mistral / Qwen3-Embedding shape: a decoder's last token, normalized, an instruction
+    prompt left out of nothing (last-token pooling sees the whole text)."""
+    return save_stack(tmp_path_factory.mktemp("st") / "last", rayinfer_llama, "lasttoken", normalize=True,
+                      prompts={"query": "Instruct: find the passage\nQuery: "})
+
+
+@pytest.fixture(scope="module")
+def mean_without_prompt(tmp_path_factory, rayinfer_bert):
+    """INSTRUCTOR's shape: the prompt is read but left out of the mean (include_prompt: false)."""
+    return save_stack(tmp_path_factory.mktemp("st") / "meanx", rayinfer_bert, "mean", include_prompt=False,
+                      prompts={"query": "represent the question for retrieval: "})
+
+
+@pytest.mark.skipif(not catalog.is_installed(MINILM), reason=f"rayinfer models fetch {MINILM}")
+def test_all_minilm_equals_encode_on_300_paragraphs():
+    folder = str(catalog.model_dir(MINILM))
+    reference = SentenceTransformer(folder, device="cpu")
+    rows, got = embed(folder, PARAGRAPHS)
+    assert got.shape == (300, 384)
+    assert np.abs(got - reference.encode(PARAGRAPHS)).max() <= 1e-5
+    assert np.linalg.norm(got, axis=1) == pytest.approx(np.ones(300), abs=1e-5)  # its Normalize module
+    # 256 tokens is its max_seq_length: the rows cut there say so
+    lengths = [len(reference.tokenizer(t)["input_ids"]) for t in PARAGRAPHS]
+    assert [r["truncated"] for r in rows] == [n > 256 for n in lengths] and any(n > 256 for n in lengths)
+    _, short = embed(folder, PARAGRAPHS, {"truncate_dim": 64})
+    assert np.abs(short - reference.encode(PARAGRAPHS, truncate_dim=64)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("stack, prompt_name", [("cls_dense_query", "query"), ("cls_dense_query", None),
+                                                ("lasttoken", "query"), ("mean_without_prompt", "query")])
+def test_the_model_stack_equals_encode(request, stack, prompt_name):
+    folder = request.getfixturevalue(stack)
+    reference = SentenceTransformer(str(folder), device="cpu")
+    options = {"prompt_name": prompt_name} if prompt_name else {}
+    rows, got = embed(folder, PARAGRAPHS, options, max_batch_tokens=512)
+    want = reference.encode(PARAGRAPHS, prompt_name=prompt_name)
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5
+    if prompt_name:  # the prompt changes the vectors: it was applied, not ignored
+        assert np.abs(got - reference.encode(PARAGRAPHS)).max() > 1e-3
+
+
+def test_a_plain_encoder_is_mean_pooled_as_sentence_transformers_does(rayinfer_bert):
+    _, got = embed(rayinfer_bert, PARAGRAPHS[:100])
+    want = SentenceTransformer(str(rayinfer_bert), device="cpu").encode(PARAGRAPHS[:100])
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_normalize_truncate_and_quantized_precisions(cls_dense_query):
+    reference = SentenceTransformer(str(cls_dense_query), device="cpu")
+    texts = PARAGRAPHS[:80]
+    raw = reference.encode(texts, prompt_name="query")
+    _, unit = embed(cls_dense_query, texts, {"prompt_name": "query", "normalize": True, "truncate_dim": 16})
+    want = reference.encode(texts, prompt_name="query", normalize_embeddings=True, truncate_dim=16)
+    assert np.abs(unit - want).max() <= 1e-5 and np.linalg.norm(unit, axis=1) == pytest.approx(np.ones(80), abs=1e-5)
+
+    rows, half = embed(cls_dense_query, texts, {"prompt_name": "query", "precision": "float16"})
+    assert np.abs(half.astype(np.float32) - raw).max() <= 1e-3
+    ranges = [raw.min(axis=0).tolist(), raw.max(axis=0).tolist()]
+    for precision in ("int8", "uint8"):
+        _, got = embed(cls_dense_query, texts, {"prompt_name": "query", "precision": precision, "int8_ranges": ranges})
+        want = quantize_embeddings(raw, precision, ranges=np.array(ranges))
+        assert got.dtype == want.dtype and np.abs(got.astype(int) - want.astype(int)).max() <= 1  # a float's last bit
+    for precision in ("binary", "ubinary"):
+        _, got = embed(cls_dense_query, texts, {"prompt_name": "query", "precision": precision})
+        assert got.shape == (80, 3) and (got == quantize_embeddings(raw, precision)).all()
+
+
+def test_a_job_writes_fixed_size_vectors(tmp_path, cls_dense_query, ray_session):
+    """Parquet in, a fixed_size_list<float32>[24] column out with every id; DuckDB ranks by cosine."""
+    import duckdb
+
+    from rayinfer.api import run_job
+
+    (tmp_path / "in").mkdir()
+    texts = PARAGRAPHS[:60]
+    pq.write_table(pa.table({"doc": [f"p{i}" for i in range(60)], "body": texts[:59] + [""]}),
+                   tmp_path / "in" / "docs.parquet")
+    spec = {"task": "embed", "model": str(cls_dense_query), "options": {"prompt_name": "query"},
+            "input": {"path": str(tmp_path / "in"), "id_column": "doc", "columns": {"text": "body"}},
+            "output": {"path": str(tmp_path / "out")}, "runtime": {"num_cpus": 1}}
+    manifest = run_job(spec)
+    assert manifest["rows"] == 60 and manifest["errors"] == 1
+    table = pq.read_table(tmp_path / "out")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 24)
+    out = {r["doc"]: r for r in table.to_pylist()}
+    assert sorted(out) == sorted(f"p{i}" for i in range(60))
+    assert out["p59"]["error"] == "input 'text' (column 'body') is empty" and out["p59"]["embedding"] is None
+    want = SentenceTransformer(str(cls_dense_query), device="cpu").encode(texts[:59], prompt_name="query")
+    assert np.abs(np.array([out[f"p{i}"]["embedding"] for i in range(59)]) - want).max() <= 1e-5
+
+    query = want[3].tolist()
+    best = duckdb.sql(
+        f"SELECT doc FROM read_parquet('{tmp_path}/out/*.parquet') WHERE error IS NULL "
+        f"ORDER BY array_cosine_similarity(embedding::FLOAT[24], {query}::FLOAT[24]) DESC LIMIT 1").fetchall()
+    assert best == [("p3",)]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"prompt_name": "passage"}, "options.prompt_name 'passage': the model's prompts are document, query"),
+    ({"truncate_dim": 25}, "options.truncate_dim 25 is more than the model's 24 dimensions"),
+    ({"dimensions": 32}, "options.dimensions is 32, but the model's vectors have 24"),
+    ({"precision": "int8", "int8_ranges": [[0.0], [1.0]]}, "options.int8_ranges has 1 values per row; the vectors have 24"),
+])
+def test_options_the_model_cannot_serve_are_refused_before_ray(tmp_path, cls_dense_query, options, message):
+    from rayinfer.api import plan_job
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [1], "text": ["x"]}), tmp_path / "in" / "a.parquet")
+    spec = {"task": "embed", "model": str(cls_dense_query), "options": options,
+            "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}}
+    with pytest.raises(SpecError, match=message):
+        plan_job(spec)
+    assert plan_job({**spec, "options": {}}).output_schema.field("embedding").type == pa.list_(pa.float32(), 24)
+
+
+def test_conflicting_options_are_spec_errors():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set prompt or prompt_name, not both"):
+        EmbedTask.Options(prompt="q: ", prompt_name="query")
+    with pytest.raises(ValidationError, match="int8_ranges is for precision int8 or uint8"):
+        EmbedTask.Options(int8_ranges=[[0.0], [1.0]])
