@@ -39,8 +39,10 @@ rayinfer runs a generation task with no ``runtime`` keys on CPUs (its decoding a
 node's CPUs, as the loop does).
 
 Models: all-MiniLM-L6-v2 (a real 6-layer BERT encoder) with a classification head and with its
-MLM head (heads freshly initialised: speed does not depend on their values), and SmolLM2-135M-
-Instruct for generate and summarize; all from the offline catalog. Text: sentences and topics of
+MLM head (heads freshly initialised: speed does not depend on their values), as itself for embed
+(its sentence-transformers folder; the peer (a) is ``SentenceTransformer.encode``, which sorts by
+length itself, at each candidate batch size), and SmolLM2-135M-Instruct for generate and
+summarize; all from the offline catalog. Text: sentences and topics of
 the Python reference documentation (``pydoc_data.topics``).
 """
 
@@ -67,9 +69,10 @@ ACTOR_CPUS = 1.5  # what (b) and (c) reserve per actor; the rest is left to Ray 
 
 # On CPUs generation gets faster with larger batches (a decode step costs about the same for 8
 # rows as for 64), so the pipeline is given large candidates too.
-CANDIDATE_BATCHES = {"classify": [8, 16, 32, 64], "fill-mask": [8, 16, 32, 64], "generate": [16, 32, 48],
+CANDIDATE_BATCHES = {"classify": [8, 16, 32, 64], "fill-mask": [8, 16, 32, 64], "embed": [16, 32, 64, 128],
+                     "generate": [16, 32, 48],
                      "summarize": [16, 32, 48]}
-GPU_CANDIDATE_BATCHES = {"classify": [64, 128, 256, 512], "fill-mask": [64, 128, 256, 512],
+GPU_CANDIDATE_BATCHES = {"classify": [64, 128, 256, 512], "fill-mask": [64, 128, 256, 512], "embed": [64, 128, 256, 512],
                          "generate": [32, 64, 128, 256], "summarize": [16, 32, 64, 128]}
 
 
@@ -114,6 +117,15 @@ def sentences(n: int) -> list[str]:
     return [sents[i % len(sents)] for i in range(n)]
 
 
+def paragraphs(n: int) -> list[str]:
+    """Documents as a retrieval corpus has them: prose paragraphs (60-2,000 characters; all-MiniLM
+    cuts the longest at its 256 tokens)."""
+    from rayinfer.testing import english_paragraphs
+
+    paras = list(english_paragraphs())
+    return [paras[i % len(paras)] for i in range(n)]
+
+
 def masked(texts: list[str]) -> list[str]:
     out = []
     for t in texts:
@@ -135,6 +147,9 @@ def workloads(rows: int, gen_rows: int) -> dict[str, dict[str, Any]]:
                      "options": {}, "pipeline": ("text-classification", {"top_k": None})},
         "fill-mask": {"model": str(encoder_with_head("mlm")), "column": "text", "texts": masked(sentences(rows)),
                       "options": {"top_k": 3}, "pipeline": ("fill-mask", {"top_k": 3})},
+        # the peer is SentenceTransformer.encode (it sorts by length itself), not a pipeline
+        "embed": {"model": str(catalog.fetch("all-minilm-l6-v2")), "column": "text", "texts": paragraphs(rows),
+                  "task": "embed", "options": {}, "pipeline": ("sentence-transformers", {}), "max_tokens": 256},
         "generate": {"model": smol, "column": "prompt", "texts": generation.chat_prompts(gen_rows), "task": "generate",
                      "options": {"chat": True, "max_new_tokens": 128},
                      "pipeline": ("text-generation", {"max_new_tokens": 128, "do_sample": False, "return_full_text": False})},
@@ -181,13 +196,13 @@ def matmul_flops(threads: int = THREADS, n: int = 1024, seconds: float = 3.0) ->
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def model_flops(model_dir: str, texts: list[str]) -> tuple[int, float]:
+def model_flops(model_dir: str, texts: list[str], max_tokens: int = 512) -> tuple[int, float]:
     """(real input tokens, forward FLOPs over them): 2 x non-embedding params per token + attention."""
     from transformers import AutoConfig, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = AutoConfig.from_pretrained(model_dir)
-    lengths = [min(len(ids), 512) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
+    lengths = [min(len(ids), max_tokens) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter = getattr(cfg, "intermediate_size", 4 * h)
     per_layer = 4 * h * h + (3 if cfg.model_type == "llama" else 2) * h * inter  # attention + MLP weights
@@ -226,21 +241,36 @@ class Watcher:
             time.sleep(0.5)
 
 
+def make_pipeline(kind: str, model: str, device: str) -> Any:
+    """(a)'s and (b)'s model: a transformers pipeline, or for embed a SentenceTransformer whose
+    ``encode`` is called the way a pipeline is (texts, batch_size)."""
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else None
+    if kind == "sentence-transformers":
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(model, device=device, model_kwargs={"dtype": dtype} if dtype else None)
+        return lambda texts, batch_size, **kw: list(st.encode(texts, batch_size=batch_size, **kw))
+    from transformers import pipeline
+
+    pipe = pipeline(kind, model=model, device=device, dtype=dtype)
+    if pipe.tokenizer.pad_token_id is None:
+        pipe.tokenizer.pad_token = pipe.tokenizer.eos_token
+    if kind == "text-generation":
+        pipe.tokenizer.padding_side = "left"
+    return pipe
+
+
 class PipelineRecipe:
     """(b): the class a Ray Data user writes around a transformers pipeline."""
 
     def __init__(self, task: str, model: str, kwargs: dict[str, Any], batch_size: int, column: str, chat: bool,
                  device: str = "cpu"):
         import torch
-        from transformers import pipeline
 
         torch.set_num_threads(THREADS)
-        dtype = torch.bfloat16 if device == "cuda" else None
-        self.pipe = pipeline(task, model=model, device=device, dtype=dtype)
-        if self.pipe.tokenizer.pad_token_id is None:
-            self.pipe.tokenizer.pad_token = self.pipe.tokenizer.eos_token
-        if task == "text-generation":
-            self.pipe.tokenizer.padding_side = "left"
+        self.pipe = make_pipeline(task, model, device)
         self.kwargs, self.batch_size, self.column, self.chat = kwargs, batch_size, column, chat
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -248,7 +278,7 @@ class PipelineRecipe:
         if self.chat:
             texts = [[{"role": "user", "content": t}] for t in texts]
         out = self.pipe(texts, batch_size=self.batch_size, **self.kwargs)
-        return {"id": batch["id"], "out": [json.dumps(o, default=str) for o in out]}
+        return {"id": batch["id"], "out": [json.dumps(o, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)) for o in out]}
 
 
 def run_pipeline(task: str, work: dict[str, Any], batch_size: int) -> dict[str, float]:
@@ -256,15 +286,12 @@ def run_pipeline(task: str, work: dict[str, Any], batch_size: int) -> dict[str, 
     code = (
         "import json,sys,time,resource,torch\n"
         "from transformers import pipeline\n"
-        "from benchmarks.throughput import workloads, pipeline_inputs, THREADS\n"
+        "from benchmarks.throughput import workloads, pipeline_inputs, make_pipeline, THREADS\n"
         "task, bs, rows, gen, dev = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]\n"
         "torch.set_num_threads(THREADS)\n"
         "w = workloads(rows, gen)[task]\n"
         "t0 = time.perf_counter()\n"
-        "pipe = pipeline(w['pipeline'][0], model=w['model'], device=dev,"
-        " dtype=torch.bfloat16 if dev == 'cuda' else None)\n"
-        "if pipe.tokenizer.pad_token_id is None: pipe.tokenizer.pad_token = pipe.tokenizer.eos_token\n"
-        "if w['pipeline'][0] == 'text-generation': pipe.tokenizer.padding_side = 'left'\n"
+        "pipe = make_pipeline(w['pipeline'][0], w['model'], dev)\n"
         "inputs = pipeline_inputs(task, w)\n"
         "t1 = time.perf_counter()\n"
         "with torch.inference_mode(): out = pipe(inputs, batch_size=bs, **w['pipeline'][1])\n"
@@ -332,7 +359,7 @@ def run_rayinfer(task: str, work: dict[str, Any], data: Path, out: Path) -> dict
     from rayinfer.api import run_job
 
     spec = {
-        "task": "classify" if task == "classify" else task,
+        "task": task,
         "model": work["model"],
         "input": {"path": str(data), "id_column": "id", "columns": {("prompt" if task == "generate" else "text"): work["column"]}},
         "output": {"path": str(out), "mode": "overwrite"},
@@ -415,7 +442,7 @@ def main() -> None:
             if task in GENERATION:
                 generation_rows.append(generation_peers(task, work, bs, a, b, c, tmp / task, peak))
                 continue
-            tokens, flops = model_flops(work["model"], work["texts"])
+            tokens, flops = model_flops(work["model"], work["texts"], work.get("max_tokens", 512))
             results.append((task, bs, a, b, c, tokens, flops, len(work["texts"])))
     finally:
         ray.shutdown()
@@ -486,8 +513,8 @@ def print_generation(rows: list[dict[str, Any]]) -> None:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default="classify,fill-mask,generate,summarize")
-    ap.add_argument("--rows", type=int, default=1500, help="rows for classify and fill-mask")
+    ap.add_argument("--tasks", default="classify,fill-mask,embed,generate,summarize")
+    ap.add_argument("--rows", type=int, default=1500, help="rows for classify, fill-mask and embed")
     ap.add_argument("--gen-rows", type=int, default=48, help="rows for generate and summarize")
     ap.add_argument("--repeat", type=int, default=3, help="runs of (a) at its best batch size and of (c); medians reported")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU, bfloat16")

@@ -36,7 +36,8 @@ ROOT = JOBS.parent
 
 # the column that must be non-empty in every row, per task
 PREDICTION = {"fill-mask": "filled", "classify": "label", "zero-shot-classify": "label", "nsp": "score",
-              "generate": "generated", "summarize": "summary", "perplexity": "perplexity", "embed": "embedding"}
+              "generate": "generated", "summarize": "summary", "perplexity": "perplexity", "embed": "embedding",
+              "token-classify": "truncated"}
 
 
 def offline() -> bool:
@@ -112,6 +113,9 @@ def quality(task: str, spec: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             [r["title"] for r in rows], normalize_embeddings=True)
         hits = int((np.argmax(queries @ docs.T, axis=1) == np.arange(len(rows))).sum())
         return f"{docs.shape[1]} dims; title -> its document top-1 {hits}/{len(rows)} (chance 1/{len(rows)})"
+    if task == "token-classify":
+        groups = Counter(e["entity_group"] for r in rows for e in r["entities"])
+        return f"{sum(groups.values())} entities: " + ", ".join(f"{g} x{n}" for g, n in groups.most_common())
     if task == "summarize":
         return f"mean summary {sum(len(r['summary']) for r in rows) / len(rows):.0f} characters"
     return ""

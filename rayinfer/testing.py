@@ -118,13 +118,15 @@ def build_bert(
 ) -> Path:
     """Save a small random BERT with the given head to ``path`` and return it.
 
-    head: ``masked-lm``, ``sequence-classification``, ``next-sentence`` or ``pretraining``.
+    head: ``masked-lm``, ``sequence-classification``, ``token-classification``, ``next-sentence``
+    or ``pretraining``; ``labels`` are the classification heads' labels.
     """
     import transformers
 
     classes = {
         "masked-lm": transformers.BertForMaskedLM,
         "sequence-classification": transformers.BertForSequenceClassification,
+        "token-classification": transformers.BertForTokenClassification,
         "next-sentence": transformers.BertForNextSentencePrediction,
         "pretraining": transformers.BertForPreTraining,
     }

@@ -166,7 +166,8 @@ def test_every_built_in_task_has_descriptions_and_an_example_job():
     registry = load_registry(only=None)
     jobs = {yaml.safe_load(p.read_text())["task"] for p in (ROOT / "jobs").glob("*.yaml")}
     built_in = [n for n, plugin in registry.task_plugin.items() if registry.tasks[n].__module__.startswith("rayinfer_tasks")]
-    assert sorted(built_in) == ["classify", "embed", "fill-mask", "generate", "nsp", "perplexity", "summarize", "zero-shot-classify"]
+    assert sorted(built_in) == ["classify", "embed", "fill-mask", "generate", "nsp", "perplexity", "summarize",
+                                "token-classify", "zero-shot-classify"]
     for name in built_in:
         info = registry.get(name).describe()
         assert info["description"] and info["outputs"], name
