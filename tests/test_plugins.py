@@ -120,8 +120,8 @@ def test_a_broken_plugin_is_contained_and_named(tmp_path, monkeypatch, capsys, c
     assert {"classify", "fill-mask"} <= set(registry.tasks)
     # on stderr once the CLI's handler is installed, else in the log records
     assert "plugin 'broken-plugin' failed to load: ModuleNotFoundError" in capsys.readouterr().err + caplog.text
-    with pytest.raises(UnknownTaskError, match=r"unknown task 'embed'.*failed to load: broken-plugin \(ModuleNotFoundError"):
-        registry.get("embed")
+    with pytest.raises(UnknownTaskError, match=r"unknown task 'sentiment'.*failed to load: broken-plugin \(ModuleNotFoundError"):
+        registry.get("sentiment")
 
 
 def test_cli_listing_does_not_import_torch_or_transformers(tmp_path):

@@ -33,7 +33,7 @@ def test_a_good_job_validates(tmp_path, rayinfer_bert):
         pytest.param(["input.keep=[nope]"], "input.keep: column 'nope' is not in the input", id="keep-column-missing"),
         pytest.param(["input.id_column=source"], None, id="any-column-is-an-id"),  # any column can be the id: valid
         pytest.param(["input.columns={text: doc_id}"], "column 'doc_id' must be a string column, but it is int64", id="text-column-not-string"),
-        pytest.param(["task=summarise"], "unknown task 'summarise'. Known tasks: classify, fill-mask", id="unknown-task"),
+        pytest.param(["task=summarise"], "unknown task 'summarise'. Known tasks: classify, embed, fill-mask", id="unknown-task"),
         pytest.param(["options.top_k=0"], "options.top_k: Input should be greater than or equal to 1 (got 0)", id="option-out-of-range"),
         pytest.param(["options.topk=3"], "unknown key 'options.topk' (did you mean 'options.top_k'?)", id="misspelt-option"),
         pytest.param(["runtime.batchsize=3"], "unknown key 'runtime.batchsize' (did you mean 'runtime.batch_size'?)", id="misspelt-runtime-key"),

@@ -101,9 +101,18 @@ def locate_model(ref: str, what: str = "model") -> ModelLocation:
 
 def read_model_file(model: ModelLocation, name: str) -> Any | None:
     """One of the model's JSON files (``modules.json``, ``1_Pooling/config.json``): from its folder,
-    or for a hub id from the local Hugging Face cache; None where it has none (or it is not cached)."""
+    or for a hub id from the local Hugging Face cache, else (not offline) downloaded, a few KB;
+    None where it has none (or it cannot be had)."""
     if model.kind == "hub":
-        return _cached_hub_config(model.ref, name)
+        found = _cached_hub_config(model.ref, name)
+        if found is None and os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes"):
+            try:
+                from huggingface_hub import hf_hub_download
+
+                return json.loads(Path(hf_hub_download(model.ref, name)).read_text(encoding="utf-8"))
+            except Exception:  # not in the repository, or the hub unreachable: as if it had none
+                return None
+        return found
     path = Path(model.ref, name)
     if not path.is_file():
         return None
