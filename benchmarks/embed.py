@@ -26,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1500)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--budgets", default="512,1024,2048,4096", help="rayinfer's max_batch_tokens to try")
     args = ap.parse_args()
 
     import numpy as np
@@ -75,9 +76,11 @@ def main() -> None:
     for r in range(args.rounds):
         peers = {f"encode batch_size={bs}": encode(bs) for bs in (16, 32, 64)}
         best_rate, reference = max(peers.values(), key=lambda p: p[0])
-        for budget in (1024, 2048, 4096):
-            peers[f"rayinfer fp32, max_batch_tokens {budget}" + (" (default)" if budget == 2048 else "")] = ours("float32", budget)
-        peers["rayinfer bf16 (runtime.dtype: bfloat16), 2048"] = ours("bfloat16", 2048)
+        for budget in map(int, args.budgets.split(",")):
+            default = " (default)" if budget == EmbedTask.cpu_batch_tokens else ""
+            peers[f"rayinfer fp32, max_batch_tokens {budget}{default}"] = ours("float32", budget)
+        peers[f"rayinfer bf16 (runtime.dtype: bfloat16), {EmbedTask.cpu_batch_tokens}"] = ours(
+            "bfloat16", EmbedTask.cpu_batch_tokens)
         for name, (rate, vectors) in peers.items():
             cos = (vectors * reference).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
             print(f"| {r + 1} | {name} | {rate:.1f} | {rate / best_rate:.2f} | {np.abs(vectors - reference).max():.1e} "

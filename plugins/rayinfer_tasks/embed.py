@@ -41,6 +41,7 @@ class EmbedTask(Task):
                    "last-token pooling, Dense, Normalize, query/document prompts); a fixed-size vector per row.")
     inputs = {"text": InputColumn("The text to embed (a query or a document: see prompt_name).")}
     requires = ModelRequirement("AutoModel", what="a text encoder", encoder_decoder=None)
+    cpu_batch_tokens = 1024  # measured (benchmarks/embed.py): smaller passes stay in cache
 
     class Options(TaskOptions):
         prompt_name: str | None = Field(
