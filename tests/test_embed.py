@@ -100,6 +100,22 @@ def test_a_plain_encoder_is_mean_pooled_as_sentence_transformers_does(rayinfer_b
     assert np.abs(got - want).max() <= 1e-5
 
 
+def test_an_adapter_is_merged_into_the_stacks_transformer(cls_dense_query, rayinfer_bert, tmp_path):
+    """A LoRA adapter on the encoder (FEATURE_EXTRACTION) changes the vectors exactly as merging it
+    into the folder's transformer does."""
+    from peft import PeftModel
+    from test_adapters import make_lora
+    from transformers import AutoModel
+
+    adapter = make_lora(rayinfer_bert, tmp_path / "lora", AutoModel, "FEATURE_EXTRACTION", ["query", "value"])
+    reference = SentenceTransformer(str(cls_dense_query), device="cpu")
+    plain = reference.encode(PARAGRAPHS[:40])
+    reference[0].model = PeftModel.from_pretrained(reference[0].model, str(adapter)).merge_and_unload()
+    _, got = embed(cls_dense_query, PARAGRAPHS[:40], adapter=str(adapter))
+    want = reference.encode(PARAGRAPHS[:40])
+    assert np.abs(got - want).max() <= 1e-5 and np.abs(got - plain).max() > 1e-3
+
+
 def test_normalize_truncate_and_quantized_precisions(cls_dense_query):
     reference = SentenceTransformer(str(cls_dense_query), device="cpu")
     texts = PARAGRAPHS[:80]

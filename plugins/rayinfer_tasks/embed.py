@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from rayinfer import Batch, InputColumn, ModelRequirement, RowError, Task, TaskOptions, hookimpl
 from rayinfer.errors import ModelError, SpecError
 from rayinfer.models.locate import ModelLocation, read_model_file
-from rayinfer.text import collate, ensure_pad_token
+from rayinfer.text import collate, ensure_pad_token, max_input_length
 
 ENCODED = ("input_ids", "token_type_ids", "attention_mask")
 ELEMENT = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8(), "uint8": pa.uint8(),
@@ -135,7 +135,10 @@ class EmbedTask(Task):
             raise ModelError(f"cannot load {ctx.model!r} with sentence-transformers: {exc}") from None
         if ctx.adapter:  # onto the transformer inside the stack
             first = st[0]
-            first.auto_model = attach_adapter(first.auto_model, ctx.adapter, merge=ctx.merge_adapter)
+            if not isinstance(getattr(first, "model", None), torch.nn.Module):
+                raise ModelError(f"adapter {ctx.adapter!r}: the first module of {ctx.model!r} is a "
+                                 f"{type(first).__name__}, not a transformer an adapter can attach to")
+            first.model = attach_adapter(first.model, ctx.adapter, merge=ctx.merge_adapter)
         o = self.options
         if o.normalize is False:  # the raw pooled (or projected) vectors
             for name, module in list(st.named_children()):
@@ -147,9 +150,8 @@ class EmbedTask(Task):
         size = st.get_embedding_dimension()
         if size is not None and o.dimensions is not None and size != o.dimensions:
             raise ModelError(f"{ctx.model!r} makes vectors of {size} dimensions; the job was planned for {o.dimensions}")
-        if o.max_length:
-            st.max_seq_length = min(o.max_length, st.max_seq_length or o.max_length)
-        self.max_length = st.max_seq_length
+        limit = st.max_seq_length or max_input_length(self.tokenizer, getattr(st[0], "model", None))
+        st.max_seq_length = self.max_length = min(o.max_length, limit) if o.max_length else limit
         if o.prompt is not None:
             self.prompt = o.prompt
         else:
