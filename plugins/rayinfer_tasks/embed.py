@@ -15,17 +15,17 @@ Outputs match ``SentenceTransformer.encode`` with the same prompt, ``truncate_di
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from rayinfer import Batch, InputColumn, ModelRequirement, RowError, Task, TaskOptions, hookimpl
+from rayinfer import Batch, InputColumn, RowError, Task, TaskOptions, hookimpl
 from rayinfer.errors import ModelError, SpecError
 from rayinfer.models.locate import ModelLocation, read_model_file
-from rayinfer.text import collate, ensure_pad_token, max_input_length
+from rayinfer.text import ENCODED_KEYS, collate, ensure_pad_token, max_input_length
 
-ENCODED = ("input_ids", "token_type_ids", "attention_mask")
 ELEMENT = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8(), "uint8": pa.uint8(),
            "binary": pa.int8(), "ubinary": pa.uint8()}
 INSTALL = "embed needs sentence-transformers: pip install 'rayinfer[embed]'"
@@ -40,7 +40,6 @@ class EmbedTask(Task):
     description = ("Sentence embeddings as the model's sentence-transformers modules make them (CLS, mean, max or "
                    "last-token pooling, Dense, Normalize, query/document prompts); a fixed-size vector per row.")
     inputs = {"text": InputColumn("The text to embed (a query or a document: see prompt_name).")}
-    requires = ModelRequirement("AutoModel", what="a text encoder", encoder_decoder=None)
     cpu_batch_tokens = 1024  # measured (benchmarks/embed.py): smaller passes stay in cache
 
     class Options(TaskOptions):
@@ -88,10 +87,8 @@ class EmbedTask(Task):
     @classmethod
     def options_for_model(cls, options: TaskOptions, model: ModelLocation) -> TaskOptions:
         assert isinstance(options, EmbedTask.Options)
-        try:
-            import sentence_transformers  # noqa: F401
-        except ImportError:
-            raise SpecError(INSTALL) from None
+        if importlib.util.find_spec("sentence_transformers") is None:  # found, not imported: plan stays light
+            raise SpecError(INSTALL)
         settings = read_model_file(model, "config_sentence_transformers.json") or {}
         prompts = {"query": "", "document": "", **(settings.get("prompts") or {})}
         if options.prompt_name is not None and options.prompt_name not in prompts:
@@ -175,7 +172,7 @@ class EmbedTask(Task):
         # pooling that leaves the prompt out), unpadded per row so the runner can sort and cut by tokens
         texts = batch["text"]
         features = self.st.preprocess(texts, prompt=self.prompt)
-        tensors = {k: v for k, v in features.items() if k in ENCODED}
+        tensors = {k: v for k, v in features.items() if k in ENCODED_KEYS}
         extras = {k: v for k, v in features.items() if k not in tensors}
         mask = tensors["attention_mask"].bool()
         items = [{k: v[i][mask[i]].tolist() for k, v in tensors.items()} | {"extras": extras, "truncated": False}

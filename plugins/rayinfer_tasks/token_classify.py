@@ -23,9 +23,8 @@ from pydantic import Field, model_validator
 
 from rayinfer import Batch, InputColumn, ModelRequirement, Task, TaskOptions, hookimpl
 from rayinfer.errors import ModelError
-from rayinfer.text import collate
+from rayinfer.text import ENCODED_KEYS, collate
 
-MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 GROUPED = pa.struct([("entity_group", pa.string()), ("score", pa.float64()), ("word", pa.string()),
                      ("start", pa.int64()), ("end", pa.int64())])
 TOKENS = pa.struct([("entity", pa.string()), ("score", pa.float64()), ("index", pa.int64()), ("word", pa.string()),
@@ -50,7 +49,7 @@ class TokenClassifyTask(Task):
         aggregation: Literal["none", "simple", "first", "average", "max"] = Field(
             "simple", description="How tokens become entities, as the pipeline's aggregation_strategy: none (one "
             "entry per token), simple (B-/I- tags grouped), first / average / max (sub-words fused into words by "
-            "the first sub-word's label, the average or the best scores; fast tokenizers only).")
+            "the first sub-word's label, the average or the best scores).")
         ignore_labels: list[str] = Field(["O"], description="Labels left out of the output (with an aggregation: "
                                          "entity group names, the tag without B-/I-, e.g. PER).")
         stride: int | None = Field(
@@ -77,9 +76,6 @@ class TokenClassifyTask(Task):
         from transformers.pipelines.token_classification import AggregationStrategy
 
         o = self.options
-        if o.aggregation in ("first", "average", "max") and not self.tokenizer.is_fast:
-            raise ModelError(f"aggregation {o.aggregation} needs a fast tokenizer (word boundaries); "
-                             f"{self.context.model!r} has a slow one: use aggregation simple")
         if not self.tokenizer.is_fast:
             raise ModelError(f"token-classify needs character offsets, which {self.context.model!r}'s slow "
                              "tokenizer does not give: use a model with a tokenizer.json (a fast tokenizer)")
@@ -95,19 +91,17 @@ class TokenClassifyTask(Task):
         windows = {"return_overflowing_tokens": True, "stride": self.options.stride} if self.options.stride is not None else {}
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, return_special_tokens_mask=True,
                              return_offsets_mapping=True, verbose=False, **windows)
-        keys = [k for k in (*MODEL_KEYS, "offset_mapping", "special_tokens_mask") if k in enc]
+        keys = [k for k in (*ENCODED_KEYS, "offset_mapping", "special_tokens_mask") if k in enc]
         rows = enc["overflow_to_sample_mapping"] if windows else list(range(len(texts)))
-        items: list[Any] = [{"text": t, "windows": []} for t in texts]
+        items: list[Any] = [{"text": t, "windows": [], "truncated": False} for t in texts]
         for w, row in enumerate(rows):
             items[row]["windows"].append({k: enc[k][w] for k in keys})
         if not windows:  # was anything cut? (with stride nothing is: every token is in a window)
             for item in items:
-                last = item["windows"][0]["offset_mapping"]
-                ends = [e for (s, e), special in zip(last, item["windows"][0]["special_tokens_mask"]) if not special]
+                window = item["windows"][0]
+                ends = [end for (_, end), special in zip(window["offset_mapping"], window["special_tokens_mask"])
+                        if not special]
                 item["truncated"] = bool(ends) and bool(item["text"][max(ends):].strip())
-        else:
-            for item in items:
-                item["truncated"] = False
         return items
 
     def length(self, item: Any) -> int:
@@ -115,7 +109,7 @@ class TokenClassifyTask(Task):
 
     def forward(self, items: list[Any]) -> list[Any]:
         windows = [w for item in items for w in item["windows"]]
-        inputs = collate([{k: w[k] for k in MODEL_KEYS if k in w} for w in windows], self.tokenizer, self.model.device)
+        inputs = collate(windows, self.tokenizer, self.model.device)  # collate takes only the model's keys
         logits = self.model(**inputs).logits.float().cpu()
         out, w = [], 0
         for item in items:
