@@ -96,7 +96,7 @@ def main() -> None:
     with torch.inference_mode():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         prefill_wall = 0.0
-        original = decoding._Loop._join
+        original = decoding.loop._Loop._join
 
         def join(self: Any, *a: Any) -> None:  # prefill passes marked apart from decode steps
             nonlocal prefill_wall
@@ -107,12 +107,12 @@ def main() -> None:
 
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         decoding.prepare(model)
-        decoding._Loop._join = join  # type: ignore[method-assign]
+        decoding.loop._Loop._join = join  # type: ignore[method-assign]
         try:
             wall, parts = profiled(lambda: decoding.decode(model, [ids[i] for i in order], max_new_tokens=new,
                                                            eos={tok.eos_token_id}, pad=pad, slots=32, budget=16384))
         finally:
-            decoding._Loop._join = original  # type: ignore[method-assign]
+            decoding.loop._Loop._join = original  # type: ignore[method-assign]
         parts["prefill"]["Python"] = max(0.0, prefill_wall - sum(parts["prefill"].values()))
         parts["decode"]["Python"] = max(0.0, wall - prefill_wall - sum(parts["decode"].values()))
         runs["rayinfer"], walls["rayinfer"] = parts, wall

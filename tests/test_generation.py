@@ -199,3 +199,49 @@ def test_greedy_generation_in_decode_batches_equals_batch_one_generate_on_smollm
         n = next((j for j, t in enumerate(new) if t == tok.eos_token_id), len(new))
         assert row["generated"] == tok.decode(new[:n], skip_special_tokens=True), prompt
         assert row["num_tokens"] == n
+
+
+def test_the_lean_llama_step_gives_the_models_own_logits_and_tokens(rayinfer_llama, monkeypatch):
+    """``rayinfer.decoding.fast.LlamaStep`` (a Llama decode step as one plain loop over the model's
+    modules; grouped-query attention, 4 heads on 2): unprepared, its logits equal the model's
+    forward on the same slot cache bit for bit; prepared (q/k/v and gate/up fused into one packed
+    matmul each), decoding 7 prompts through it gives the tokens of decoding through the model's
+    forward, and of ``model.generate`` on each prompt alone."""
+    from transformers.cache_utils import Cache
+
+    from rayinfer import decoding
+    from rayinfer.decoding import fast, loop
+
+    tok = AutoTokenizer.from_pretrained(rayinfer_llama)
+    model = AutoModelForCausalLM.from_pretrained(rayinfer_llama).eval()
+    config = model.config
+    assert fast.LlamaStep.fits(model) and config.num_key_value_heads < config.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    rows, room = 5, 40
+    shared = loop._Slots(torch.tensor([3, 17, 9, 30, 1]), torch.arange(rows))
+    shared.width = int(shared.lens.max()) + 1
+    dim = config.hidden_size // config.num_attention_heads
+    layers = [loop._SlotLayer(shared, *(torch.randn(rows, config.num_key_value_heads, room, dim, generator=gen) for _ in "kv"))
+              for _ in range(config.num_hidden_layers)]
+    tokens = torch.randint(0, config.vocab_size, (rows, 1), generator=gen)
+    mask = (torch.arange(shared.width)[None, :] <= shared.lens[:, None])[:, None, None, :]
+    with torch.inference_mode():
+        want = model(input_ids=tokens, attention_mask=mask, position_ids=shared.lens[:, None].clone(), use_cache=True,
+                     logits_to_keep=1, cache=Cache(layers=layers)).logits[:, -1]
+        assert torch.equal(fast.LlamaStep(model)(tokens, shared.lens[:, None].clone(), mask, layers), want)
+
+    assert decoding.prepare(model) > 0 and hasattr(model.model.layers[0].self_attn, "rayinfer_qkv")
+    calls = []
+    original = fast.LlamaStep.__call__
+    monkeypatch.setattr(fast.LlamaStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    got = {}
+    with torch.inference_mode():
+        for lean in (True, False):
+            monkeypatch.setattr(loop, "LEAN_STEPS", lean)
+            got[lean] = decoding.decode(model, ids, max_new_tokens=12, eos=set(), pad=0, slots=3)
+        alone = [model.generate(input_ids=torch.tensor([i]), attention_mask=torch.ones(1, len(i), dtype=torch.long),
+                                max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(i):].tolist()
+                 for i in ids]
+    assert calls  # the lean steps ran
+    assert got[True] == got[False] == alone

@@ -17,12 +17,8 @@ so greedy decoding gives ``generate``'s tokens (fp32; batch shapes can change th
 a matmul, never seen to change a token in the tests). Rows that sample pick their tokens with
 their own ``pick`` function (their own generator), whatever the batch.
 
-``prepare(model)`` makes a loaded model decode faster on CPUs: every ``nn.Linear`` runs through
-oneDNN with its weight prepacked once (``torch.ops.mkldnn._linear_pointwise``, as inductor's
-freezing does), still in the model's dtype: fp32 stays fp32 (results differ from MKL's sgemm in
-the last bits only). At the small row counts of decoding (32 rows x 576 x 1536) it runs at twice
-MKL's speed on this AVX-512 machine (SmolLM2's 210 layer matmuls: 58 -> 29 ms). The cost: the
-packed copy beside each weight (the model's linear weights twice in memory).
+Decode steps of a Llama-family model run through ``rayinfer.decoding.fast.LlamaStep`` (the same
+computation as its ``forward``, lean); other models through their ``forward``.
 
 ``supports(model)`` says whether a model can take this path: a decoder-only transformers model
 whose cache is the standard per-layer key/value cache, with SDPA or eager attention and no
@@ -37,6 +33,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+
+from rayinfer.decoding.fast import LlamaStep
 
 Picker = Callable[[list[int], torch.Tensor], int]
 """Chooses a row's next token: (the row's tokens so far, prompt and new; its scores [1, vocab]) -> id."""
@@ -106,48 +104,6 @@ class _SlotLayer(CacheLayerMixin):
         return int(self.keys.shape[2])
 
 
-PACK_ROWS = 32  # the row count oneDNN lays packed weights out for (any count works)
-MKL_ROWS = 256
-"""From this many rows a layer runs through MKL's sgemm (``F.linear`` on the kept weight): the
-packed weight's lead (2.5x at 8 rows, 1.2x at 32-64 of SmolLM2's 576 x 1536) is gone by 256 rows,
-and at a prefill's 3,000 MKL is 7% faster."""
-
-
-class _PackedLinear(torch.nn.Module):
-    """An ``nn.Linear`` through oneDNN with its weight prepacked (``weight`` and ``bias`` kept, for
-    code that reads them)."""
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() >= MKL_ROWS * self.in_features:  # a prefill's thousands of rows: MKL is as fast or faster
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def prepare(model: Any) -> int:
-    """Prepack the model's linear layers for oneDNN where that runs faster (CPU, fp32 or bf16);
-    return how many were packed (0 elsewhere, or where this torch build cannot)."""
-    if getattr(model, "device", torch.device("cpu")).type != "cpu" or not torch.backends.mkldnn.is_available():
-        return 0
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        return 0
-    packed = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
-                try:
-                    setattr(module, name, _PackedLinear(child))
-                except RuntimeError:  # a layout oneDNN does not take: this layer stays as it is
-                    continue
-                packed += 1
-    return packed
-
-
 def _cache_arg(model: Any) -> str:
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -203,6 +159,9 @@ def decode(
     return [r.new for r in rows]
 
 
+LEAN_STEPS = True
+"""Decode steps of Llama-family models through ``LlamaStep`` (False: through the model's forward)."""
+
 MIN_PREFIX = 8
 """Prompts that share at least this many first tokens compute them once (``share_prefix``)."""
 
@@ -240,6 +199,7 @@ class _Loop:
         self.next_token = torch.full((n_slots, 1), pad, dtype=torch.long, device=self.device)
         eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
         self.mask_fill = torch.finfo(model.dtype).min if eager else None
+        self.lean = LlamaStep(model) if LEAN_STEPS and LlamaStep.fits(model) else None
 
     def run(self, rows: list[_Row]) -> None:
         waiting = list(reversed(rows))  # pop() takes the next row in order
@@ -344,14 +304,18 @@ class _Loop:
         s.width = max(lens[i] for i, r in enumerate(self.slot_row) if r is not None) + 1
         columns = torch.arange(s.width, device=self.device)
         mask = self._mask((columns[None, :] <= s.lens[:, None])[:, None, None, :])
-        out = self.model(input_ids=self.next_token, attention_mask=mask, position_ids=s.lens[:, None].clone(),
-                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        assert self.cache is not None
+        if self.lean is not None:
+            logits = self.lean(self.next_token, s.lens[:, None].clone(), mask, self.cache.layers)
+        else:
+            logits = self.model(input_ids=self.next_token, attention_mask=mask, position_ids=s.lens[:, None].clone(),
+                                use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache}).logits[:, -1, :]
         active = [(i, r) for i, r in enumerate(self.slot_row) if r is not None]
         self.stats.steps += 1
         self.stats.row_steps += len(active)
         self.stats.slot_steps += self.n_slots
         s.lens += torch.tensor([1 if r is not None else 0 for r in self.slot_row], device=self.device)
-        self._advance(out.logits[:, -1, :], active, rows_are_slots=True)
+        self._advance(logits, active, rows_are_slots=True)
 
     def _advance(self, logits: torch.Tensor, placed: list[tuple[int, _Row]], rows_are_slots: bool = False) -> None:
         """Pick each placed row's next token from its logits (row k of ``logits`` is the k-th
@@ -392,4 +356,4 @@ class _Loop:
         self.n_slots = len(keep)
 
 
-__all__ = ["DecodeStats", "Picker", "decode", "prepare", "supports"]
+__all__ = ["DecodeStats", "Picker", "decode", "supports"]
