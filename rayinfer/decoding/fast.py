@@ -82,9 +82,11 @@ def prepare(model: Any) -> int:
     fused = 0
     for layer in model.model.layers if LlamaStep.fits(model) else []:
         attn, mlp = layer.self_attn, layer.mlp
-        groups = ((attn, "rayinfer_qkv", ("q_proj", "k_proj", "v_proj")), (mlp, "rayinfer_gate_up", ("gate_proj", "up_proj")))
+        groups = ((attn, "rayinfer_qkv", ("q_proj", "k_proj", "v_proj")),
+                  (mlp, "rayinfer_gate_up", ("gate_proj", "up_proj")))
         linears = [[getattr(owner, name) for name in names] for owner, _, names in groups]
-        if not all(type(lin) is torch.nn.Linear and lin.weight.dtype in PACKED_DTYPES for group in linears for lin in group):
+        plain = [type(lin) is torch.nn.Linear and lin.weight.dtype in PACKED_DTYPES for group in linears for lin in group]
+        if not all(plain):
             break  # an unmerged adapter's layers, or a dtype oneDNN does not pack: this layer and the rest stay apart
         try:
             packs = [_Fused(group) for group in linears]
@@ -116,7 +118,8 @@ class LlamaStep:
 
         self.rotate, self.attend = apply_rotary_pos_emb, sdpa_attention_forward
         base = model.model
-        self.embed, self.layers, self.norm, self.rotary = base.embed_tokens, list(base.layers), base.norm, base.rotary_emb
+        self.embed, self.layers, self.norm = base.embed_tokens, list(base.layers), base.norm
+        self.rotary = base.rotary_emb
         self.head = model.lm_head
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
