@@ -17,6 +17,7 @@ from rayinfer.testing import english_paragraphs, run_task
 
 PARAGRAPHS = list(english_paragraphs()[:300])
 MINILM = "all-minilm-l6-v2"
+NEEDS_MINILM = pytest.mark.skipif(not catalog.is_installed(MINILM), reason=f"rayinfer models fetch {MINILM}")
 
 
 def embed(model, texts, options=None, **kw):
@@ -66,7 +67,7 @@ def mean_without_prompt(tmp_path_factory, rayinfer_bert):
                       prompts={"query": "represent the question for retrieval: "})
 
 
-@pytest.mark.skipif(not catalog.is_installed(MINILM), reason=f"rayinfer models fetch {MINILM}")
+@NEEDS_MINILM
 def test_all_minilm_equals_encode_on_300_paragraphs():
     folder = str(catalog.model_dir(MINILM))
     reference = SentenceTransformer(folder, device="cpu")
@@ -191,3 +192,17 @@ def test_conflicting_options_are_spec_errors():
         EmbedTask.Options(prompt="q: ", prompt_name="query")
     with pytest.raises(ValidationError, match="int8_ranges is for precision int8 or uint8"):
         EmbedTask.Options(int8_ranges=[[0.0], [1.0]])
+
+
+@pytest.mark.parametrize("model, least_cosine", [("cls_dense_query", 0.999),
+                                                 pytest.param(MINILM, 0.9999, marks=NEEDS_MINILM)])
+def test_bfloat16_vectors_point_where_fp32_encode_does(request, model, least_cosine):
+    """runtime.dtype bfloat16 (the README's lever for avx512_bf16 / AMX CPUs): float32 vectors
+    out, each within a small angle of fp32 encode's (all-MiniLM: cosine >= 0.9999, as the README
+    says), and not equal to them (the dtype was applied)."""
+    folder = str(request.getfixturevalue(model) if model == "cls_dense_query" else catalog.model_dir(MINILM))
+    want = SentenceTransformer(folder, device="cpu").encode(PARAGRAPHS)
+    _, got = embed(folder, PARAGRAPHS, dtype="bfloat16")
+    cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert cosine.min() >= least_cosine and np.abs(got - want).max() > 1e-4
