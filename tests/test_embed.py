@@ -194,15 +194,18 @@ def test_conflicting_options_are_spec_errors():
         EmbedTask.Options(int8_ranges=[[0.0], [1.0]])
 
 
-@pytest.mark.parametrize("model, least_cosine", [("cls_dense_query", 0.999),
+@pytest.mark.parametrize("model, least_cosine", [("cls_dense_query", 0.999), ("lasttoken", 0.998),
                                                  pytest.param(MINILM, 0.9999, marks=NEEDS_MINILM)])
 def test_bfloat16_vectors_point_where_fp32_encode_does(request, model, least_cosine):
     """runtime.dtype bfloat16 (the README's lever for avx512_bf16 / AMX CPUs): float32 vectors
     out, each within a small angle of fp32 encode's (all-MiniLM: cosine >= 0.9999, as the README
-    says), and not equal to them (the dtype was applied)."""
-    folder = str(request.getfixturevalue(model) if model == "cls_dense_query" else catalog.model_dir(MINILM))
+    says), and not equal to them (the dtype was applied); a model that normalizes gives unit
+    vectors still (its Normalize, run in bf16, is off by up to 0.4%: rayinfer's is fp32)."""
+    folder = str(catalog.model_dir(MINILM) if model == MINILM else request.getfixturevalue(model))
     want = SentenceTransformer(folder, device="cpu").encode(PARAGRAPHS)
     _, got = embed(folder, PARAGRAPHS, dtype="bfloat16")
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert got.dtype == np.float32 and got.shape == want.shape
     assert cosine.min() >= least_cosine and np.abs(got - want).max() > 1e-4
+    if model != "cls_dense_query":  # the two stacks that end in Normalize
+        assert np.abs(np.linalg.norm(got, axis=1) - 1).max() <= 1e-5

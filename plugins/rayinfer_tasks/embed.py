@@ -154,8 +154,9 @@ class EmbedTask(Task):
         else:
             name = o.prompt_name or st.default_prompt_name
             self.prompt = st.prompts.get(name) if name else None
+        self.model_normalizes = any(type(m).__name__ == "Normalize" for m in st)  # (normalize false removed it)
         # every component of a unit vector, truncated or not, lies in -1..1
-        unit = o.normalize is True or (o.normalize is None and any(type(m).__name__ == "Normalize" for m in st))
+        unit = o.normalize is True or self.model_normalizes
         self.ranges = None
         if o.precision in ("int8", "uint8"):
             if o.int8_ranges is not None:
@@ -190,7 +191,10 @@ class EmbedTask(Task):
 
         side = getattr(self.tokenizer, "padding_side", "right")
         features = collate(items, self.tokenizer, self.st.device, side=side) | items[0]["extras"]
-        vectors = self.st(features)["sentence_embedding"].float()
+        pooled = self.st(features)["sentence_embedding"]
+        vectors = pooled.float()
+        if self.model_normalizes and pooled.dtype != torch.float32:  # a bf16 Normalize is off by up to 0.4%
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
         if self.options.truncate_dim:
             vectors = vectors[..., : self.options.truncate_dim]
         if self.options.normalize:
