@@ -194,7 +194,7 @@ def test_conflicting_options_are_spec_errors():
         EmbedTask.Options(int8_ranges=[[0.0], [1.0]])
 
 
-@pytest.mark.parametrize("model, least_cosine", [("cls_dense_query", 0.999), ("lasttoken", 0.998),
+@pytest.mark.parametrize("model, least_cosine", [("cls_dense_query", 0.998), ("lasttoken", 0.995),
                                                  pytest.param(MINILM, 0.9999, marks=NEEDS_MINILM)])
 def test_bfloat16_vectors_point_where_fp32_encode_does(request, model, least_cosine):
     """runtime.dtype bfloat16 (the README's lever for avx512_bf16 / AMX CPUs): float32 vectors
