@@ -132,12 +132,22 @@ def write_as(fmt: str, table: Any, folder: Path, chunk_rows: int, name: str = "d
     return path
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
+    """A port free now and not handed out before in this test session: the OS may give a port it
+    just gave again once that is closed (two agents of one `ray start` node once got the same one,
+    and the node refused to start)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def agent_ports() -> list[str]:
