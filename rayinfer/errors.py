@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import re
+
 ERROR_COL = "error"
 """The output column where a row's error goes (null for rows that ran)."""
+
+
+SECRET_PARAMS = frozenset({"secret_key", "session_token", "access_key", "sas_token", "account_key", "password"})
+"""URI query parameters that carry credentials (pyarrow's S3, GCS and Azure file systems take them)."""
+
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)([^/\s@'\"]*@)")
+_SECRET_QUERY = re.compile(r"(?i)\b(" + "|".join(sorted(SECRET_PARAMS)) + r")=([^&\s'\"]*)")
+
+
+def scrub_secrets(text: str) -> str:
+    """``text`` with the credentials of any URI in it masked: the user part (``s3://KEY:SECRET@``
+    -> ``s3://***@``) and secret query parameters (``secret_key=***``). The last guard before a
+    line reaches the terminal or a log: no rayinfer line should ever hold a secret."""
+    text = _USERINFO.sub(lambda m: m.group(1) + "***@", text)
+    return _SECRET_QUERY.sub(lambda m: m.group(1) + "=***", text)
 
 
 class RayInferError(Exception):

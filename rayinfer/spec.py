@@ -40,6 +40,12 @@ class InputSpec(_Strict):
         None, min_length=1, max_length=1, description="CSV: the field delimiter; default: tab for .tsv, else a comma."
     )
     id_column: str = Field("id", description="The column that identifies a row; copied to the output.")
+    duplicate_ids: Literal["fail", "warn", "allow"] = Field(
+        "fail",
+        description="Ids that more than one row has (found in one pass over the id column before Ray starts). "
+        "fail: refuse the job, with a count and examples; warn: run every row and say how many repeat; allow: "
+        "no check (saves the pass).",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Task input name -> dataset column, e.g. {text: sentence}. Unmapped inputs use their own name.",
@@ -157,6 +163,9 @@ class RuntimeSpec(_Strict):
 class JobSpec(_Strict):
     task: str = Field(description="The task name (see `rayinfer tasks`).")
     model: str = Field(description="A local model folder, a catalog name, or a Hugging Face hub id.")
+    tokenizer: str | None = Field(
+        None, description="A folder or hub id to load the tokenizer from, for a checkpoint saved without its "
+        "tokenizer (the base model's). Unset: the model's own, which must be there.")
     adapter: str | None = Field(None, description="A PEFT adapter folder or hub id, loaded onto the model.")
     merge_adapter: bool = Field(True, description="Merge the adapter into the weights (faster) or keep it apart.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder/hub to run.")

@@ -48,11 +48,15 @@ def submit(
 ) -> str:
     """Check the spec (its keys, task and options: paths are checked on the cluster), submit it,
     and return the submission id."""
+    from rayinfer.errors import SpecError
+    from rayinfer.io.location import refuse_credentials
     from rayinfer.plan.job import validate_options
     from rayinfer.spec import load_spec
     from rayinfer.task.registry import load_registry
 
     spec = load_spec(job, overrides)
+    for what, path in (("input.path", spec.input.path), ("output.path", spec.output.path)):
+        refuse_credentials(path, what, SpecError)  # the spec travels in the job's entrypoint, shown by Ray
     validate_options(load_registry().get(spec.task), spec)
 
     # `rayinfer stop` (Ray's stop_job) sends the driver SIGTERM, and SIGKILL 3 s later by default:

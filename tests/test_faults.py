@@ -25,7 +25,8 @@ from rayinfer_tasks.fill_mask import FillMaskTask
 from rayinfer.api import run_job
 from rayinfer.errors import RunError
 from rayinfer.io.parts import part_coverage
-from rayinfer.io.store import MANIFEST, list_parts
+from rayinfer.io.lock import holder
+from rayinfer.io.store import MANIFEST, Store, list_parts
 from rayinfer.testing import run_task
 
 ONE_MB = "word " * 209_716 + "[MASK]"  # ~1 MB, the mask far beyond any model limit
@@ -162,14 +163,15 @@ def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_part
     committed = {name: (out / name).stat().st_mtime_ns for name in list_parts(out)}
     committed_rows = sum(pq.read_metadata(out / name).num_rows for name in committed)
     assert 0 < committed_rows < n and not (out / MANIFEST).exists()
+    assert holder(Store(str(out)))["pid"] == driver.pid  # the dead driver's lock, left behind
 
-    manifest = run_job(job, resume=True)
+    manifest = run_job(job, resume=True)  # takes the lock over at once: its process on this host is gone
     assert manifest["rows"] == n and manifest["rows_resumed"] >= committed_rows
     assert manifest["rows_resumed"] + manifest["rows_this_run"] == n
     ids = pq.read_table(out).column("doc_id").to_pylist()
     assert len(ids) == n and sorted(ids) == list(range(1000, 1000 + n))
     assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed  # none recomputed
-    assert json.loads((out / MANIFEST).read_text())["status"] == "complete"
+    assert json.loads((out / MANIFEST).read_text())["status"] == "complete" and holder(Store(str(out))) is None
     if small:  # every part two whole files, one after the other
         assert all(len(c := part_coverage(str(out), name)) == 2 and all(r == [(0, 50)] for r in c.values())
                    for name in list_parts(out))

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -149,3 +150,70 @@ def test_fill_mask_job_reads_and_writes_s3(tmp_path, s3_env, rayinfer_bert):
     resumed = subprocess.run([*run, "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(fs.open_input_file(f"{BUCKET}/job/out/{MANIFEST}").read())["rows_resumed"] == 120
+
+
+def test_credentials_in_a_uris_user_part_are_refused_before_ray_and_never_printed(tmp_path, s3_env):
+    """`s3://KEY:SECRET@bucket/...` (a form pyarrow accepts) as output or input path, in the spec,
+    through --set and to `rayinfer submit`: one line, exit 2, before Ray starts, the secret in no
+    line and nothing written to the bucket."""
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRET"
+    endpoint = s3_env["AWS_ENDPOINT_URL"]
+    fs = s3()
+    pq.write_table(pa.table({"id": [1, 2], "text": ["a [MASK] b", "c [MASK] d"]}), f"{BUCKET}/cred/in/a.parquet",
+                   filesystem=fs)
+    with_secret = f"s3://AKIAEXAMPLE:{secret}@{BUCKET}/cred/%s?endpoint_override={endpoint}"
+    plain = f"s3://{BUCKET}/cred/%s?endpoint_override={endpoint}"
+    job = write_job(tmp_path / "job.yaml", task="fill-mask", model="/nonexistent-model-not-reached",
+                    input={"path": plain % "in"}, output={"path": with_secret % "out"})
+    env = {**os.environ, **s3_env}
+    runs = {
+        "output in the spec": ["run", str(job)],
+        "input through --set": ["run", str(job), "--set", f"output.path={plain % 'out'}",
+                                "--set", f"input.path={with_secret % 'in'}"],
+        "validate": ["validate", str(job)],
+        "submit": ["submit", str(job), "--address", "http://127.0.0.1:9"],
+    }
+    for what, args in runs.items():
+        proc = subprocess.run([sys.executable, "-m", "rayinfer", *args], capture_output=True, text=True, env=env,
+                              timeout=120)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 2, (what, said)
+        assert secret not in said and "AKIAEXAMPLE" not in said, (what, said)
+        lines = [ln for ln in said.splitlines() if ln.strip()]
+        assert len(lines) == 1, (what, said)
+        assert f"path 's3://***@{BUCKET}/cred/" in lines[0], (what, said)
+        assert "carries credentials in the URI (the user part (before '@'))" in lines[0], (what, said)
+    assert keys("cred/") == ["cred/in/a.parquet"]  # nothing written: no part, no manifest, no lock
+
+
+def test_one_run_at_a_time_on_an_object_store(s3_env):
+    """S3 has no exclusive create that pyarrow can ask for: a lease is written, left to settle and
+    read back. Of runs taking it together exactly one holds it; a live holder refuses the next."""
+    import threading
+
+    from rayinfer.io.lock import LOCK, OutputLock, holder
+    from rayinfer.io.store import Store
+
+    store = Store(f"s3://{BUCKET}/locked/out")
+    results: list[str] = []
+
+    def take(i: int) -> None:
+        try:
+            lock = OutputLock.acquire(store, f"run-{i}")
+        except OutputError as exc:
+            results.append("refused" if "is in use by run run-" in str(exc) else str(exc))
+            return
+        results.append("won")
+        time.sleep(3)
+        lock.release()
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["refused", "refused", "won"]
+    assert holder(store) is None and LOCK not in keys("locked/out")
+    with OutputLock.acquire(store, "later"):
+        with pytest.raises(OutputError, match="is in use by run later"):
+            prepare(f"s3://{BUCKET}/locked/out", "overwrite", check_only=True)

@@ -31,7 +31,10 @@ def test_a_good_job_validates(tmp_path, rayinfer_bert):
     [
         pytest.param(["input.columns.text=body"], "column 'body' is not in the input. Columns: doc_id, sentence, source", id="column-not-in-input"),
         pytest.param(["input.keep=[nope]"], "input.keep: column 'nope' is not in the input", id="keep-column-missing"),
-        pytest.param(["input.id_column=source"], None, id="any-column-is-an-id"),  # any column can be the id: valid
+        pytest.param(["input.id_column=doc_id"], None, id="any-unique-column-is-an-id"),  # any column can be the id: valid
+        pytest.param(["input.id_column=source"], "43 row(s) repeat an id of another row (7 distinct id(s) in column 'source'",
+                     id="a-column-whose-values-repeat-is-no-id"),
+        pytest.param(["input.id_column=source", "input.duplicate_ids=allow"], None, id="unless-repeats-are-allowed"),
         pytest.param(["input.columns={text: doc_id}"], "column 'doc_id' must be a string column, but it is int64", id="text-column-not-string"),
         pytest.param(["task=summarise"], "unknown task 'summarise'. Known tasks: classify, embed, fill-mask", id="unknown-task"),
         pytest.param(["options.top_k=0"], "options.top_k: Input should be greater than or equal to 1 (got 0)", id="option-out-of-range"),
@@ -42,7 +45,7 @@ def test_a_good_job_validates(tmp_path, rayinfer_bert):
         pytest.param(["model=/no/such/model"], "model folder '/no/such/model' does not exist", id="model-folder-missing"),
         pytest.param(["input.path=/no/such/data"], "input.path '/no/such/data' does not exist", id="input-missing"),
         pytest.param(["output.mode=sometimes"], "output.mode: Input should be 'error', 'overwrite' or 'resume'", id="bad-output-mode"),
-        pytest.param(["output.path=s3://bucket/out?secret_key=abc"], "carries credentials (secret_key) in the URI", id="credentials-in-output-uri"),
+        pytest.param(["output.path=s3://bucket/out?secret_key=abc"], "carries credentials in the URI (secret_key)", id="credentials-in-output-uri"),
         pytest.param(["input.path=s3://bucket/in?access_key=a&secret_key=b"], "input.path 's3://bucket/in?access_key=***&secret_key=***'", id="credentials-redacted-in-messages"),
         pytest.param(["output.path=nope://bucket/out"], "output.path 'nope://bucket/out': cannot open it", id="unknown-uri-scheme"),
     ],

@@ -118,7 +118,8 @@ class EmbedTask(Task):
         import torch
         from transformers.utils import logging as hf_logging
 
-        from rayinfer.models.load import attach_adapter, resolve_device, resolve_dtype
+        from rayinfer.models.load import (attach_adapter, check_tokenizer_vocabulary, load_tokenizer, resolve_device,
+                                          resolve_dtype)
 
         hf_logging.disable_progress_bar()
         ctx = self.context
@@ -130,6 +131,13 @@ class EmbedTask(Task):
                                      model_kwargs={"dtype": resolve_dtype(ctx.dtype, device)})
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load {ctx.model!r} with sentence-transformers: {exc}") from None
+        if ctx.tokenizer:  # the spec's tokenizer: the checkpoint was saved without its own
+            if not hasattr(st[0], "processor"):
+                raise ModelError(f"tokenizer: {ctx.tokenizer!r}: the first module of {ctx.model!r} is a "
+                                 f"{type(st[0]).__name__}, which takes no tokenizer")
+            st[0].processor = load_tokenizer(ctx)
+        elif st.tokenizer is not None:
+            check_tokenizer_vocabulary(st.tokenizer, ctx.model)
         if ctx.adapter:  # onto the transformer inside the stack
             first = st[0]
             if not isinstance(getattr(first, "model", None), torch.nn.Module):

@@ -19,7 +19,7 @@ import click
 
 from rayinfer.cli.cluster import CLUSTER_COMMANDS
 from rayinfer.cli.options import set_option
-from rayinfer.errors import RayInferError
+from rayinfer.errors import RayInferError, scrub_secrets
 from rayinfer.scaffold import TEMPLATES
 
 
@@ -30,7 +30,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except RayInferError as exc:
-            click.echo(f"rayinfer: error: {exc}", err=True)
+            click.echo(f"rayinfer: error: {scrub_secrets(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("rayinfer: interrupted. Committed parts are kept; rerun with --resume to finish.", err=True)
@@ -49,6 +49,13 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _ScrubbingFormatter(logging.Formatter):
+    """rayinfer's log lines with any URI credentials masked (see ``scrub_secrets``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub_secrets(super().format(record))
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rayinfer")
 @click.option(
@@ -65,7 +72,7 @@ def main(only_plugins: str | None) -> None:
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         # rayinfer's warnings (library code logs them) go to stderr, as they are
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_ScrubbingFormatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False

@@ -31,10 +31,11 @@ import pyarrow.parquet as pq
 
 from rayinfer.errors import OutputError, RunError, SpecError
 from rayinfer.io.location import local_path, redact
+from rayinfer.io.lock import refuse_if_held
 from rayinfer.io.parts import count_errors, footer_coverage, footer_provenance, part_metadata, part_name
 from rayinfer.io.ranges import Ranges, merge_ranges, subtract_ranges
 from rayinfer.io.scan import InputFile
-from rayinfer.io.store import MANIFEST, PART_PREFIX, TMP_DIR, Store, as_store
+from rayinfer.io.store import MANIFEST, PART_PREFIX, TMP_DIR, Store, as_store, is_lock
 
 
 def prepare(out_dir: str, mode: str, check_only: bool = False) -> None:
@@ -42,9 +43,11 @@ def prepare(out_dir: str, mode: str, check_only: bool = False) -> None:
     store = Store(out_dir)
     shown = redact(out_dir)
     info = store.info()
+    if check_only:  # planning: a folder another run is writing is refused before Ray starts
+        refuse_if_held(store)
     if info.type == pafs.FileType.File:
         raise OutputError(f"output.path {shown!r} exists and is not a folder")
-    existing = [n for n in store.names() if n != TMP_DIR]
+    existing = [n for n in store.names() if n != TMP_DIR and not is_lock(n)]  # the lock: this run's (or refused)
     if existing and mode == "error":
         raise OutputError(
             f"output.path {shown!r} is not empty. Use output.mode: overwrite (or --set output.mode=overwrite) "

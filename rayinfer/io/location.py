@@ -3,8 +3,10 @@
 Local paths (``~`` expanded, made absolute) use the local file system; anything with ``://``
 goes through ``pyarrow.fs.FileSystem.from_uri``: ``s3://``, ``gs://``, ``abfs://``, ``hdfs://``,
 ``file://``. Credentials come from each node's environment (``AWS_ACCESS_KEY_ID``, an instance
-role, ``GOOGLE_APPLICATION_CREDENTIALS``, ...), never from the URI: paths are written into every
-output part and the manifest, so a secret in a URI would be copied into the results.
+role, ``GOOGLE_APPLICATION_CREDENTIALS``, ...), never from the URI: paths are printed and written
+into every output part and the manifest, so a secret in a URI (its user part, as in
+``s3://KEY:SECRET@bucket``, or a query parameter such as ``secret_key=``) would be copied into the
+results. ``refuse_credentials`` refuses both forms before anything is opened.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pyarrow.fs as pafs
 
-SECRET_PARAMS = {"secret_key", "session_token", "access_key", "sas_token", "account_key", "password"}
+from rayinfer.errors import SECRET_PARAMS, scrub_secrets
 
+
+_KEY_AS_USER = {"s3", "gs", "gcs", "abfs", "abfss", "az"}
+"""URI schemes whose user part, when given, is an access key (pyarrow's ``s3://KEY:SECRET@bucket``)."""
 
 OBJECT_STORES = {"s3", "gcs", "abfs"}
 """File systems without rename, where an object becomes visible whole when its upload completes."""
@@ -46,18 +51,40 @@ def filesystem(path: str, what: str, error: type[Exception]) -> tuple[pafs.FileS
     """(file system, path inside it) for a local path or a URI; ``error`` names what went wrong."""
     if not is_uri(path):
         return pafs.LocalFileSystem(), absolute(path)
-    secrets = sorted(k for k, _ in parse_qsl(urlsplit(path).query) if k.lower() in SECRET_PARAMS)
-    if secrets:
-        raise error(
-            f"{what} {redact(path)!r} carries credentials ({', '.join(secrets)}) in the URI, which would be "
-            "written into every output part and the manifest: set them in the environment of each node "
-            "instead (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role)"
-        )
+    refuse_credentials(path, what, error)
     try:
         fs, inner = pafs.FileSystem.from_uri(path)
     except Exception as exc:  # unknown scheme, malformed URI, unreachable endpoint
-        raise error(f"{what} {path!r}: cannot open it ({exc})") from None
+        raise error(f"{what} {redact(path)!r}: cannot open it ({scrub_secrets(str(exc))})") from None
     return fs, inner.rstrip("/") or inner
+
+
+def uri_credentials(path: str) -> list[str]:
+    """What credentials a spec path carries in its URI: "the user part" (``s3://KEY:SECRET@bucket``;
+    for object stores a user name alone too, which there is an access key; ``hdfs://user@host`` is
+    a user name, not a secret) and secret query parameters."""
+    if not is_uri(path):
+        return []
+    user_part = ["the user part (before '@')"]
+    try:
+        parts = urlsplit(path)
+        secret_user = parts.password is not None or (bool(parts.username) and parts.scheme in _KEY_AS_USER)
+    except ValueError:  # malformed (a bad port after a password, say): refuse what looks like one
+        return user_part if "@" in path.split("://", 1)[1].split("/", 1)[0] else []
+    found = user_part if secret_user else []
+    return found + sorted(k for k, _ in parse_qsl(parts.query) if k.lower() in SECRET_PARAMS)
+
+
+def refuse_credentials(path: str, what: str, error: type[Exception]) -> None:
+    """Refuse a path whose URI carries credentials, before anything is opened, without repeating
+    them: the planner, ``rayinfer submit`` and every file system opened call this."""
+    found = uri_credentials(path)
+    if found:
+        raise error(
+            f"{what} {redact(path)!r} carries credentials in the URI ({', '.join(found)}), which would be printed "
+            "and written into every output part and the manifest: set them in the environment of each node instead "
+            "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, or an instance role)"
+        )
 
 
 def uri_for(inner: str, original: str) -> str:
@@ -74,11 +101,8 @@ def uri_for(inner: str, original: str) -> str:
 
 
 def redact(path: str) -> str:
-    parts = urlsplit(path) if is_uri(path) else None
-    if not parts or not parts.query:
-        return path
-    query = "&".join(f"{k}={'***' if k.lower() in SECRET_PARAMS else v}" for k, v in parse_qsl(parts.query))
-    return parts._replace(query=query).geturl()
+    """A path as rayinfer shows it: a URI's credentials masked (``scrub_secrets``)."""
+    return scrub_secrets(path) if is_uri(path) else path
 
 
 def location_key(path: str) -> tuple[str, str]:

@@ -22,6 +22,14 @@ MANIFEST = "_manifest.json"  # "_" so Parquet readers of the folder skip it, lik
 TMP_DIR = ".tmp"
 
 
+LOCK = "_rayinfer.lock"  # the running run's lease on the folder (rayinfer/io/lock.py)
+
+
+def is_lock(name: str) -> bool:
+    """The lock, or the moment's temporary file a run creates it from (``.{LOCK}.<token>``)."""
+    return name == LOCK or name.startswith(f".{LOCK}.")
+
+
 PART_PREFIX = "part-"
 
 

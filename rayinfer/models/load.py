@@ -16,6 +16,7 @@ class LoadContext:
     """Where and how a task loads its model; built from the job spec by the framework."""
 
     model: str  # a local folder or a hub id (catalog names are already resolved)
+    tokenizer: str | None = None  # where the tokenizer is, when not with the model (the spec's tokenizer:)
     adapter: str | None = None
     merge_adapter: bool = True
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
@@ -71,13 +72,30 @@ def register_architectures() -> None:
 
 
 def load_tokenizer(ctx: LoadContext, **kwargs: Any) -> Any:
+    """The tokenizer of ``ctx.model`` (or of ``ctx.tokenizer`` where the spec names one). One that
+    knows no ordinary token is refused: transformers 5 builds such an empty fallback for a folder
+    without tokenizer files, and it would read every word as unknown."""
     from transformers import AutoTokenizer
 
     register_architectures()
+    source = ctx.tokenizer or ctx.model
     try:
-        return AutoTokenizer.from_pretrained(ctx.model, trust_remote_code=ctx.trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=ctx.trust_remote_code, **kwargs)
     except OSError as exc:
-        raise ModelError(f"cannot load the tokenizer of {ctx.model!r}: {exc}") from None
+        raise ModelError(f"cannot load the tokenizer of {source!r}: {exc}") from None
+    check_tokenizer_vocabulary(tokenizer, source)
+    return tokenizer
+
+
+def check_tokenizer_vocabulary(tokenizer: Any, source: str) -> None:
+    """Refuse a tokenizer whose vocabulary is its special tokens alone (see ``load_tokenizer``)."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    if len(tokenizer) <= len(special):
+        raise ModelError(
+            f"the tokenizer loaded from {source!r} knows only its {len(tokenizer)} special tokens: the folder has no "
+            "tokenizer files, and every word would be read as unknown. Set tokenizer: to the folder or hub id of the "
+            "model it was trained from"
+        )
 
 
 def load_model(ctx: LoadContext, auto_class: Any, head: tuple[str, str] | None = None, **kwargs: Any) -> Any:
@@ -110,18 +128,33 @@ def load_model(ctx: LoadContext, auto_class: Any, head: tuple[str, str] | None =
             raise ModelError(f"cannot load {ctx.model!r} as {auto_class.__name__}: {exc}") from None
     except OSError as exc:
         raise ModelError(f"cannot load {ctx.model!r}: {exc}") from None
-    if head is not None:
-        missing = [k for k in info.get("missing_keys", ()) if head[0] in k]
-        if missing:
-            raise ModelError(
-                f"{ctx.model!r} has no trained {head[1]} (missing {', '.join(sorted(missing)[:3])}); "
-                "its outputs would be random"
-            )
+    check_missing_weights(ctx.model, auto_class.__name__, info.get("missing_keys", ()), head)
     if ctx.adapter:
         model = attach_adapter(model, ctx.adapter, merge=ctx.merge_adapter)
     model.to(device)
     model.eval()
     return model
+
+
+_BUFFERS = ("position_ids", "inv_freq", "num_batches_tracked", "masked_bias", "attn.bias", "token_type_ids")
+"""Names of buffers a model computes itself: absent from a checkpoint, they change nothing."""
+
+
+def check_missing_weights(model: str, auto_class: str, missing: Any, head: tuple[str, str] | None = None) -> None:
+    """Refuse a checkpoint that lacks weights the model class needs: transformers initialises them
+    at random with a log line a batch job's user never reads (a classifier loaded from a bare
+    encoder, a masked-LM head missing), and every output would be noise."""
+    lost = sorted(k for k in missing if not k.endswith(_BUFFERS))
+    if not lost:
+        return
+    shown = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+    if head is not None and any(head[0] in k for k in lost):
+        raise ModelError(f"{model!r} has no trained {head[1]} (missing {shown}); its outputs would be random")
+    raise ModelError(
+        f"{model!r} lacks weights that {auto_class} needs ({shown}): transformers would initialise them at random "
+        "and the outputs would be noise. Use a checkpoint trained for this task (its config.json's architectures "
+        "name the head), or the task that fits the checkpoint"
+    )
 
 
 def attach_adapter(model: Any, adapter: str, merge: bool = True) -> Any:

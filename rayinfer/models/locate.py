@@ -15,6 +15,17 @@ from rayinfer.errors import ModelError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
 
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
+    "source.spm", "spm.model", "sentencepiece.model", "vocab.model", "bpe.codes", "tokenizer.tiktoken",
+)
+"""Files from which transformers builds a tokenizer (one is enough). A folder with none of them (a
+checkpoint saved with ``model.save_pretrained`` alone) makes transformers 5 build an empty
+fallback tokenizer of special tokens only, silently: every word becomes the unknown token."""
+
+TOKENIZER_PATTERNS = ("*.tiktoken", "*.gguf")
+"""Tokenizers in other files: tiktoken vocabularies, and GGUF files, which carry theirs."""
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -60,8 +71,8 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def locate_model(ref: str, what: str = "model") -> ModelLocation:
-    """Resolve a spec's ``model:`` (or ``adapter:``) to a local folder or a hub id, checking what
-    can be checked without downloading anything."""
+    """Resolve a spec's ``model:`` (or ``adapter:``, or ``tokenizer:``) to a local folder or a hub
+    id, checking what can be checked without downloading anything."""
     from rayinfer.models import catalog  # a catalog name wins over a hub id of the same spelling
 
     entry = catalog.find(ref) if what == "model" else None
@@ -74,6 +85,12 @@ def locate_model(ref: str, what: str = "model") -> ModelLocation:
         return ModelLocation("local", str(folder), read_config(folder), fingerprint_folder(folder))
 
     path = Path(os.path.expanduser(ref))
+    if path.is_dir() and what == "tokenizer":
+        location = ModelLocation("local", str(path.resolve()), None, fingerprint_folder(path))
+        if not tokenizer_files(location):
+            raise ModelError(f"tokenizer folder {ref!r} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, "
+                             "...): give the folder of the model the checkpoint was trained from, or its hub id")
+        return location
     if path.is_dir():
         marker = "adapter_config.json" if what == "adapter" else "config.json"
         if what == "adapter":
@@ -90,13 +107,61 @@ def locate_model(ref: str, what: str = "model") -> ModelLocation:
     if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
         raise ModelError(f"{what} folder {ref!r} does not exist (and it is not a hub id like 'org/name')")
     # A hub id. Offline, it must already be in the local Hugging Face cache.
-    config = _cached_hub_config(ref, "adapter_config.json" if what == "adapter" else "config.json")
+    marker = {"adapter": "adapter_config.json", "tokenizer": "tokenizer_config.json"}.get(what, "config.json")
+    config = _cached_hub_config(ref, marker)
     if config is None and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise ModelError(
             f"{what} {ref!r} is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set. "
             "Give a local folder, a catalog name (`rayinfer models list`), or unset HF_HUB_OFFLINE."
         )
     return ModelLocation("hub", ref, config, f"hub:{ref}")
+
+
+def tokenizer_files(model: ModelLocation) -> list[str] | None:
+    """The tokenizer files a model (or tokenizer) location has: for a folder, those in it (and, for
+    a sentence-transformers folder, in its transformer module's folder); for a hub id, those in the
+    local Hugging Face cache, else (not offline) those the hub lists. None: cannot tell (a hub id
+    out of reach), which is not a refusal."""
+    if model.kind == "local":
+        folder = Path(model.ref)
+        found = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+        found += [p.name for pattern in TOKENIZER_PATTERNS for p in folder.glob(pattern)]
+        modules = read_model_file(model, "modules.json") if not found else None
+        for module in modules if isinstance(modules, list) else []:
+            sub = folder / str(module.get("path") or "")
+            if module.get("path") and sub.is_dir():
+                found += [f"{module['path']}/{n}" for n in TOKENIZER_FILES if (sub / n).is_file()]
+        config = read_model_file(model, "tokenizer_config.json")
+        if not found and isinstance(config, dict) and "AutoTokenizer" in str(config.get("auto_map", "")):
+            found.append("tokenizer_config.json")  # a tokenizer of the model's own code names its files
+        return found
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = [n for n in TOKENIZER_FILES if isinstance(try_to_load_from_cache(model.ref, n), str)]
+    except Exception:
+        cached = []
+    if cached or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return cached
+    try:
+        from huggingface_hub import list_repo_files
+
+        listed = list_repo_files(model.ref)
+    except Exception:  # unreachable, private, rate-limited: the actor's load will say
+        return None
+    return [n for n in listed if n.rsplit("/", 1)[-1] in TOKENIZER_FILES or n.endswith((".tiktoken", ".gguf"))]
+
+
+def check_tokenizer(model: ModelLocation, ref: str, what: str = "model") -> None:
+    """Refuse, before Ray starts, a model whose tokenizer cannot be found: transformers would
+    build an empty one and the job would write noise that looks like predictions."""
+    if tokenizer_files(model) == []:
+        where = "in the Hugging Face cache (HF_HUB_OFFLINE is set)" if model.kind == "hub" else "in it"
+        raise ModelError(
+            f"{what} {ref!r} has no tokenizer files {where} ({', '.join(TOKENIZER_FILES[:4])}, ...): a checkpoint "
+            "saved without its tokenizer would read every word as unknown. Set tokenizer: to the folder or hub id "
+            "of the model it was trained from, or copy that model's tokenizer files into the folder"
+        )
 
 
 def read_model_file(model: ModelLocation, name: str) -> Any | None:

@@ -17,12 +17,13 @@ from typing import Any, Mapping
 import pyarrow as pa
 from pydantic import ValidationError
 
-from rayinfer.errors import ModelError, SpecError
+from rayinfer.errors import InputError, ModelError, SpecError
 from rayinfer.io.folder import prepare
-from rayinfer.io.location import nested, redact
+from rayinfer.io.ids import find_duplicate_ids
+from rayinfer.io.location import nested, redact, refuse_credentials
 from rayinfer.io.scan import InputFile, check_columns, scan
 from rayinfer.models.load import LoadContext
-from rayinfer.models.locate import ModelLocation, locate_model
+from rayinfer.models.locate import ModelLocation, check_tokenizer, locate_model
 from rayinfer.spec import JobSpec, format_validation_error, load_spec
 from rayinfer.task.base import Task, TaskOptions
 from rayinfer.task.registry import Registry, load_registry
@@ -46,6 +47,8 @@ class Plan:
     column_map: dict[str, str]
     plugin_version: str | None = None
     warnings: list[str] = field(default_factory=list)
+    tokenizer: ModelLocation | None = None  # the spec's tokenizer:, when the model's own is elsewhere
+    duplicate_id_rows: int | None = None  # rows repeating another row's id (None: not checked)
 
     @property
     def total_rows(self) -> int:
@@ -60,6 +63,7 @@ class Plan:
         rt = self.spec.runtime
         return LoadContext(
             model=self.model.ref,
+            tokenizer=self.tokenizer.ref if self.tokenizer else None,
             adapter=self.adapter.ref if self.adapter else None,
             merge_adapter=self.spec.merge_adapter,
             dtype=rt.dtype,
@@ -77,6 +81,8 @@ class Plan:
             "plugin_version": self.plugin_version,
             "model": self.spec.model,
             "model_fingerprint": self.model.fingerprint,
+            "tokenizer": self.spec.tokenizer,  # None when the model's own (parts from before it was a key: None too)
+            "tokenizer_fingerprint": self.tokenizer.fingerprint if self.tokenizer else None,
             "adapter": self.spec.adapter,
             "adapter_fingerprint": self.adapter.fingerprint if self.adapter else None,
             "options": self.options.model_dump(mode="json"),
@@ -99,6 +105,8 @@ def plan_job(
         spec = load_spec(dict(spec) if isinstance(spec, Mapping) else spec, overrides)
     elif overrides:
         spec = load_spec(spec.to_dict(), overrides)
+    refuse_credentials(spec.input.path, "input.path", SpecError)  # before any line could print them
+    refuse_credentials(spec.output.path, "output.path", SpecError)
     registry = registry or load_registry()
     task_cls = registry.get(spec.task)
     options = validate_options(task_cls, spec)
@@ -129,6 +137,11 @@ def plan_job(
     check_columns(schema, {k: None for k in spec.input.keep}, "input.keep")
 
     model = locate_model(spec.model)
+    tokenizer = locate_model(spec.tokenizer, what="tokenizer") if spec.tokenizer else None
+    if task_cls.uses_tokenizer:
+        check_tokenizer(tokenizer or model, spec.tokenizer or spec.model, "tokenizer" if tokenizer else "model")
+    elif tokenizer is not None:
+        raise SpecError(f"tokenizer: is set, but task {spec.task!r} uses no tokenizer; remove it")
     options = task_cls.options_for_model(options, model)
     if model.config is not None:
         task_cls.check_model_config(model.config, options)
@@ -144,7 +157,21 @@ def plan_job(
 
     prepare(spec.output.path, spec.output.mode, check_only=True)
     out_schema = output_schema(task_cls, options, schema, spec.input.id_column, spec.input.keep)
+    # last: the one check that reads every row's id (its own pass over the input)
     warnings = []
+    duplicate_id_rows = None
+    if spec.input.duplicate_ids != "allow":
+        found = find_duplicate_ids(files, spec.input.id_column)
+        duplicate_id_rows = found.rows if found else 0
+        if found and spec.input.duplicate_ids == "fail":
+            raise InputError(
+                f"input.path {redact(spec.input.path)!r}: {found.describe(spec.input.id_column)}. Outputs joined back "
+                "by id would multiply these rows, and resume and retry reports could not tell them apart. Make the ids "
+                "unique (or set input.id_column to a column that is), or set input.duplicate_ids: warn to run every "
+                "row anyway"
+            )
+        if found:
+            warnings.append(f"{found.describe(spec.input.id_column)}; every row is run (input.duplicate_ids: warn)")
     if model.kind == "hub":
         warnings.append(f"model {spec.model!r} is a hub id: it is downloaded by each node at run time")
     return Plan(
@@ -160,6 +187,8 @@ def plan_job(
         column_map=column_map,
         plugin_version=registry.plugin_version(spec.task),
         warnings=warnings,
+        tokenizer=tokenizer,
+        duplicate_id_rows=duplicate_id_rows,
     )
 
 

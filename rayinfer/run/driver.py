@@ -26,6 +26,7 @@ from typing import Any, Callable
 from rayinfer.errors import RayInferError, RunFailed, Stopped
 from rayinfer.io.folder import check_output, committed_coverage, prepare, resume_coverage, write_manifest
 from rayinfer.io.location import absolute
+from rayinfer.io.lock import OutputLock
 from rayinfer.io.ranges import covered_count
 from rayinfer.io.store import Store
 from rayinfer.plan.job import Plan
@@ -68,12 +69,20 @@ def execute(plan: Plan, address: str | None = None,
     Setting ``stop`` (from a signal handler or another thread) stops the run cleanly: no new
     unit starts, the actors commit the rows they hold (for up to ``runtime.stop_timeout_s``, then
     the main thread is interrupted), and ``Stopped`` is raised; a resume goes on from there."""
-    spec = plan.spec
-    out_dir = absolute(spec.output.path)
+    out_dir = absolute(plan.spec.output.path)
     run_id = new_run_id()
+    with OutputLock.acquire(Store(out_dir), run_id, "run") as lock:  # before anything in the folder changes
+        return _execute(plan, out_dir, run_id, lock, address, progress, stop)
+
+
+def _execute(plan: Plan, out_dir: str, run_id: str, lock: OutputLock, address: str | None,
+             progress: bool | Callable[[dict[str, Any]], None], stop: threading.Event | None) -> dict[str, Any]:
+    spec = plan.spec
     started_at = datetime.now(timezone.utc)
     t0 = time.perf_counter()
 
+    for note in plan.warnings:
+        log.warning("rayinfer: note: %s", note)
     coverage: dict[str, list[tuple[int, int]]] = {}
     resumed_rows = 0
     if spec.output.mode == "resume":  # before prepare() changes anything: refuses another job's parts
@@ -103,6 +112,7 @@ def execute(plan: Plan, address: str | None = None,
             left = sum(f.num_rows - covered_count(coverage.get(f.path, []), 0, f.num_rows) for f in plan.files)
             totals.rows = totals.committed_rows  # rows done but not committed are done again
             totals.worker_deaths += 1
+    lock.check()
     return finish(plan, out_dir, run_id, started_at, time.perf_counter() - t0, totals, resumed_rows)
 
 
@@ -196,7 +206,7 @@ def finish(
         "duration_s": round(duration, 3),
         "cold_start_s": round(first - started_at.timestamp(), 3) if first is not None else None,
         "input": {"path": spec.input.path, "files": len(plan.files), "rows": plan.total_rows,
-                  "resolved": absolute(spec.input.path)},
+                  "resolved": absolute(spec.input.path), "duplicate_id_rows": plan.duplicate_id_rows},
         "rows": out_rows,
         "rows_this_run": totals.rows,
         "rows_resumed": resumed_rows,

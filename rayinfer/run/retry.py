@@ -20,7 +20,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from rayinfer.io.folder import check_output, write_manifest
+from rayinfer.io.lock import OutputLock
 from rayinfer.io.store import Store
+from rayinfer.plan.job import Plan
 from rayinfer.plan.retry import error_units, plan_retry
 from rayinfer.run.driver import new_run_id, run_units
 from rayinfer.run.progress import RunTotals
@@ -35,6 +37,14 @@ def retry_errors(out_dir: str, overrides: list[str] | tuple[str, ...] = (), *, a
     location = plan.spec.output.path
     store = Store(location)
     run_id = new_run_id()
+    with OutputLock.acquire(store, run_id, "retry-errors") as lock:
+        return _retry(plan, manifest, store, run_id, lock, overrides, address, progress, stop)
+
+
+def _retry(plan: Plan, manifest: dict[str, Any], store: Store, run_id: str, lock: OutputLock,
+           overrides: list[str] | tuple[str, ...], address: str | None,
+           progress: bool | Callable[[dict[str, Any]], None], stop: threading.Event | None) -> dict[str, Any]:
+    location = plan.spec.output.path
     started_at, t0 = datetime.now(timezone.utc), time.perf_counter()
     units, rows = error_units(store, plan)
     totals = RunTotals(todo=rows)
@@ -58,5 +68,6 @@ def retry_errors(out_dir: str, overrides: list[str] | tuple[str, ...] = (), *, a
     })
     manifest["errors"] = errors
     manifest["rows"] = out_rows
+    lock.check()
     write_manifest(store, manifest)
     return manifest

@@ -111,6 +111,10 @@ class Task(ABC):
     """The model this task takes; with it, the base class's ``check_model_config`` and ``load``
     do the work. None: the task overrides both."""
 
+    uses_tokenizer: ClassVar[bool] = True
+    """The task tokenizes its inputs with the model's tokenizer (or the spec's ``tokenizer:``, which
+    ``self.context.tokenizer`` names): a model without tokenizer files is refused before Ray starts."""
+
     max_length_option: ClassVar[str] = "max_length"
     """The option that caps input tokens (``load`` sets ``self.max_length`` from it and the model's
     limit); an option of that name is not required."""
