@@ -1,11 +1,10 @@
-"""The suite's fixtures. The small local models (rayinfer_bert, rayinfer_llama, ...) come from
-rayinfer's own pytest plugin (rayinfer/pytest_plugin.py), under the names plugin authors use."""
+"""The suite's fixtures. The small local models (rayinfer_bert, rayinfer_llama, ...) and the
+embedded Ray come from rayinfer's own pytest plugin (rayinfer/pytest_plugin.py), under the names
+plugin authors use."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -15,12 +14,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One embedded Ray for the whole test session (starting Ray costs seconds)."""
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="ri-ray-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+def ray_session(_rayinfer_ray):
+    """The one embedded Ray of the test session: the plugin's, whichever test asks first (the
+    plugin's ``rayinfer_run_job`` and the suite's own jobs share it; starting Ray costs seconds)."""
+    return _rayinfer_ray
