@@ -39,7 +39,8 @@ def test_fill_mask_job_over_many_files(tmp_path, rayinfer_bert, ray_session):
 
     on_disk = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert on_disk["status"] == "complete" and on_disk["rows"] == rows and on_disk["errors"] == 0
-    assert on_disk["input"] == {"path": str(tmp_path / "in"), "files": 4, "rows": rows, "resolved": str(tmp_path / "in")}
+    assert on_disk["input"] == {"path": str(tmp_path / "in"), "files": 4, "rows": rows, "resolved": str(tmp_path / "in"),
+                                "duplicate_id_rows": 0}
     assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == sorted(on_disk["parts"])
     assert manifest["run_id"] == on_disk["run_id"] and on_disk["versions"]["ray"]
     assert on_disk["rows_per_s"] > 0 and on_disk["duration_s"] > 0

@@ -116,6 +116,19 @@ def test_a_head_transformers_would_initialise_at_random_is_refused(tmp_path, ray
         run_task(ClassifyTask, [{"text": "a sentence"}], encoder)
 
 
+def test_a_bare_encoder_from_a_masked_lm_checkpoint_loads_and_only_its_pooler_is_warned_about(rayinfer_bert, caplog):
+    """A masked-LM checkpoint has no pooler; a task reading hidden states (mean pooling) loads it
+    as AutoModel and never uses the pooler: a warning, not a refusal."""
+    from transformers import AutoModel
+
+    from rayinfer.models.load import load_model
+
+    with caplog.at_level("WARNING", logger="rayinfer"):
+        model = load_model(LoadContext(model=str(rayinfer_bert)), AutoModel)
+    assert type(model).__name__ == "BertModel"
+    assert "has no pooler weights (pooler.dense.bias, pooler.dense.weight)" in caplog.text
+
+
 # --- duplicate ids ----------------------------------------------------------------------------
 
 def duplicate_inputs(tmp_path: Path, fmt: str) -> Path:

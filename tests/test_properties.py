@@ -77,8 +77,10 @@ def test_valid_specs_load_the_same_from_a_dict_from_yaml_and_from_overrides(runt
     key=st.text(st.characters(min_codepoint=97, max_codepoint=122), min_size=1, max_size=12),
 )
 def test_unknown_keys_are_spec_errors_never_crashes(section, key):
-    known = {"": set(BASE) | {"adapter", "merge_adapter", "trust_remote_code", "options", "runtime"},
-             "input.": {"path", "id_column", "columns", "keep", "on_unreadable", "format", "column_types", "delimiter"}, "output.": {"path", "mode", "part_rows", "part_bytes"},
+    known = {"": set(BASE) | {"tokenizer", "adapter", "merge_adapter", "trust_remote_code", "options", "runtime"},
+             "input.": {"path", "id_column", "duplicate_ids", "columns", "keep", "on_unreadable", "format", "column_types",
+                        "delimiter"},
+             "output.": {"path", "mode", "part_rows", "part_bytes"},
              "runtime.": {"batch_size", "max_batch_tokens", "actors", "num_cpus", "num_gpus", "resources", "dtype",
                           "device", "max_error_rate", "actor_start_timeout_s"}}
     if key in known[section]:

@@ -4,11 +4,14 @@ importing this module stays cheap for the CLI."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from rayinfer.errors import ModelError
+
+log = logging.getLogger("rayinfer")
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ def load_model(ctx: LoadContext, auto_class: Any, head: tuple[str, str] | None =
             raise ModelError(f"cannot load {ctx.model!r} as {auto_class.__name__}: {exc}") from None
     except OSError as exc:
         raise ModelError(f"cannot load {ctx.model!r}: {exc}") from None
-    check_missing_weights(ctx.model, auto_class.__name__, info.get("missing_keys", ()), head)
+    check_missing_weights(ctx.model, auto_class.__name__, info.get("missing_keys", ()), head,
+                          bare=getattr(model, "base_model", model) is model)
     if ctx.adapter:
         model = attach_adapter(model, ctx.adapter, merge=ctx.merge_adapter)
     model.to(device)
@@ -140,11 +144,19 @@ _BUFFERS = ("position_ids", "inv_freq", "num_batches_tracked", "masked_bias", "a
 """Names of buffers a model computes itself: absent from a checkpoint, they change nothing."""
 
 
-def check_missing_weights(model: str, auto_class: str, missing: Any, head: tuple[str, str] | None = None) -> None:
+def check_missing_weights(model: str, auto_class: str, missing: Any, head: tuple[str, str] | None = None,
+                          bare: bool = False) -> None:
     """Refuse a checkpoint that lacks weights the model class needs: transformers initialises them
     at random with a log line a batch job's user never reads (a classifier loaded from a bare
-    encoder, a masked-LM head missing), and every output would be noise."""
+    encoder, a masked-LM head missing), and every output would be noise. One exception, warned
+    about instead: the pooler of a ``bare`` base model (``AutoModel``), which masked-LM checkpoints
+    do not have and tasks reading hidden states never use (a head on top of it, as BERT's
+    classifier, does use it: there it is refused like any other weight)."""
     lost = sorted(k for k in missing if not k.endswith(_BUFFERS))
+    if bare and lost and all(".pooler." in f".{k}" for k in lost):
+        log.warning("rayinfer: %r has no pooler weights (%s): transformers initialised them at random, so its "
+                    "pooler_output is noise (hidden states are not affected)", model, ", ".join(lost[:2]))
+        return
     if not lost:
         return
     shown = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
