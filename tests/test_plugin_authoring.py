@@ -11,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +21,7 @@ import rayinfer.hookspecs as hookspecs
 from rayinfer.scaffold import TEMPLATES, new_plugin
 from rayinfer.task.base import Task
 from rayinfer.task.registry import load_registry
-from rayinfer.testing import english_sentences, write_dataset
+from rayinfer.testing import english_sentences, run_task, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "plugins.md"
@@ -56,26 +56,32 @@ class Scaffold:
     template: str
     model: str  # the rayinfer pytest-plugin fixture its tests and the job use
     inputs: dict[str, str]  # task input -> dataset column of the job
-    check: Callable[[dict[str, Any]], bool]  # an output row is right
+    options: dict[str, Any]  # the job's options
 
 
 SCAFFOLDS = [
-    pytest.param(Scaffold("encoder", "rayinfer_bert_classifier", {"text": "body"},
-                          lambda r: r["label"] in ("neg", "neu", "pos") and 0 < r["score"] <= 1), id="encoder"),
-    pytest.param(Scaffold("causal-lm", "rayinfer_llama", {"prompt": "body", "completion": "next"},
-                          lambda r: r["logprob"] < 0 and r["tokens"] > 0), id="causal-lm"),
-    pytest.param(Scaffold("seq2seq", "rayinfer_t5", {"text": "body"},
-                          lambda r: isinstance(r["output"], str) and r["truncated"] is False), id="seq2seq"),
+    pytest.param(Scaffold("encoder", "rayinfer_bert_classifier", {"text": "body"}, {}), id="encoder"),
+    pytest.param(Scaffold("causal-lm", "rayinfer_llama", {"prompt": "body", "completion": "next"}, {}), id="causal-lm"),
+    pytest.param(Scaffold("seq2seq", "rayinfer_t5", {"text": "body"}, {"max_new_tokens": 4}), id="seq2seq"),
 ]
+
+BROKEN = ('"label": [id2label[i] for i, _ in outputs]', '"label": [id2label[(i + 1) % len(id2label)] for i, _ in outputs]')
+"""A postprocessing bug planted in a generated encoder plugin (each row gets the next label): the
+plugin's own generated tests must catch it."""
 
 
 @pytest.fixture(scope="module")
 def scaffolded(tmp_path_factory):
-    """Every template generated as my-TEMPLATE, the three packages installed the way a user
-    installs them (one pip call), their generated tests run (one pytest process: its session
-    builds the small models once) and `rayinfer plugins` listed, once for the module."""
+    """Every template generated as my-TEMPLATE, plus my-broken (the encoder template with the
+    ``BROKEN`` postprocessing), the packages installed the way a user installs them (one pip
+    call), their generated tests run (one pytest process: its session builds the small models
+    once) and `rayinfer plugins` listed, once for the module."""
     root = tmp_path_factory.mktemp("scaffolds")
     packages = {t: new_plugin(f"my-{t}", root, t) for t in TEMPLATES}
+    packages["broken"] = new_plugin("my-broken", root, "encoder")
+    task_py = packages["broken"] / "rayinfer_my_broken" / "__init__.py"
+    assert BROKEN[0] in task_py.read_text()
+    task_py.write_text(task_py.read_text().replace(*BROKEN))
     site = root / "site"
     pip_install(site, *packages.values())
     tests = run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *(str(p / "tests") for p in packages.values())],
@@ -97,19 +103,51 @@ def test_a_scaffolded_plugin_installs_passes_its_own_tests_and_runs_a_job(scaffo
 
     model = request.getfixturevalue(case.model)
     texts = list(english_sentences()[:31])
-    write_dataset(tmp_path / "in", {"doc": [f"d{i}" for i in range(30)], "body": texts[:30], "next": texts[1:]}, files=2)
+    columns = {"doc": [f"d{i}" for i in range(30)], "body": texts[:30], "next": texts[1:]}
+    write_dataset(tmp_path / "in", columns, files=2)
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({
         "task": task, "model": str(model),
         "input": {"path": str(tmp_path / "in"), "id_column": "doc", "columns": case.inputs},
-        "output": {"path": str(tmp_path / "out")}, "options": {"max_new_tokens": 4} if case.template == "seq2seq" else {},
-        "runtime": {"num_cpus": 1},
+        "output": {"path": str(tmp_path / "out")}, "options": case.options, "runtime": {"num_cpus": 1},
     }))
     ran = run([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"], scaffolded["site"], tmp_path)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    out = pq.read_table(tmp_path / "out").to_pylist()
-    assert sorted(r["doc"] for r in out) == sorted(f"d{i}" for i in range(30))
-    assert all(r["error"] is None and case.check(r) for r in out), out[:3]
+    out = {r["doc"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert sorted(out) == sorted(columns["doc"])
+    # the job's rows equal the installed task run on the same rows without Ray (which the
+    # plugin's own tests hold to the model called directly)
+    task_cls = installed_task(scaffolded["site"], package)
+    rows = [{name: columns[column][i] for name, column in case.inputs.items()} for i in range(30)]
+    direct = run_task(task_cls, rows, model, case.options)
+    for i, want in enumerate(direct):
+        got = out[f"d{i}"]
+        assert got["error"] is None and want["error"] is None
+        for column, value in want.items():
+            assert got[column] == (pytest.approx(value, abs=1e-5) if isinstance(value, float) else value), (i, column)
+
+
+def installed_task(site: Path, package: str) -> type[Task]:
+    """The Task class a package installed under ``site`` registers (imported from there)."""
+    import importlib
+
+    sys.path.insert(0, str(site))
+    try:
+        module = importlib.import_module(package)
+    finally:
+        sys.path.remove(str(site))
+    [task_cls] = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Task) and v is not Task
+                  and v.__module__ == package]
+    return task_cls
+
+
+def test_a_generated_plugins_own_tests_catch_a_postprocessing_bug(scaffolded):
+    """my-broken is the encoder template with each row's label shifted in postprocess: both of its
+    tests that compare outputs with the model called directly (without Ray and as a job) fail."""
+    tests = scaffolded["tests"]
+    mine = dict(re.findall(r"test_my_broken\.py::(\w+) (PASSED|FAILED|ERROR)", tests.stdout))
+    assert mine == {"test_matches_the_model_called_directly": "FAILED", "test_bad_rows_get_errors": "PASSED",
+                    "test_a_real_job_matches_the_model_called_directly": "FAILED"}, tests.stdout[-3000:]
 
 
 def test_an_unknown_template_is_refused_with_the_choices(tmp_path):

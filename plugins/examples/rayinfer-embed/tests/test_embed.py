@@ -40,7 +40,9 @@ def test_bad_and_long_rows(rayinfer_bert):
     assert rows[1]["error"] is None and rows[1]["truncated"] is True
 
 
-def test_a_real_local_job(rayinfer_bert, rayinfer_run_job):
-    rows = rayinfer_run_job("mean-embed", [{"text": t} for t in TEXTS], rayinfer_bert, {"normalize": False})
+def test_a_real_local_job_equals_mean_pooling(rayinfer_bert, rayinfer_run_job):
+    rows = rayinfer_run_job("mean-embed", [{"text": t} for t in TEXTS], rayinfer_bert)
     assert [r["id"] for r in rows] == list(range(len(TEXTS)))
-    assert all(len(r["embedding"]) == len(rows[0]["embedding"]) > 0 for r in rows)
+    for row, ref in zip(rows, direct_mean_pooling(rayinfer_bert, TEXTS), strict=True):
+        assert row["error"] is None and row["truncated"] is False
+        assert row["embedding"] == pytest.approx(ref, abs=1e-5)
