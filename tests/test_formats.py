@@ -53,12 +53,30 @@ def classify_job(tmp_path, model, input_path, **input_spec):
 
 
 @pytest.mark.parametrize("fmt", FORMAT_CASES)
-def test_every_format_gives_the_same_output(fmt, tmp_path, rayinfer_bert_classifier, expected, ray_session,
-                                            small_text_chunks):
+def test_every_format_reads_the_same_rows_in_every_unit(fmt, tmp_path, rayinfer_bert_classifier, small_text_chunks):
+    """The planned job's units, read as an actor reads them (the one reader, in batches of 5),
+    give every row of the table once, with its id and text as written: what the task sees is the
+    same whatever the format (the job below runs one of them end to end)."""
     path = write_as(fmt, TABLE, tmp_path / "in", chunk_rows=16)
     given = {"format": "jsonl"} if fmt == "c4-json.gz" else {}  # C4's .json files are JSON Lines; .jsonl.zst: auto
-    manifest = run_job(classify_job(tmp_path, rayinfer_bert_classifier, path, **given))
+    plan = plan_job(classify_job(tmp_path, rayinfer_bert_classifier, path, **given))
+    by_path = {f.path: f for f in plan.files}
+    units = make_units(plan.files, {}, 7)
+    assert len(units) > 1
+    rows = [r for u in units for piece in u["pieces"]
+            for t, _, problem in read_rows(by_path[piece["file"]], piece["ranges"], ["uid", "text"], 5)
+            for r in t.to_pylist() if problem is None]
+    assert sorted(rows, key=lambda r: r["uid"]) == TABLE.to_pylist()
+
+
+def test_a_job_from_gzipped_json_lines_files_gives_the_tasks_outputs(tmp_path, rayinfer_bert_classifier, expected,
+                                                                      ray_session, small_text_chunks):
+    """Two compressed JSON Lines files named as C4 ships them, end to end: every row's label and
+    score equal the task run on it without Ray."""
+    path = write_as("c4-json.gz", TABLE, tmp_path / "in", chunk_rows=16)
+    manifest = run_job(classify_job(tmp_path, rayinfer_bert_classifier, path, format="jsonl"))
     assert manifest["status"] == "complete" and manifest["rows"] == len(TEXTS) and manifest["errors"] == 0
+    assert manifest["input"]["files"] == 2
     out = pq.read_table(tmp_path / "out").to_pylist()
     assert sorted(r["uid"] for r in out) == sorted(expected)
     for r in out:
