@@ -35,7 +35,17 @@ def client(address: str) -> Any:
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # ConnectionError, auth errors, bad addresses
-        raise ClusterError(f"cannot reach the Ray job server at {address!r}: {exc}") from None
+        if "authentication token" in str(exc).lower():  # Ray's text: a paragraph of advice after the reason
+            raise ClusterError(
+                f"the Ray job server at {address!r} refused this client's authentication token: give the cluster's "
+                "token in RAY_AUTH_TOKEN (or the file RAY_AUTH_TOKEN_PATH names; `ray get-auth-token` on the head "
+                "prints it)") from None
+        raise ClusterError(f"cannot reach the Ray job server at {address!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """An exception's message up to its first blank line, on one line."""
+    return " ".join(str(exc).split("\n\n")[0].split())
 
 
 def submit(

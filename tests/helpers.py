@@ -196,3 +196,25 @@ def cluster_env() -> dict[str, str]:
     }
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def assert_fill_mask_output(out_dir: Path, corpus: dict[str, list[Any]], model: Path, top_k: int = 3,
+                            id_column: str = "doc_id") -> None:
+    """Every input row is in ``out_dir`` once, and each row's outputs equal the fill-mask task run on
+    its text directly, without Ray: what a resumed run must give, the rows redone as much as the
+    rows committed before the interruption."""
+    import pyarrow.parquet as pq
+    from rayinfer_tasks.fill_mask import FillMaskTask
+
+    from rayinfer.testing import run_task
+
+    table = pq.read_table(out_dir)
+    rows = {r[id_column]: r for r in table.to_pylist()}
+    assert table.num_rows == len(corpus[id_column]) and sorted(rows) == sorted(corpus[id_column])
+    direct = run_task(FillMaskTask, [{"text": t} for t in corpus["sentence"]], model, {"top_k": top_k})
+    for doc_id, want in zip(corpus[id_column], direct):
+        got = rows[doc_id]
+        # (a job's error text also names the dataset column: "input 'text' (column 'sentence') is null")
+        assert (got["error"] is None) == (want["error"] is None) and got["filled"] == want["filled"], doc_id
+        assert ([[c["token_id"] for c in m] for m in got["predictions"] or []]
+                == [[c["token_id"] for c in m] for m in want["predictions"] or []]), doc_id
