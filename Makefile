@@ -11,7 +11,7 @@ UNTIL := && break; [ $$try = 3 ] && exit 1; echo "pip failed (try $$try of 3), t
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo jobs clean nezha-reference
+.PHONY: setup test test-fast demo jobs clean nezha-reference
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ $(STAMP): pyproject.toml
 test: setup
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# the development loop: every test but those marked slow (README: Development)
+test-fast: setup
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
 	$(VENV)/bin/rayinfer demo

@@ -24,6 +24,8 @@ from rayinfer.testing import write_dataset
 
 BIN = Path(sys.executable).parent
 
+pytestmark = pytest.mark.slow  # a two-node `ray start` cluster of its own
+
 @pytest.fixture(scope="module")
 def cluster():
     temp = tempfile.mkdtemp(prefix="ri-cluster-", dir="/tmp")
@@ -65,7 +67,6 @@ def state(cluster, sid) -> str:
     every 2-3 s, not every 0.5 s, so that it does not compete with the job for the 2 cores)."""
     shown = cli(cluster, "status", sid).stdout.split()
     return shown[1] if len(shown) > 1 and shown[0] == sid else "?"
-
 
 def job_folder(tmp_path, model, rows, output=None, **runtime):
     write_dataset(tmp_path / "in", masked_corpus(rows), files=4, row_group_size=25)

@@ -25,6 +25,7 @@ def parts_of(out: Path) -> list[pq.FileMetaData]:
     return [pq.read_metadata(out / name) for name in list_parts(str(out))]
 
 
+@pytest.mark.slow
 def test_a_pool_of_four_actors_all_commit_rows(tmp_path, rayinfer_bert, ray_session):
     """120 rows, batch_size 10, 4 actors (0.5 CPU each on the 2-CPU embedded Ray): work is cut
     so that every actor gets some, whatever order the actors come up in."""
@@ -40,6 +41,7 @@ def test_a_pool_of_four_actors_all_commit_rows(tmp_path, rayinfer_bert, ray_sess
     assert sorted(ids) == list(range(1000, 1120))
 
 
+@pytest.mark.slow
 def test_parts_hold_part_rows_or_part_bytes_except_each_units_tail(tmp_path, rayinfer_bert, ray_session):
     """A part is many actor batches: part_rows rows (or about part_bytes) except where its unit
     (a run of one file's rows) ends; its row groups are not one per batch."""
@@ -74,6 +76,7 @@ def test_parts_hold_part_rows_or_part_bytes_except_each_units_tail(tmp_path, ray
     assert sorted(pq.read_table(out).column("doc_id").to_pylist()) == list(range(1000, 1460))
 
 
+@pytest.mark.slow
 def test_many_small_files_make_parts_of_the_usual_size(tmp_path, rayinfer_bert_classifier, ray_session):
     """600 Parquet files of 100 rows (a crawl's shards): units span files, so two actors make 8
     parts (4 units each), not 600; every id exactly once, each part's footer naming its files'
@@ -109,6 +112,7 @@ def _resume(job: Path, *overrides: str):
     return result
 
 
+@pytest.mark.slow
 def test_resume_refuses_parts_another_job_wrote(tmp_path, rayinfer_bert, ray_session):
     """Another model, other options, or an input file rewritten since: refused with exit 2 before
     Ray starts, naming what differs, and nothing written. The same job resumes."""
@@ -151,6 +155,7 @@ def test_resume_refuses_parts_another_job_wrote(tmp_path, rayinfer_bert, ray_ses
     assert sorted(ids) == masked_corpus(200)["doc_id"]
 
 
+@pytest.mark.slow
 def test_an_actors_memory_does_not_grow_with_the_rows_it_has_done(tmp_path, ray_session):
     """80k short rows through one actor with the tiny classifier: the actor's RSS (reported by the
     actor itself, about once a second) after 60k rows stays within 25 MB of what it was at 5-25k

@@ -68,6 +68,7 @@ def mean_without_prompt(tmp_path_factory, rayinfer_bert):
 
 
 @NEEDS_MINILM
+@pytest.mark.slow
 def test_all_minilm_equals_encode_on_300_paragraphs():
     folder = str(catalog.model_dir(MINILM))
     reference = SentenceTransformer(folder, device="cpu")
@@ -196,6 +197,7 @@ def test_conflicting_options_are_spec_errors():
 
 @pytest.mark.parametrize("model, least_cosine", [("cls_dense_query", 0.998), ("lasttoken", 0.995),
                                                  pytest.param(MINILM, 0.9999, marks=NEEDS_MINILM)])
+@pytest.mark.slow
 def test_bfloat16_vectors_point_where_fp32_encode_does(request, model, least_cosine):
     """runtime.dtype bfloat16 (the README's lever for avx512_bf16 / AMX CPUs): float32 vectors
     out, each within a small angle of fp32 encode's (all-MiniLM: cosine >= 0.9999, as the README

@@ -72,6 +72,7 @@ def test_poisoned_rows_get_errors_and_every_other_row_is_right(tmp_path, rayinfe
         assert [[c["token_id"] for c in m] for m in got["predictions"]] == [[c["token_id"] for c in m] for m in d["predictions"]]
 
 
+@pytest.mark.slow
 def test_max_error_rate_aborts_with_a_clear_message(tmp_path, rayinfer_bert, ray_session):
     corpus = masked_corpus(400)
     for i in range(0, 400, 20):  # 5% null rows
@@ -97,6 +98,7 @@ def task_actor_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_an_actor_killed_mid_run_is_replaced_and_every_id_comes_out_once(tmp_path, rayinfer_bert, ray_session):
     n = 3000
     job = fill_mask_job(tmp_path, rayinfer_bert, rows=n, files=3, row_group_size=100, runtime={"batch_size": 20, "actors": 1})
@@ -124,6 +126,7 @@ def test_an_actor_killed_mid_run_is_replaced_and_every_id_comes_out_once(tmp_pat
     assert pids - {str(killed[0])}, manifest["actors"]  # a replacement actor did the rest
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_exactly_once_without_recomputing_committed_parts(tmp_path, rayinfer_bert, ray_session):
     """`kill -9` of a driver mid-run (it joined the session's Ray), then --resume: the dead driver's
     lock is taken over, no committed part is rewritten, every row comes out once and equals the
@@ -171,6 +174,7 @@ def damage_row_group(path, row_group: int, column: str) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_a_damaged_row_group_stops_the_run_in_one_line_and_skip_finishes_it(tmp_path, rayinfer_bert, ray_session):
     """Footer fine, one row group's data damaged: one rayinfer line naming file and row group,
     exit 3, the units read before it committed, no temp files; resumed with
@@ -221,6 +225,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, rayinfer_bert, small_disk, ray_session):
     """Output on a disk that fills up mid-run: one rayinfer line, exit 3, committed parts kept, no
     temporary file left; once the disk has room, --resume covers every row exactly once."""
@@ -245,6 +250,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, 
     assert_fill_mask_output(out, masked_corpus(1500), rayinfer_bert)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_run_with_exit_130_and_resume_finishes_it_exactly_once(tmp_path, rayinfer_bert, ray_session):
     """SIGTERM (a scheduler, `kill`) to a driver that joined the session's Ray; the embedded
     driver's stop, by the same handler, is the Ctrl-C test's."""
@@ -273,6 +279,7 @@ def test_sigterm_stops_a_run_with_exit_130_and_resume_finishes_it_exactly_once(t
     assert_fill_mask_output(out, masked_corpus(3000), rayinfer_bert)
 
 
+@pytest.mark.slow
 def test_ctrl_c_commits_the_rows_in_hand_and_a_second_stops_at_once(tmp_path, rayinfer_bert):
     """Ctrl-C in a terminal signals the whole process group (driver and Ray's workers): the first
     stops the run cleanly (the actor commits what it holds, exit 130, how far it got and how to
@@ -342,6 +349,7 @@ def register_tasks(register):
 '''
 
 
+@pytest.mark.slow
 def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_path, rayinfer_bert):
     """A task that kills its own process on a marker row: Ray restarts the actor and reruns the
     unit; rayinfer pins each death on the batch in flight, halves it until the row is alone, and
@@ -406,6 +414,7 @@ def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_p
         assert made["run_id"] == manifest["run_id"] and made["retries"][0]["run_id"] == retry["run_id"]
 
 
+@pytest.mark.slow
 def test_a_model_that_fails_to_load_in_the_actors_is_one_line_and_resume_finishes(tmp_path, rayinfer_bert, ray_session):
     """Weights damaged after validation (the file cut short, the config intact):
     the actors cannot load them; the run (a driver joining the session's Ray) ends with one
@@ -432,6 +441,7 @@ def test_a_model_that_fails_to_load_in_the_actors_is_one_line_and_resume_finishe
     assert manifest["rows"] == 40 and sorted(pq.read_table(tmp_path / "out").column("doc_id").to_pylist()) == list(range(1000, 1040))
 
 
+@pytest.mark.slow
 def test_weights_torch_will_not_unpickle_end_the_run_in_one_line_and_their_payload_never_runs(tmp_path, rayinfer_bert):
     """A model whose only weights are a pickle carrying code (torch's safe loader refuses it):
     every actor fails to load it once (not restarted into the same failure); the user sees

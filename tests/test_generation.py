@@ -180,6 +180,7 @@ PARITY_PROMPTS = [
 
 
 @pytest.mark.skipif(not catalog.is_installed(SMOLLM2), reason=f"rayinfer models fetch {SMOLLM2}")
+@pytest.mark.slow
 def test_greedy_generation_in_decode_batches_equals_batch_one_generate_on_smollm2():
     """#24's parity check: 12 varied chat prompts through the generate task (continuous batching,
     5 rows in flight: rows end at their own end-of-sequence, waiting rows join) give, in fp32,

@@ -21,6 +21,8 @@ from helpers import agent_ports, cluster_env, free_port, kill_cluster, masked_co
 
 from rayinfer.testing import write_dataset
 
+pytestmark = pytest.mark.slow  # a `ray start` node with logical GPUs of its own
+
 BIN = Path(sys.executable).parent
 
 

@@ -242,6 +242,7 @@ def test_a_holder_whose_lock_was_taken_over_does_not_finish(tmp_path, monkeypatc
     assert holder(store)["run_id"] == "newer"  # not ours to delete
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_one_runs_and_an_overwrite_meanwhile_is_refused(tmp_path, rayinfer_bert, ray_session):
     """Two `rayinfer run`s of one job started together: one runs, the other is refused in one line;
     while it runs, the same job with output.mode: overwrite (which would clear the folder under

@@ -109,6 +109,7 @@ def test_missing_bucket_fails_at_validation(s3_env):
         prepare("s3://no-such-bucket/out", "error", check_only=True)
 
 
+@pytest.mark.slow
 def test_fill_mask_job_reads_and_writes_s3(tmp_path, s3_env, rayinfer_bert):
     """The user's path: `rayinfer run` (its own embedded Ray, credentials from the environment)
     reads Parquet from S3 and commits its parts and manifest there."""
@@ -152,6 +153,7 @@ def test_fill_mask_job_reads_and_writes_s3(tmp_path, s3_env, rayinfer_bert):
     assert json.loads(fs.open_input_file(f"{BUCKET}/job/out/{MANIFEST}").read())["rows_resumed"] == 120
 
 
+@pytest.mark.slow
 def test_credentials_in_a_uris_user_part_are_refused_before_ray_and_never_printed(tmp_path, s3_env):
     """`s3://KEY:SECRET@bucket/...` (a form pyarrow accepts) as output or input path, in the spec,
     through --set and to `rayinfer submit`: one line, exit 2, before Ray starts, the secret in no

@@ -74,6 +74,7 @@ def scaffolded(tmp_path_factory):
 
 
 @pytest.mark.parametrize("template", SCAFFOLDS)
+@pytest.mark.slow
 def test_a_scaffolded_plugin_installs_is_listed_and_passes_its_own_tests(scaffolded, template):
     """Its own tests hold its outputs to the model called directly, without Ray and as a real job
     on Ray (the job finds the task through the installed package's entry point)."""
@@ -85,6 +86,7 @@ def test_a_scaffolded_plugin_installs_is_listed_and_passes_its_own_tests(scaffol
     assert f"{task}  rayinfer-{task} 0.1.0  {package}  -> {task}" in scaffolded["listed"].stdout
 
 
+@pytest.mark.slow
 def test_a_generated_plugins_own_tests_catch_a_postprocessing_bug(scaffolded):
     """my-broken is the encoder template with each row's label shifted in postprocess: both of its
     tests that compare outputs with the model called directly (without Ray and as a job) fail."""
@@ -102,6 +104,7 @@ def test_an_unknown_template_is_refused_with_the_choices(tmp_path):
     assert not (tmp_path / "rayinfer-x").exists()
 
 
+@pytest.mark.slow
 def test_the_example_plugin_installs_and_passes_its_tests(tmp_path):
     site = tmp_path / "site"
     pip_install(site, EMBED)

@@ -73,6 +73,7 @@ def cli(*args: str, site: Path | None = None, cwd: Path | None = None) -> subpro
     )
 
 
+@pytest.mark.slow
 def test_third_party_plugin_is_listed_and_runs(tmp_path, rayinfer_bert):
     site = tmp_path / "site"
     install_fake_dist(site, "rayinfer-tokcount", "rayinfer_tokcount", TOKEN_COUNT.format(task="token-count"))
