@@ -162,7 +162,7 @@ class OutputLock:
                 return
             self.record["heartbeat_at"] = time.time()
             try:
-                self.store.put(LOCK, _encode(self.record))
+                _rewrite(self.store, self.record)
             except OSError:  # a store that fails now and then: the next beat tries again
                 pass
 
@@ -194,6 +194,19 @@ class OutputLock:
 
 def _encode(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, indent=1) + "\n").encode("utf-8")
+
+
+def _rewrite(store: Store, record: dict[str, Any]) -> None:
+    """Replace the lock with ``record`` whole: on a local file system through a file beside it
+    (not ``.tmp/``, which the run clears when it finishes), on object stores in one PUT."""
+    local = local_path(store.location)
+    if local is None:
+        store.put(LOCK, _encode(record))
+        return
+    tmp = os.path.join(local, f".{LOCK}.{record['token']}")
+    with open(tmp, "wb") as f:
+        f.write(_encode(record))
+    os.replace(tmp, os.path.join(local, LOCK))
 
 
 def _take(store: Store, stale: dict[str, Any] | None, record: dict[str, Any]) -> bool:
