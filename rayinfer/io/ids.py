@@ -4,7 +4,7 @@ Users join outputs back to their data by id: an id on two rows multiplies rows i
 resume or retry report about "id 2" is ambiguous. The pass reads the id column alone through the
 one reader (``read_rows``), in every format: Parquet and Arrow read that column only; JSON Lines
 and CSV are parsed (projected to the id), which costs about what indexing them when the job is
-planned already costs (docs/benchmarks.md). It keeps 8 bytes per row (an integer id itself, else
+planned already costs (measured: README, "Every id once"). It keeps 8 bytes a row (an integer id, else
 a hash of it) and sorts them once; a second pass, only when the first found repeats, confirms
 them on the real values and finds where they are, so a hash collision never refuses a job.
 """

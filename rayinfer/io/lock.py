@@ -49,8 +49,9 @@ def stale_after() -> float:
 
 
 def holder(store: Store) -> dict[str, Any] | None:
-    """The lock's record as it is now (None: no lock). A lock that cannot be parsed (a write cut
-    off) is a record with no holder and no heartbeat, so it is taken over once it is stale."""
+    """The lock's record as it is now (None: no lock). A lock that cannot be parsed (rayinfer
+    writes it whole, so something else wrote it) is a record with no holder and no heartbeat: it
+    is taken over at once."""
     try:
         data = store.read(LOCK)
     except (FileNotFoundError, OSError):
@@ -171,8 +172,8 @@ class OutputLock:
         age): the folder is no longer this run's to finish."""
         if self.lost is not None:
             raise RunFailed(f"{describe(self.lost)} took over output.path {redact(self.store.location)!r} while this "
-                            "run was stalled (no heartbeat for over {:.0f} s); this run stops without writing its "
-                            "manifest".format(stale_after()))
+                            f"run was stalled (no heartbeat for over {stale_after():.0f} s); this run stops without "
+                            "writing its manifest")
 
     def release(self) -> None:
         self._done.set()

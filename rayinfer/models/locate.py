@@ -18,10 +18,13 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
 TOKENIZER_FILES = (
     "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model",
     "source.spm", "spm.model", "sentencepiece.model", "vocab.model", "bpe.codes", "tokenizer.tiktoken",
+    "tokenizer_config.json",
 )
-"""Files from which transformers builds a tokenizer (one is enough). A folder with none of them (a
-checkpoint saved with ``model.save_pretrained`` alone) makes transformers 5 build an empty
-fallback tokenizer of special tokens only, silently: every word becomes the unknown token."""
+"""Files from which transformers builds a tokenizer (one is enough; ``tokenizer_config.json`` alone
+for byte- and character-level tokenizers such as ByT5's, and ``model.save_pretrained`` never writes
+it). A folder with none of them (a checkpoint saved with ``model.save_pretrained`` alone) makes
+transformers 5 build an empty fallback tokenizer of special tokens only, silently: every word
+becomes the unknown token (the actor refuses such a tokenizer too: ``load_tokenizer``)."""
 
 TOKENIZER_PATTERNS = ("*.tiktoken", "*.gguf")
 """Tokenizers in other files: tiktoken vocabularies, and GGUF files, which carry theirs."""
@@ -131,9 +134,6 @@ def tokenizer_files(model: ModelLocation) -> list[str] | None:
             sub = folder / str(module.get("path") or "")
             if module.get("path") and sub.is_dir():
                 found += [f"{module['path']}/{n}" for n in TOKENIZER_FILES if (sub / n).is_file()]
-        config = read_model_file(model, "tokenizer_config.json")
-        if not found and isinstance(config, dict) and "AutoTokenizer" in str(config.get("auto_map", "")):
-            found.append("tokenizer_config.json")  # a tokenizer of the model's own code names its files
         return found
     try:
         from huggingface_hub import try_to_load_from_cache
