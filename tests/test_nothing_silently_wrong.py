@@ -205,7 +205,7 @@ def test_of_runs_taking_one_folders_lock_together_exactly_one_wins(tmp_path):
         assert not os.path.exists(os.path.join(folder, LOCK))  # released
 
 
-def test_a_dead_runs_lock_is_taken_over_and_a_live_ones_is_not(tmp_path, monkeypatch):
+def test_a_dead_runs_lock_is_taken_over_and_a_live_ones_is_not(tmp_path):
     store = Store(str(tmp_path / "out"))
     (tmp_path / "out").mkdir()
     elsewhere = {"run_id": "20261207T100000Z-abc", "command": "run", "host": "another-host", "pid": 4242,

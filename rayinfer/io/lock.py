@@ -204,10 +204,15 @@ def _rewrite(store: Store, record: dict[str, Any]) -> None:
     if local is None:
         store.put(LOCK, _encode(record))
         return
+    os.replace(_beside(local, record), os.path.join(local, LOCK))
+
+
+def _beside(local: str, record: dict[str, Any]) -> str:
+    """``record`` written whole to a hidden file beside the lock (``is_lock`` names it); its path."""
     tmp = os.path.join(local, f".{LOCK}.{record['token']}")
     with open(tmp, "wb") as f:
         f.write(_encode(record))
-    os.replace(tmp, os.path.join(local, LOCK))
+    return tmp
 
 
 def _take(store: Store, stale: dict[str, Any] | None, record: dict[str, Any]) -> bool:
@@ -224,9 +229,7 @@ def _take(store: Store, stale: dict[str, Any] | None, record: dict[str, Any]) ->
             pass
     if local is not None:  # written whole beside it, then linked into place: exclusive, never seen half-written
         os.makedirs(local, exist_ok=True)
-        tmp = os.path.join(local, f".{LOCK}.{record['token']}")
-        with open(tmp, "wb") as f:
-            f.write(_encode(record))
+        tmp = _beside(local, record)
         try:
             os.link(tmp, os.path.join(local, LOCK))
         except FileExistsError:
