@@ -199,6 +199,32 @@ def test_schemas_unify_where_types_agree_and_a_conflict_names_both_files(tmp_pat
         scan(str(tmp_path / "in"), required=("id", "text"))
 
 
+def test_a_first_file_of_malformed_lines_types_nothing_and_a_number_in_text_is_one_bad_row(tmp_path):
+    """Found by test_properties: the first JSON Lines file holds only a line cut off (it typed no
+    column, and the planner refused the job for lacking the id column), or its first record has a
+    number for its text (its one vote typed the text column int64, and the planner refused a
+    string input). Now the next file types the columns, the text column the task reads is text,
+    and those lines are malformed rows; every other row reads as written."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"uid": "r0", "text": "cut off\n')
+    (tmp_path / "in" / "b.jsonl").write_text('{"uid": "r1", "text": 1}\n{"uid": "r2", "text": "two"}\n')
+    (tmp_path / "in" / "c.jsonl").write_text('{"uid": "r3", "text": "three"}\n')
+    files, schema = scan(str(tmp_path / "in"), required=("uid", "text"), text_columns=("text",))
+    assert schema == pa.schema([("uid", pa.string()), ("text", pa.string())])
+    assert [f.num_rows for f in files] == [1, 2, 1]
+    got = [(r, e) for f in files for t, rows, e in read_rows(f, [(0, f.num_rows)], ["uid", "text"])
+           for r in (t.to_pylist() if e is None else [None] * len(rows))]
+    assert [r for r, _ in got] == [None, None, {"uid": "r2", "text": "two"}, {"uid": "r3", "text": "three"}]
+    assert [e.kind for _, e in got[:2]] == ["malformed", "malformed"]
+    assert "line 1: JSON parse error: Column(/text) changed from string to number" in got[1][1].message
+    # without the task's text columns (a column no task reads), the types are the sample's
+    assert scan(str(tmp_path / "in"))[1].field("text").type == pa.int64()
+    (tmp_path / "in" / "b.jsonl").write_text("[1]\n")
+    (tmp_path / "in" / "c.jsonl").write_text("")
+    with pytest.raises(InputError, match="a.jsonl': none of its first lines is a JSON object, nor any other input file's"):
+        scan(str(tmp_path / "in"))
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_text_files_whose_columns_drift_are_parsed_into_the_first_files_columns(fmt, tmp_path):
     """A later file without a column of the first: null there; one without a column the job

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pyarrow as pa
@@ -66,7 +67,8 @@ def keys(prefix: str) -> list[str]:
     return sorted(i.path.split("/", 1)[1] for i in infos if i.type == pafs.FileType.File)
 
 
-def test_commit_resume_and_modes_on_s3(s3_env):
+def test_commit_resume_and_modes_on_s3(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the "crash" below leaves its local temp file there
     fs = s3()
     for i, n in enumerate([30, 0, 45]):
         ids = pa.array(range(i * 100, i * 100 + n), pa.int64())

@@ -122,34 +122,41 @@ def fingerprint(path: str) -> str:
 
 
 def scan(path: str, fmt: str = "auto", column_types: dict[str, str] | None = None,
-         delimiter: str | None = None, required: tuple[str, ...] = (), id_column: str | None = None
-         ) -> tuple[list[InputFile], pa.Schema]:
+         delimiter: str | None = None, required: tuple[str, ...] = (), id_column: str | None = None,
+         text_columns: tuple[str, ...] = ()) -> tuple[list[InputFile], pa.Schema]:
     """Describe every input file (rows per chunk; for text formats the index of their blocks) and
     find the one schema of the dataset. JSON Lines and CSV columns are typed once, from the first
-    file (``column_types`` win), and every file is parsed into that schema. Parquet and Arrow
+    file whose first records type any column (``column_types`` win; the ``text_columns``, which
+    the task reads as text, are text: a number there makes that row malformed, an error row, where
+    it would otherwise type the column for every file), and every file is parsed into that
+    schema. Parquet and Arrow
     files are unified (``unify``): text is text whatever its Arrow type, numbers widen, a column
     some files lack is null there; the ``required`` columns (the id and what the task reads) must
     be in every file. Parquet and Arrow files whose ``id_column`` holds nulls are refused."""
     types = {name: _data_type(name, t) for name, t in (column_types or {}).items()}
+    listed = list_files(path, fmt)
     files: list[InputFile] = []
     schemas: dict[str, pa.Schema] = {}
-    text_schema: pa.Schema | None = None
-    first_text = ""
-    for f, kind in list_files(path, fmt):
-        chunk_rows, fschema, source = describe(f, kind, types, delimiter, text_schema)
+    first_text, first = _first_typed(listed, types, delimiter, text_columns)
+    text_schema: pa.Schema | None = first[1] if first else None
+    for f, kind in listed:
+        if f == first_text and first:
+            chunk_rows, fschema, source = first
+        else:
+            chunk_rows, fschema, source = describe(f, kind, types, delimiter, text_schema)
         if kind in ("jsonl", "csv"):
             if source.schema is None:  # an empty text file: it has no rows, its columns are the others'
                 files.append(InputFile(path=f, num_rows=0, chunk_rows=(), fingerprint=fingerprint(f), source=source))
                 continue
+            if not fschema.names:  # rows, none of them a record: so is every other text file's
+                raise InputError(f"input file {f!r}: none of its first lines is a JSON object, nor any other input "
+                                 "file's: JSON Lines holds one object per line, such as {\"id\": 1, \"text\": \"...\"}")
             if kind == "csv" and text_schema is not None:  # its header: a column the job reads must be there
                 header = next(csv.reader([source.header.decode("utf-8", "replace")], delimiter=source.delimiter), [])
                 for column in required:
                     if column in text_schema.names and column not in header:
                         raise InputError(f"input file {f!r} lacks column {column!r} that {first_text!r} has (and the "
                                          "job reads it)")
-            if text_schema is None:
-                first_text = f
-            text_schema = fschema
         elif types:
             raise InputError(f"input.column_types is for JSON Lines and CSV inputs; {f!r} is {kind}, which "
                              "carries its own types")
@@ -164,6 +171,22 @@ def scan(path: str, fmt: str = "auto", column_types: dict[str, str] | None = Non
     files = [replace(i, conform=(schemas[i.path], schema)) if i.path in schemas and not _same(schemas[i.path], schema)
              else i for i in files]
     return files, schema
+
+
+def _first_typed(listed: list[tuple[str, str]], types: dict[str, pa.DataType], delimiter: str | None,
+                 text_columns: tuple[str, ...]) -> tuple[str, tuple[tuple[int, ...], pa.Schema, Source] | None]:
+    """The first text file whose first records type any column, and its description: the one
+    schema every text file is parsed into (a file whose every sampled line is malformed types
+    nothing; it is parsed into the next one's schema, its lines there error rows). Of its
+    columns, the ``text_columns`` are text unless ``types`` say otherwise."""
+    for f, kind in listed:
+        if kind in ("jsonl", "csv"):
+            chunk_rows, schema, source = describe(f, kind, types, delimiter, None)
+            if schema.names:
+                schema = pa.schema([pa.field(fl.name, pa.string()) if fl.name in text_columns and fl.name not in types
+                                    else fl for fl in schema])
+                return f, (chunk_rows, schema, replace(source, schema=schema))
+    return "", None
 
 
 def _same(a: pa.Schema, b: pa.Schema) -> bool:

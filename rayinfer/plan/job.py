@@ -128,7 +128,8 @@ def plan_job(
         )
     files, schema = scan(spec.input.path, spec.input.format, spec.input.column_types, spec.input.delimiter,
                          required=(spec.input.id_column, *(c for n, c in column_map.items() if n not in optional)),
-                         id_column=spec.input.id_column)
+                         id_column=spec.input.id_column,
+                         text_columns=tuple(c for n, c in column_map.items() if task_cls.inputs[n].dtype == "string"))
     # an optional input (classify's text_pair) is read where input.columns maps it or a column has its name
     column_map = {n: c for n, c in column_map.items() if n not in optional or c in schema.names}
     check_columns(schema, {spec.input.id_column: None}, "input.id_column")
