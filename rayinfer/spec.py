@@ -115,7 +115,9 @@ class RuntimeSpec(_Strict):
     num_cpus: Optional[float] = Field(
         None, gt=0, description="CPUs reserved per actor (also its torch thread count). Unset: 1, but a generation "
         "task on CPUs gets a node's CPUs (up to 8): one actor decodes bigger batches on more threads.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions share a GPU). 0 on CPU clusters.")
+    num_gpus: Optional[float] = Field(
+        None, ge=0, description="GPUs per actor (fractions share a GPU). Unset: 1 where the cluster has GPUs and "
+        "runtime.device is not cpu, else 0.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPUs, float32 on CPUs."
@@ -156,6 +158,9 @@ class RuntimeSpec(_Strict):
     def _actors(self) -> "RuntimeSpec":
         if isinstance(self.actors, int) and self.actors < 1:
             raise ValueError("actors must be >= 1")
+        if self.device.startswith("cuda") and self.num_gpus == 0:
+            raise ValueError(f"device is {self.device!r} but num_gpus is 0: an actor computes only on the GPUs Ray "
+                             "gives it. Leave num_gpus unset (1 per actor) or set it above 0")
         return self
 
 

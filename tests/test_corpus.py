@@ -34,6 +34,9 @@ def test_a_pool_of_four_actors_all_commit_rows(tmp_path, rayinfer_bert, ray_sess
     manifest = run_job(job, progress=seen.append)
     assert len(manifest["actors"]) == 4 and all(rows > 0 for rows in manifest["actors"].values()), manifest["actors"]
     assert sum(manifest["actors"].values()) == 120
+    # the embedded Ray has no GPU: num_gpus unset is 0, and every actor says it computed on the CPU in fp32
+    assert manifest["spec"]["runtime"]["num_gpus"] is None and set(manifest["actor_gpu_ids"]) == set(manifest["actors"])
+    assert list(manifest["actor_devices"].values()) == [{"device": "cpu", "dtype": "float32"}] * 4, manifest["actor_devices"]
     # the progress channel: rows done only grow, up to all 120 rows, with every actor seen
     assert [s["rows"] for s in seen] == sorted(s["rows"] for s in seen) and seen[-1]["rows"] == seen[-1]["todo"] == 120
     assert seen[-1]["actors"] == 4 and seen[-1]["parts"] == len(manifest["parts"]) and seen[-1]["eta_s"] == 0

@@ -81,6 +81,7 @@ def test_half_a_gpu_each_places_four_actors_two_per_gpu(gpu_node, tmp_path, rayi
     assert Counter(ids[0] for ids in gpus.values()) == {"0": 2, "1": 2}
     pool = pool_actors(gpu_node, manifest)
     assert len(pool) == 4 and all(a["required_resources"].get("GPU") == 0.5 for a in pool), pool
+    assert list(manifest["actor_devices"].values()) == [{"device": "cpu", "dtype": "float32"}] * 4  # device: cpu
 
 
 def test_a_whole_gpu_each_places_two_actors(gpu_node, tmp_path, rayinfer_bert):
@@ -100,11 +101,27 @@ def test_more_gpus_per_actor_than_the_cluster_has_is_refused_before_any_actor(gp
     assert manifest is None and not list((tmp_path / "out").glob("*.parquet"))
 
 
+def test_device_cpu_with_num_gpus_unset_takes_no_gpu_on_a_gpu_node(gpu_node, tmp_path, rayinfer_bert):
+    """runtime.device: cpu on a Ray with GPUs: num_gpus unset is 0 (the run says so), the actors
+    hold no GPU, and the manifest names each one's device and dtype."""
+    code, err, manifest = run_on(gpu_node, tmp_path, rayinfer_bert, actors=2, num_cpus=1, device="cpu")
+    assert code == 0, err[-3000:]
+    assert "rayinfer: note: runtime.device is cpu: the actors take no GPU (the cluster has 2)" in err
+    assert sorted(r["doc_id"] for r in pq.read_table(tmp_path / "out").to_pylist()) == list(range(1000, 1160))
+    assert list(manifest["actor_gpu_ids"].values()) == [[], []]
+    assert list(manifest["actor_devices"].values()) == [{"device": "cpu", "dtype": "float32"}] * 2
+    pool = pool_actors(gpu_node, manifest)
+    assert len(pool) == 2 and not any(a["required_resources"].get("GPU") for a in pool), pool
+
+
 def test_an_actor_given_a_gpu_that_torch_cannot_use_fails_at_once_saying_why(gpu_node, tmp_path, rayinfer_bert):
+    """num_gpus unset on a Ray with GPUs: one per actor (the run's first line says so); with
+    device: auto an actor holding a GPU computes on it, and this torch cannot."""
     import torch
 
-    code, err, _ = run_on(gpu_node, tmp_path, rayinfer_bert, num_gpus=1, num_cpus=1, device="auto")
+    code, err, _ = run_on(gpu_node, tmp_path, rayinfer_bert, num_cpus=1, device="auto")
     assert code != 0
+    assert "rayinfer: note: runtime.num_gpus unset: 1 GPU per actor (the cluster has 2)" in err, err[-3000:]
     line = [ln for ln in err.splitlines() if ln.startswith("rayinfer: error:")]
     assert line, err[-3000:]
     assert "GPU(s) 0" in line[0] or "GPU(s) 1" in line[0]

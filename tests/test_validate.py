@@ -239,3 +239,51 @@ def test_a_generation_task_gets_work_cut_for_decoding(tmp_path, rayinfer_llama, 
     assert placed(plan("fill-mask", rayinfer_bert), [{"CPU": 2}]).spec.runtime.num_cpus == 1
     assert unit_rows(48, 2, 100_000, decodes=True) == 64 and unit_rows(48, 2, 100_000) == 6
     assert unit_rows(3000, 8, 100_000, decodes=True) == 94
+
+
+def test_num_gpus_unset_is_one_per_actor_where_the_cluster_has_gpus_and_the_device_follows_rays_gpu_ids(
+        tmp_path, rayinfer_bert, monkeypatch):
+    """An actor computes on the GPUs Ray gave it and on nothing else: with runtime.num_gpus left
+    at 0 on a GPU node, each of a CPU-sized pool's actors saw CUDA and put its model on cuda:0. Now
+    unset is 1 per actor where a node has a GPU (0 without one, or with runtime.device: cpu), and
+    device: auto is CUDA only in an actor holding Ray GPU ids, whatever torch can see."""
+    from dataclasses import replace
+
+    import torch
+
+    from rayinfer.api import plan_job
+    from rayinfer.models.load import LoadContext, actor_context, device_report
+    from rayinfer.run.admission import gpu_choice, placed, pool_size
+
+    def plan(**runtime):
+        return plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime=runtime))
+
+    gpu_nodes = [{"CPU": 16, "GPU": 2}, {"CPU": 8}]
+    assert placed(plan(), gpu_nodes).spec.runtime.num_gpus == 1
+    assert pool_size(placed(plan(), gpu_nodes), {"CPU": 24, "GPU": 2}, can_grow=False) == (2, 2)  # one per GPU
+    assert placed(plan(), [{"CPU": 2}]).spec.runtime.num_gpus == 0
+    assert placed(plan(device="cpu"), gpu_nodes).spec.runtime.num_gpus == 0
+    assert placed(plan(num_gpus=0.5), gpu_nodes).spec.runtime.num_gpus == 0.5
+    assert gpu_choice(plan().spec.runtime, 1.0, gpu_nodes) == (
+        "runtime.num_gpus unset: 1 GPU per actor (the cluster has 2); set runtime.num_gpus: 0.5 to put two actors on "
+        "each GPU, or runtime.device: cpu to compute on CPUs")
+    assert gpu_choice(plan(device="cpu").spec.runtime, 0.0, gpu_nodes) == (
+        "runtime.device is cpu: the actors take no GPU (the cluster has 2)")
+    assert gpu_choice(plan().spec.runtime, 0.0, [{"CPU": 2}]) is None
+    assert gpu_choice(plan(num_gpus=1).spec.runtime, 1.0, gpu_nodes) is None  # the spec's own choice
+
+    ctx = LoadContext(model=str(rayinfer_bert))
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node: torch sees CUDA in every actor
+        assert actor_context(ctx, [], "10.0.0.1").device == "cpu"
+        assert actor_context(ctx, ["1"], "10.0.0.1").device == "cuda"
+        assert actor_context(replace(ctx, device="cpu"), ["1"], "10.0.0.1").device == "cpu"
+    assert device_report(actor_context(ctx, [], "10.0.0.1")) == {"device": "cpu", "dtype": "float32"}
+    assert device_report(replace(ctx, device="cpu", dtype="bfloat16")) == {"device": "cpu", "dtype": "bfloat16"}
+
+    result = validate(fill_mask_job(tmp_path, rayinfer_bert))
+    assert "ok: runtime: 1 GPU per actor where the cluster has GPUs, else none (runtime.num_gpus unset); device auto, " \
+           "dtype auto" in result.output
+    result = validate(fill_mask_job(tmp_path, rayinfer_bert, runtime={"device": "cuda", "num_gpus": 0}))
+    assert result.exit_code == 2 and "device is 'cuda' but num_gpus is 0: an actor computes only on the GPUs Ray " \
+                                     "gives it" in result.output

@@ -192,6 +192,10 @@ def validate(job: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"ok: task {plan.task_cls.name!r} (plugin {plan.plugin}), model {plan.spec.model!r} ({plan.model.kind})")
     click.echo(f"ok: input {len(plan.files)} file(s), {plan.total_rows} rows; reads {', '.join(plan.read_columns)}")
     click.echo(f"ok: output {plan.spec.output.path} (mode {plan.spec.output.mode}): {', '.join(plan.output_schema.names)}")
+    rt = plan.spec.runtime
+    gpus = (f"{rt.num_gpus:g} GPU(s) per actor" if rt.num_gpus is not None else "no GPU" if rt.device == "cpu" else
+            "1 GPU per actor where the cluster has GPUs, else none (runtime.num_gpus unset)")
+    click.echo(f"ok: runtime: {gpus}; device {rt.device}, dtype {rt.dtype}")
     for w in plan.warnings:
         click.echo(f"note: {w}")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rayinfer.errors import ModelError
@@ -37,6 +37,30 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"runtime.device is {name!r} but torch sees no CUDA device here")
     return name
+
+
+def actor_context(ctx: LoadContext, gpu_ids: list[str], node: str) -> LoadContext:
+    """The context a pool actor loads with: ``device: auto`` is CUDA only where Ray gave the actor
+    GPUs (``gpu_ids``, from ``ray.get_gpu_ids()``), else the CPU. Ray leaves CUDA_VISIBLE_DEVICES
+    unset for an actor given no GPU, so torch there sees every GPU of the node: asked whether CUDA
+    is available, a CPU actor would put its model on cuda:0, which Ray never gave it."""
+    check_cuda(gpu_ids, ctx.device, node)
+    if ctx.device != "auto":
+        return ctx
+    return replace(ctx, device="cuda" if gpu_ids else "cpu")
+
+
+def device_report(ctx: LoadContext) -> dict[str, Any]:
+    """What an actor computes on, for the manifest: its device and dtype, and on CUDA the GPU's
+    name and memory."""
+    import torch
+
+    device = resolve_device(ctx.device)
+    out: dict[str, Any] = {"device": device, "dtype": str(resolve_dtype(ctx.dtype, device)).removeprefix("torch.")}
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device).index or 0)
+        out.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    return out
 
 
 def check_cuda(gpu_ids: list[str], device: str, node: str) -> None:

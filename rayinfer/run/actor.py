@@ -9,19 +9,25 @@ log file on its node) and raises it, one rayinfer error, on the first unit it is
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import pyarrow as pa
 
 from rayinfer.errors import RayInferError, RunFailed
-from rayinfer.models.load import LoadContext, check_cuda
+from rayinfer.models.load import LoadContext, actor_context, device_report
 from rayinfer.run.failures import exception_chain, log_traceback
 from rayinfer.run.unit import UnitLoop, UnitSettings
 from rayinfer.task.base import Task
+from rayinfer.task.device import DeviceFailure
 from rayinfer.task.runner import TaskRunner
+
+log = logging.getLogger("rayinfer")
+
+DEVICE_FAILURE_EXIT = 75  # the exit status of an actor process ended by a sticky device error
 
 
 class TaskActor:
@@ -37,23 +43,43 @@ class TaskActor:
         node = ray.util.get_node_ip_address()
         gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         where = f"{runtime.get_node_id()[:12]}:{os.getpid()}"
+        self.where, self.node, self.run_id = where, node, str(settings.provenance.get("run_id", "run"))
         try:
-            check_cuda(gpu_ids, context.device, node)
+            context = actor_context(context, gpu_ids, node)  # device: auto follows the GPUs Ray gave it
             task = task_cls(task_cls.Options.model_validate(options), context)
             task.load()
+            device = device_report(context)
         except Exception as exc:
-            self.failure = load_failure(exc, context, node, str(settings.provenance.get("run_id", "run")))
+            self.failure = load_failure(exc, context, node, self.run_id)
             return
         call = self._call if coordinator is not None else None  # None: a local coordinator (outside a run)
         self.loop = UnitLoop(TaskRunner(task, **runner), settings, call, where, time.time())
         if coordinator is not None:
-            self._call("register", runtime.get_actor_id(), runtime.current_actor, runtime.get_node_id(), where, gpu_ids)
+            self._call("register", runtime.get_actor_id(), runtime.current_actor, runtime.get_node_id(), where, gpu_ids,
+                       device)
 
     def __call__(self, units: pa.Table) -> Iterator[pa.Table]:
         if self.failure is not None:
             raise self.failure
-        for unit in units.to_pylist():
-            yield from self.loop.run_unit(unit)
+        try:
+            for unit in units.to_pylist():
+                yield from self.loop.run_unit(unit)
+        except DeviceFailure as exc:
+            self._end(exc)
+
+    def _end(self, exc: DeviceFailure) -> NoReturn:
+        """A sticky device error: this process can compute no more. Its traceback to a file, the
+        coordinator told (for the manifest), then the process ends: Ray starts a new actor, and the
+        unit runs again under the worker-crash rules (``rayinfer.run.coordinator``), which isolate
+        a row that keeps causing it. The open part was dropped on the way out (the unit loop)."""
+        trace = log_traceback(exc, f"{self.run_id}-device-{os.getpid()}", self.node)
+        log.error("rayinfer: an actor on %s: %s; %s", self.node, exc, trace)
+        if self.coordinator is not None:
+            try:
+                self._call("device_failure", self.where, f"{exc}; {trace}")
+            except Exception:  # the run is ending anyway: the process still must
+                pass
+        os._exit(DEVICE_FAILURE_EXIT)
 
     def _call(self, method: str, *args: Any) -> Any:
         """Call the run's coordinator actor."""

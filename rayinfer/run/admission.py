@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from rayinfer.errors import InputError, RunError
 from rayinfer.io.location import local_path
@@ -23,24 +24,50 @@ DECODE_ACTOR_CPUS = 8  # most CPUs a decoding task's actor takes by default (tor
 
 
 def placed(plan: Plan, nodes: list[dict[str, float]]) -> Plan:
-    """``plan`` with ``runtime.num_cpus`` resolved where the spec leaves it unset: 1 CPU per actor,
-    but a decoding task on CPUs gets the CPUs of the largest node (up to DECODE_ACTOR_CPUS), as
-    one actor decoding big batches on all cores beats several decoding small ones on one each."""
+    """``plan`` with ``runtime.num_gpus`` and ``runtime.num_cpus`` resolved where the spec leaves
+    them unset. GPUs: ``default_gpus``. CPUs: 1 per actor, but a decoding task on CPUs gets the
+    CPUs of the largest node (up to DECODE_ACTOR_CPUS), as one actor decoding big batches on all
+    cores beats several decoding small ones on one each."""
     rt = plan.spec.runtime
-    if rt.num_cpus is not None:
+    update: dict[str, float] = {}
+    gpus = rt.num_gpus if rt.num_gpus is not None else default_gpus(rt.device, nodes)
+    if rt.num_gpus is None:
+        update["num_gpus"] = gpus
+    if rt.num_cpus is None:
+        cpus = 1.0
+        if plan.task_cls.decodes and gpus == 0:
+            cpus = float(max(1, min(DECODE_ACTOR_CPUS, int(max((n.get("CPU", 0) for n in nodes), default=1)))))
+        update["num_cpus"] = cpus
+    if not update:
         return plan
-    cpus = 1.0
-    if plan.task_cls.decodes and rt.num_gpus == 0:
-        cpus = float(max(1, min(DECODE_ACTOR_CPUS, int(max((n.get("CPU", 0) for n in nodes), default=1)))))
-    runtime = rt.model_copy(update={"num_cpus": cpus})
+    runtime = rt.model_copy(update=update)
     return dataclasses.replace(plan, spec=plan.spec.model_copy(update={"runtime": runtime}))
+
+
+def default_gpus(device: str, nodes: list[dict[str, float]]) -> float:
+    """``runtime.num_gpus`` unset: one GPU per actor where a node has a whole GPU, unless
+    ``runtime.device`` is cpu; else none. (An actor computes only on the GPUs Ray gave it: left at
+    0 on a GPU node, the pool would start an actor per CPU, every one on CPU-sized batches.)"""
+    return 1.0 if device != "cpu" and any(n.get("GPU", 0) >= 1 for n in nodes) else 0.0
+
+
+def gpu_choice(rt: Any, placed_gpus: float, nodes: list[dict[str, float]]) -> str | None:
+    """The line that says what an unset ``runtime.num_gpus`` became, where the cluster has GPUs
+    (None elsewhere: on a CPU-only cluster 0 is all it can be)."""
+    total = sum(n.get("GPU", 0) for n in nodes)
+    if rt.num_gpus is not None or not total:
+        return None
+    if placed_gpus:
+        return (f"runtime.num_gpus unset: {placed_gpus:g} GPU per actor (the cluster has {total:g}); set "
+                "runtime.num_gpus: 0.5 to put two actors on each GPU, or runtime.device: cpu to compute on CPUs")
+    return f"runtime.device is cpu: the actors take no GPU (the cluster has {total:g})"
 
 
 def actor_need(plan: Plan) -> dict[str, float]:
     """What one actor asks Ray for: CPUs, GPUs and custom resources (those above zero)."""
     rt = plan.spec.runtime
     cpus = rt.num_cpus if rt.num_cpus is not None else 1.0  # unset until placed(): 1
-    return {k: v for k, v in {"CPU": cpus, "GPU": rt.num_gpus, **rt.resources}.items() if v > 0}
+    return {k: v for k, v in {"CPU": cpus, "GPU": rt.num_gpus or 0.0, **rt.resources}.items() if v > 0}
 
 
 def describe(need: dict[str, float]) -> str:
@@ -73,7 +100,7 @@ def check_resources(
     """Fail now, not by waiting forever, when no node can hold one actor, or when a Ray that
     cannot grow cannot hold the pool's first ``pool_min`` actors."""
     rt = plan.spec.runtime
-    if rt.num_gpus > 0 and cluster.get("GPU", 0) < rt.num_gpus:
+    if rt.num_gpus and cluster.get("GPU", 0) < rt.num_gpus:
         fix = ("Set runtime.num_gpus: 0 to run on CPUs, or join a cluster with GPUs (--address)."
                if not cluster.get("GPU") else
                f"An actor holds one model on one node: set runtime.num_gpus to at most {cluster['GPU']:g} (a model "

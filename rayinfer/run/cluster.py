@@ -68,7 +68,7 @@ def default_batch_tokens(plan: Plan) -> int:
     """The token budget per forward pass when the spec sets none: large on GPUs; on CPUs small
     for encoders (bigger passes run slower there) but large for generation, whose decode steps
     cost about the same for 8 rows as for 32 (measured in benchmarks/)."""
-    if plan.spec.runtime.num_gpus > 0:
+    if plan.spec.runtime.num_gpus:
         return GPU_BATCH_TOKENS
     return plan.task_cls.cpu_batch_tokens or CPU_BATCH_TOKENS
 
@@ -85,7 +85,7 @@ def default_batch_rows(plan: Plan) -> int | None:
     GPUs the token budget alone bounds it (a decode step there costs about the same for 256 rows)."""
     if not plan.task_cls.decodes:
         return None
-    return None if plan.spec.runtime.num_gpus > 0 else CPU_DECODE_ROWS
+    return None if plan.spec.runtime.num_gpus else CPU_DECODE_ROWS
 
 
 def actor_args(plan: Plan, out_dir: str, run_id: str) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def actor_args(plan: Plan, out_dir: str, run_id: str) -> dict[str, Any]:
     return dict(
         task_cls=plan.task_cls,
         options=plan.options.model_dump(mode="json"),
-        context=plan.load_context(num_threads=None if rt.num_gpus > 0 else max(1, math.ceil(actor_need(plan)["CPU"]))),
+        context=plan.load_context(num_threads=None if rt.num_gpus else max(1, math.ceil(actor_need(plan)["CPU"]))),
         runner=dict(column_map=plan.column_map, id_column=spec.input.id_column,
                     keep=[k for k in spec.input.keep if k != spec.input.id_column],
                     max_batch_tokens=rt.max_batch_tokens or default_batch_tokens(plan),
@@ -102,7 +102,7 @@ def actor_args(plan: Plan, out_dir: str, run_id: str) -> dict[str, Any]:
         settings=UnitSettings(
             files={f.path: f for f in plan.files}, read_columns=plan.read_columns, out_dir=out_dir,
             schema=plan.output_schema, provenance=plan.provenance(run_id), part_bytes=spec.output.part_bytes,
-            batch_size=rt.batch_size, on_unreadable=spec.input.on_unreadable, prefetch=rt.num_gpus > 0,
+            batch_size=rt.batch_size, on_unreadable=spec.input.on_unreadable, prefetch=bool(rt.num_gpus),
             crash_retries=rt.worker_crash_retries, max_worker_deaths=rt.max_worker_deaths,
         ),
     )

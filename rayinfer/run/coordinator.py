@@ -31,17 +31,26 @@ class Coordinator:
         self.stop_requested = False
         self.actors: dict[str, tuple[Any, str]] = {}  # actor id -> (handle, node id)
         self.gpus: dict[str, list[str]] = {}  # actor (node:pid, as reports name it) -> Ray's GPU ids for it
+        self.devices: dict[str, dict[str, Any]] = {}  # actor -> what it computes on (models.load.device_report)
+        self.failures: list[dict[str, str]] = []  # sticky device errors that ended an actor
 
-    def register(self, actor: str, handle: Any, node: str, where: str = "", gpu_ids: list[str] | None = None) -> None:
+    def register(self, actor: str, handle: Any, node: str, where: str = "", gpu_ids: list[str] | None = None,
+                 device: dict[str, Any] | None = None) -> None:
         """A pool actor (re)started on ``node``; ``where`` names it in the manifest, ``gpu_ids``
-        are the GPUs Ray gave it (``ray.get_gpu_ids()``)."""
+        are the GPUs Ray gave it (``ray.get_gpu_ids()``), ``device`` what it computes on."""
         self.actors[actor] = (handle, node)
         if where:
             self.gpus[where] = list(gpu_ids or [])
+            if device is not None:
+                self.devices[where] = device
 
     def gpu_ids(self) -> dict[str, list[str]]:
         """Every pool actor of the run, started or restarted, with the GPU ids Ray gave it."""
         return dict(self.gpus)
+
+    def devices_of(self) -> dict[str, dict[str, Any]]:
+        """Every pool actor of the run with its device and dtype (and GPU name and memory)."""
+        return dict(self.devices)
 
     def all_actors(self) -> list[Any]:
         return [handle for handle, _ in self.actors.values()]
@@ -79,6 +88,13 @@ class Coordinator:
 
     def worker_deaths(self) -> int:
         return sum(u["deaths"] for u in self.units.values())
+
+    def device_failure(self, actor: str, error: str) -> None:
+        """An actor hit a sticky device error and ends its process (Ray starts a new one)."""
+        self.failures.append({"actor": actor, "error": error})
+
+    def device_failures(self) -> list[dict[str, str]]:
+        return list(self.failures)
 
 
 def crash_pieces(rows: list[int], crashes: dict[Range, int], retries: int) -> list[tuple[int, int, bool]]:

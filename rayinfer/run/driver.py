@@ -31,7 +31,7 @@ from rayinfer.io.ranges import covered_count
 from rayinfer.io.store import Store
 from rayinfer.plan.job import Plan
 from rayinfer.plan.work import make_units, unit_rows
-from rayinfer.run.admission import check_paths_visible, check_resources, placed, pool_size
+from rayinfer.run.admission import check_paths_visible, check_resources, gpu_choice, placed, pool_size
 from rayinfer.run.cluster import build_dataset, data_context, init_ray, start_coordinator
 from rayinfer.run.failures import PoolLost, reports, run_failure
 from rayinfer.run.progress import RunTotals, TerminalProgress
@@ -130,8 +130,12 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
     local = init_ray(address)
     cluster = ray.cluster_resources()
     alive = [n for n in ray.nodes() if n.get("Alive")]
+    asked = plan.spec.runtime
     plan = placed(plan, [n["Resources"] for n in alive])
     rt = plan.spec.runtime
+    choice = gpu_choice(asked, rt.num_gpus or 0.0, [n["Resources"] for n in alive])
+    if choice and not after_loss:
+        log.warning("rayinfer: note: %s", choice)
     pool = pool_size(plan, cluster, can_grow=not local)
     if after_loss:
         pool = (1, pool[1])
@@ -160,6 +164,8 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
                     channel(totals.snapshot())
         totals.worker_deaths += ray.get(coordinator.worker_deaths.remote())
         totals.actor_gpu_ids.update(ray.get(coordinator.gpu_ids.remote()))
+        totals.actor_devices.update(ray.get(coordinator.devices_of.remote()))
+        totals.device_failures.extend(ray.get(coordinator.device_failures.remote()))
     except Exception as exc:  # anything Ray raised: one line for the user, the traceback in a file
         if isinstance(exc, RayInferError) and not isinstance(getattr(exc, "cause", None), BaseException):
             raise  # rayinfer's own, raised here in the driver (error budget, pool start timeout)
@@ -223,6 +229,8 @@ def finish(
         "actor_busy_s": {k: round(v, 2) for k, v in totals.actor_busy_s.items()},
         "actor_ready_s": {k: round(v - started_at.timestamp(), 3) for k, v in totals.actor_ready_at.items()},
         "actor_gpu_ids": dict(sorted(totals.actor_gpu_ids.items())),
+        "actor_devices": dict(sorted(totals.actor_devices.items())),
+        "device_failures": totals.device_failures,
         "parts": [name for name, _ in footers],
         "part_rows": {"min": min((md.num_rows for _, md in footers), default=0),
                       "max": max((md.num_rows for _, md in footers), default=0)},

@@ -75,6 +75,8 @@ class RunTotals:
     actor_peak_rss_mb: dict[str, float] = field(default_factory=dict)
     actor_rss_mb: dict[str, float] = field(default_factory=dict)
     actor_gpu_ids: dict[str, list[str]] = field(default_factory=dict)  # every actor started (from the coordinator)
+    actor_devices: dict[str, dict[str, Any]] = field(default_factory=dict)  # ... and what it computed on
+    device_failures: list[dict[str, str]] = field(default_factory=list)  # sticky device errors that ended actors
 
     def add(self, r: WorkReport) -> None:
         self.rows += r.rows

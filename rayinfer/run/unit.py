@@ -179,7 +179,8 @@ class UnitLoop:
                     if kills:
                         n = mine[(numbers[lo], numbers[lo])]
                         error = RowError(f"this row killed the worker process running it, also when run alone ({n}x): a "
-                                         "crash in the task or a library it calls (a segfault), or out of memory",
+                                         "crash in the task or a library it calls (a segfault), out of memory, or a "
+                                         "device error that left the GPU unusable (the manifest's device_failures)",
                                          "worker_crash")
                     yield [(i, hi - lo)], RowBatch(batch.table.slice(lo, hi - lo), batch.rows.slice(lo, hi - lo)), error
 

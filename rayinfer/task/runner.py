@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from rayinfer.errors import ERROR_COL, RowError
 from rayinfer.task.base import Batch, Task
+from rayinfer.task.device import free_cached_memory, is_out_of_memory, is_sticky, one_row_out_of_memory, sticky_failure
 from rayinfer.text import micro_batches
 
 log = logging.getLogger("rayinfer")
@@ -180,15 +181,25 @@ class TaskRunner:
         errors: list[RowError | None],
         stage: str,
     ) -> list[tuple[int, Any]]:
-        """Call ``fn`` on rows ``idx``; on failure split in halves until the bad rows are found."""
+        """Call ``fn`` on rows ``idx``; on failure split in halves until the bad rows are found. An
+        out-of-memory is halved too; a sticky device error is not (every later call would fail):
+        it is raised as DeviceFailure, for the actor to end (``rayinfer.task.device``)."""
         if not idx:
             return []
         try:
             result = fn(idx)
         except Exception as exc:
+            if is_sticky(exc):
+                raise sticky_failure(exc, stage) from exc
+            oom = is_out_of_memory(exc)
+            if oom:
+                free_cached_memory()
             if len(idx) == 1:
                 if isinstance(exc, RowError):
                     errors[idx[0]] = exc
+                elif oom:
+                    log.warning("rayinfer: %s ran out of memory on one row: %s", stage, exc)
+                    errors[idx[0]] = one_row_out_of_memory(exc, stage)
                 else:
                     log.warning("rayinfer: %s failed on one row: %s", stage, exc, exc_info=log.isEnabledFor(logging.DEBUG))
                     errors[idx[0]] = RowError(f"{stage} failed: {type(exc).__name__}: {exc}", stage)
