@@ -159,7 +159,32 @@ def test_continuous_batching_rows_leave_and_join_with_batch_one_parity(which, sh
     assert len({len(n) for n in got}) > 1  # rows really ended at different steps
     assert stats.prefills > 2  # rows joined as others ended, not all at the start
     assert stats.row_steps == sum(len(n) for n in got) - len(got)  # each step served live rows only
+    assert stats.step_reads == stats.steps and stats.prefill_reads == stats.prefills  # one read per pass
     assert (stats.prefix_tokens >= len(head)) if shared else stats.prefix_tokens == 0
+
+
+def test_a_64_row_greedy_decode_reads_the_device_once_per_step(rayinfer_llama):
+    """The decode loop's host reads, counted: one per decode step for all 64 rows in flight (their
+    next tokens; lengths are kept on the host, the next step's tokens stay on the device), one per
+    prefill pass; rows still equal ``generate`` batch by batch."""
+    from rayinfer import decoding
+
+    tok = AutoTokenizer.from_pretrained(rayinfer_llama)
+    model = AutoModelForCausalLM.from_pretrained(rayinfer_llama).eval()
+    sentences = english_sentences()
+    ids = [tok(sentences[i % len(sentences)][: 20 + 3 * i])["input_ids"] for i in range(64)]
+    stats = decoding.DecodeStats()
+    with torch.inference_mode():
+        got = decoding.decode(model, ids, max_new_tokens=16, eos={tok.eos_token_id}, pad=tok.pad_token_id or 0,
+                              slots=64, stats=stats)
+        for row in (0, 31, 63):
+            alone = model.generate(input_ids=torch.tensor([ids[row]]), attention_mask=torch.ones(1, len(ids[row]),
+                                   dtype=torch.long), max_new_tokens=16, do_sample=False, pad_token_id=0,
+                                   eos_token_id=tok.eos_token_id)[0, len(ids[row]):].tolist()
+            assert got[row] == alone[: len(got[row])] and (len(got[row]) == 16 or alone[len(got[row])] == tok.eos_token_id)
+    assert stats.steps >= 15 and stats.step_reads == stats.steps and stats.prefill_reads == stats.prefills
+    print(f"64 rows: {stats.steps} decode steps, {stats.step_reads} host reads in them "
+          f"({stats.step_reads / stats.steps:.2f} per step); {stats.prefills} prefills, {stats.prefill_reads} reads")
 
 
 SMOLLM2 = "smollm2-135m-instruct"

@@ -54,6 +54,8 @@ class DecodeStats:
     steps: int = 0  # decode steps
     row_steps: int = 0  # rows in flight, summed over the steps: the tokens decoded
     slot_steps: int = 0  # slots computed, summed over the steps (>= row_steps: free slots)
+    step_reads: int = 0  # device-to-host reads in decode steps: one per step where no row has a picker
+    prefill_reads: int = 0  # ... and in prefill passes (one per pass)
 
 
 @dataclass
@@ -193,6 +195,11 @@ class _Loop:
         self.n_slots, self.length = n_slots, length
         self.shared = _Slots(torch.zeros(n_slots, dtype=torch.long, device=self.device),
                              torch.arange(n_slots, device=self.device))
+        # the host keeps its own copy of what it needs each step (the slots' lengths), and the
+        # device a 0/1 per slot for the rows in flight: a step then reads the device once, for
+        # the next tokens, and writes it nothing but where rows join or end
+        self.lens = [0] * n_slots
+        self.live = torch.zeros(n_slots, dtype=torch.long, device=self.device)
         self.cache: Cache | None = None  # allocated by the first prefill, when the shapes are known
         self.prefix: list[tuple[torch.Tensor, torch.Tensor]] = []  # the shared prefix's keys and values per layer
         self.slot_row: list[_Row | None] = [None] * n_slots
@@ -275,9 +282,12 @@ class _Loop:
                 layer.values[s, :, :p0] = fresh.values[i, :, :p0]
                 layer.keys[s, :, p0:n] = fresh.keys[i, :, width - (n - p0):]
                 layer.values[s, :, p0:n] = fresh.values[i, :, width - (n - p0):]
-            self.shared.lens[s] = n
+            self.lens[s] = n
             self.slot_row[s] = r
-        self._advance(out.logits[:, -1, :], list(zip(free, group)))
+        slots = torch.tensor(free[: len(group)], dtype=torch.long).to(self.device)
+        self.shared.lens.index_copy_(0, slots, torch.tensor([len(r.prompt) for r in group], dtype=torch.long).to(self.device))
+        self.live.index_fill_(0, slots, 1)
+        self._advance(out.logits[:, -1, :], list(zip(free, group)), slots)
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """A 4D boolean mask (True: attend) as the model's attention takes it: SDPA as it is, eager
@@ -300,8 +310,7 @@ class _Loop:
 
     def _step(self) -> None:
         s = self.shared
-        lens = s.lens.tolist()
-        s.width = max(lens[i] for i, r in enumerate(self.slot_row) if r is not None) + 1
+        s.width = max(self.lens[i] for i, r in enumerate(self.slot_row) if r is not None) + 1
         columns = torch.arange(s.width, device=self.device)
         mask = self._mask((columns[None, :] <= s.lens[:, None])[:, None, None, :])
         assert self.cache is not None
@@ -314,33 +323,60 @@ class _Loop:
         self.stats.steps += 1
         self.stats.row_steps += len(active)
         self.stats.slot_steps += self.n_slots
-        s.lens += torch.tensor([1 if r is not None else 0 for r in self.slot_row], device=self.device)
-        self._advance(logits, active, rows_are_slots=True)
+        s.lens += self.live
+        for i, _ in active:
+            self.lens[i] += 1
+        self._advance(logits, active)
 
-    def _advance(self, logits: torch.Tensor, placed: list[tuple[int, _Row]], rows_are_slots: bool = False) -> None:
-        """Pick each placed row's next token from its logits (row k of ``logits`` is the k-th
-        placed row, or its slot's row when ``rows_are_slots``); end the rows that are done."""
-        where = [s if rows_are_slots else k for k, (s, _) in enumerate(placed)]
-        scores = logits[where].float()
-        if self.min_new:
-            young = torch.tensor([len(r.new) < self.min_new for _, r in placed], device=scores.device)
-            if bool(young.any()):
-                scores[young.nonzero()[:, 0][:, None], self.eos_ids[None, :]] = float("-inf")
-        greedy = scores.argmax(-1).tolist()
+    def _advance(self, logits: torch.Tensor, placed: list[tuple[int, _Row]], joined: torch.Tensor | None = None) -> None:
+        """Pick each placed row's next token from its logits and end the rows that are done. In a
+        decode step (``joined`` None) row k of ``logits`` is slot k's; in a prefill, the k-th
+        placed row's, whose slots ``joined`` holds. The greedy tokens go to the next step on the
+        device; the host reads them once, for every row at once (a row with its own picker, one
+        that samples or is constrained, reads its scores itself)."""
+        step = joined is None
+        scores = logits.float()
+        young = [k if not step else slot for k, (slot, r) in enumerate(placed) if len(r.new) < self.min_new]
+        if young:  # no end-of-sequence before min_new_tokens
+            at = torch.tensor(young, dtype=torch.long).to(self.device)
+            scores[at[:, None], self.eos_ids[None, :]] = float("-inf")
+        tokens = scores.argmax(-1)
+        if step:
+            self.next_token[:, 0] = tokens
+        else:
+            self.next_token.index_copy_(0, joined, tokens[:, None])
+        greedy = tokens.tolist()  # the one read
+        picked: list[tuple[int, int]] = []
+        ended: list[int] = []
         for k, (slot, r) in enumerate(placed):
-            token = greedy[k] if r.pick is None else r.pick(r.prompt + r.new, scores[k: k + 1])
+            at_row = slot if step else k
+            if r.pick is None:
+                token = greedy[at_row]
+            else:
+                token = r.pick(r.prompt + r.new, scores[at_row: at_row + 1])
+                picked.append((slot, token))
             if token in self.eos:
                 self.slot_row[slot] = None
+                ended.append(slot)
                 continue
             r.new.append(token)
             if len(r.new) >= self.max_new or (self.stopped is not None and self.stopped(r.new)):
                 self.slot_row[slot] = None
-            else:
-                self.next_token[slot, 0] = token
-        for slot, r in placed:
-            if self.slot_row[slot] is None:
-                self.shared.lens[slot] = 0
-                self.next_token[slot, 0] = self.pad
+                ended.append(slot)
+        if step:
+            self.stats.step_reads += 1 + len(picked)
+        else:
+            self.stats.prefill_reads += 1 + len(picked)
+        if picked:  # their tokens, chosen on the host, to the device
+            slots = torch.tensor([s for s, _ in picked], dtype=torch.long).to(self.device)
+            self.next_token.index_copy_(0, slots, torch.tensor([[t] for _, t in picked], dtype=torch.long).to(self.device))
+        if ended:  # free slots: no longer counted, their next token a pad
+            slots = torch.tensor(ended, dtype=torch.long).to(self.device)
+            self.live.index_fill_(0, slots, 0)
+            self.shared.lens.index_fill_(0, slots, 0)
+            self.next_token.index_fill_(0, slots, self.pad)
+            for slot in ended:
+                self.lens[slot] = 0
 
     def _shrink(self) -> None:
         """Few rows left and none waiting: drop the empty slots, so steps compute only live rows."""
@@ -352,6 +388,8 @@ class _Loop:
         self.shared.lens = self.shared.lens.index_select(0, idx)
         self.shared.rows = torch.arange(len(keep), device=self.device)
         self.next_token = self.next_token.index_select(0, idx)
+        self.live = self.live.index_select(0, idx)
+        self.lens = [self.lens[i] for i in keep]
         self.slot_row = [self.slot_row[i] for i in keep]
         self.n_slots = len(keep)
 
