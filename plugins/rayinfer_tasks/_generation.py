@@ -3,9 +3,11 @@
 Causal LMs go through ``rayinfer.decoding``'s continuous batching (a preallocated KV cache slot
 per row; rows that end leave the batch and waiting rows join it), where it supports the model;
 otherwise, and for encoder-decoders, beams and n-gram bans, through ``model.generate`` (causal
-LMs padded on the left with an attention mask, encoder-decoders on the right). Sampling with a
-seed draws each row's tokens from that row's own ``torch.Generator`` (seeded from the job seed
-and the row's prompt), so a row's text does not depend on which batch it lands in.
+LMs padded on the left with an attention mask, encoder-decoders on the right). A row's seed comes
+from the job seed and its prompt, so its text does not depend on which batch it lands in: the
+decode loop draws its tokens on the device from that seed and its token count
+(``rayinfer.decoding.Sampler``, every row at once); ``model.generate`` and constrained rows from
+the row's own ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ class SamplingOptions(TaskOptions):
 def row_seed(seed: int, text: str) -> int:
     digest = hashlib.sha256(f"{seed}\x00{text}".encode("utf-8", "replace")).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def row_seeds(options: SamplingOptions, texts: list[str]) -> list[int]:
+    """Each row's seed for the decode loop's counter-based draws: from the job's seed and the row's
+    text (the same row, the same tokens, whatever its batch), or random without a job seed."""
+    import secrets
+
+    if options.seed is None:
+        return [secrets.randbits(63) for _ in texts]
+    return [row_seed(options.seed, text) for text in texts]
 
 
 def _row_processors(options: SamplingOptions, greedy_penalty: bool) -> list[Any]:
@@ -201,12 +213,14 @@ def _result(tokenizer: Any, new: list[int], options: SamplingOptions, constraint
 def _continuous(decoding: Any, model: Any, tokenizer: Any, items: list[dict[str, Any]], options: SamplingOptions,
                 texts: list[str], tokens: int, rows: int | None, min_new: int, constraint: Any | None
                 ) -> list[list[int]]:
-    processors = _row_processors(options, greedy_penalty=True)  # row-wise and stateless: shared
-    pickers = None
-    if processors or options.do_sample or constraint is not None:
+    pickers = sampler = None
+    if constraint is not None:  # its masks come from llguidance on the host: each row picks there
+        processors = _row_processors(options, greedy_penalty=True)  # row-wise and stateless: shared
         generators = _generators(options, texts) if options.do_sample else [None] * len(items)
-        pickers = [make_picker(processors, g, constraint.row() if constraint is not None else None,
-                               tokenizer.eos_token_id) for g in generators]
+        pickers = [make_picker(processors, g, constraint.row(), tokenizer.eos_token_id) for g in generators]
+    else:  # on the device, every row at once
+        sampler = decoding.Sampler(options.do_sample, options.temperature, options.top_k, options.top_p,
+                                   options.repetition_penalty)
     stopped = None
     if options.stop:
         def stopped(new: list[int]) -> bool:
@@ -216,7 +230,8 @@ def _continuous(decoding: Any, model: Any, tokenizer: Any, items: list[dict[str,
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     news = decoding.decode(model, [it["input_ids"] for it in items], max_new_tokens=options.max_new_tokens,
                            eos=eos, pad=pad_id(tokenizer), slots=rows or len(items), budget=tokens,
-                           pickers=pickers, min_new_tokens=min_new, stopped=stopped)
+                           pickers=pickers, sampler=sampler, seeds=row_seeds(options, texts),
+                           min_new_tokens=min_new, stopped=stopped)
     return news
 
 

@@ -14,8 +14,10 @@ only a row's own tokens after them.
 Each row's keys and values are exactly those ``model.generate`` computes for it (its own
 positions, no padding inside its slot), and each step attends over the row's own columns only,
 so greedy decoding gives ``generate``'s tokens (fp32; batch shapes can change the last bits of
-a matmul, never seen to change a token in the tests). Rows that sample pick their tokens with
-their own ``pick`` function (their own generator), whatever the batch.
+a matmul, never seen to change a token in the tests). Rows that sample (or take a repetition
+penalty) choose on the device, all at once (``rayinfer.decoding.sampling.Sampler``: each row's
+draw from its own seed and token count, so whatever the batch); a row with its own ``pick``
+function (a constrained one) chooses on the host.
 
 Decode steps of a Llama-family model run through ``rayinfer.decoding.fast.LlamaStep`` (the same
 computation as its ``forward``, lean); other models through their ``forward``.
@@ -35,6 +37,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from rayinfer.decoding.fast import LlamaStep
+from rayinfer.decoding.sampling import Sampler
 
 Picker = Callable[[list[int], torch.Tensor], int]
 """Chooses a row's next token: (the row's tokens so far, prompt and new; its scores [1, vocab]) -> id."""
@@ -63,6 +66,7 @@ class _Row:
     index: int
     prompt: list[int]
     pick: Picker | None
+    seed: int = 0
     new: list[int] = field(default_factory=list)
 
 
@@ -141,21 +145,24 @@ def decode(
     slots: int,
     budget: int | None = None,
     pickers: Sequence[Picker | None] | None = None,
+    sampler: Sampler | None = None,
+    seeds: Sequence[int] | None = None,
     min_new_tokens: int = 0,
     stopped: Callable[[list[int]], bool] | None = None,
     stats: DecodeStats | None = None,
 ) -> list[list[int]]:
     """New tokens per prompt (up to, without, the first ``eos``). At most ``slots`` rows in flight,
     fewer where ``budget`` (tokens of KV cache: slots x (longest prompt + max_new_tokens)) says so.
-    ``pickers[i]`` chooses row i's tokens (None: greedy); ``stopped(new)`` ends a row early;
-    ``stats`` counts the work."""
-    rows = [_Row(i, list(p), pickers[i] if pickers else None) for i, p in enumerate(prompts)]
+    ``sampler`` chooses every row's tokens on the device (None: the best token), row i drawing
+    from ``seeds[i]``; ``pickers[i]``, where given, chooses row i's on the host instead;
+    ``stopped(new)`` ends a row early; ``stats`` counts the work."""
+    rows = [_Row(i, list(p), pickers[i] if pickers else None, seeds[i] if seeds else 0) for i, p in enumerate(prompts)]
     if not rows:
         return []
     length = max(len(r.prompt) for r in rows) + max_new_tokens
     n_slots = max(1, min(slots, len(rows), (budget // length) if budget else len(rows)))
     loop = _Loop(model, n_slots, length, eos, pad, max_new_tokens, min_new_tokens, stopped,
-                 stats if stats is not None else DecodeStats())
+                 stats if stats is not None else DecodeStats(), sampler if sampler is not None and sampler.needed else None)
     loop.share_prefix(rows)
     loop.run(rows)
     return [r.new for r in rows]
@@ -186,7 +193,8 @@ def _prefill_groups(rows: list[_Row]) -> list[list[_Row]]:
 
 class _Loop:
     def __init__(self, model: Any, n_slots: int, length: int, eos: set[int], pad: int, max_new: int,
-                 min_new: int, stopped: Callable[[list[int]], bool] | None, stats: DecodeStats) -> None:
+                 min_new: int, stopped: Callable[[list[int]], bool] | None, stats: DecodeStats,
+                 sampler: Sampler | None = None) -> None:
         self.stats = stats
         self.model, self.eos, self.pad, self.max_new, self.min_new, self.stopped = model, eos, pad, max_new, min_new, stopped
         self.device = model.device
@@ -200,6 +208,12 @@ class _Loop:
         # the next tokens, and writes it nothing but where rows join or end
         self.lens = [0] * n_slots
         self.live = torch.zeros(n_slots, dtype=torch.long, device=self.device)
+        # a sampler's state per slot, on the device: the row's seed, its tokens so far, and (for a
+        # repetition penalty) which tokens it holds; allocated by the first join (the vocabulary)
+        self.sampler = sampler
+        self.seeds = torch.zeros(n_slots, dtype=torch.long, device=self.device)
+        self.counts = torch.zeros(n_slots, dtype=torch.long, device=self.device)
+        self.seen: torch.Tensor | None = None
         self.cache: Cache | None = None  # allocated by the first prefill, when the shapes are known
         self.prefix: list[tuple[torch.Tensor, torch.Tensor]] = []  # the shared prefix's keys and values per layer
         self.slot_row: list[_Row | None] = [None] * n_slots
@@ -287,7 +301,23 @@ class _Loop:
         slots = torch.tensor(free[: len(group)], dtype=torch.long).to(self.device)
         self.shared.lens.index_copy_(0, slots, torch.tensor([len(r.prompt) for r in group], dtype=torch.long).to(self.device))
         self.live.index_fill_(0, slots, 1)
+        if self.sampler is not None:
+            self._sampler_join(group, slots, out.logits.shape[-1])
         self._advance(out.logits[:, -1, :], list(zip(free, group)), slots)
+
+    def _sampler_join(self, group: list[_Row], slots: torch.Tensor, vocab: int) -> None:
+        """Rows join: their seeds, no token yet, and (with a repetition penalty) their prompts' tokens."""
+        assert self.sampler is not None
+        self.seeds.index_copy_(0, slots, torch.tensor([r.seed for r in group], dtype=torch.long).to(self.device))
+        self.counts.index_fill_(0, slots, 0)
+        if self.sampler.repetition_penalty == 1.0:
+            return
+        if self.seen is None:
+            self.seen = torch.zeros((self.n_slots, vocab), dtype=torch.bool, device=self.device)
+        longest = max(len(r.prompt) for r in group)
+        ids = torch.tensor([r.prompt + r.prompt[:1] * (longest - len(r.prompt)) for r in group], dtype=torch.long)
+        held = torch.zeros((len(group), vocab), dtype=torch.bool).scatter_(1, ids, True)
+        self.seen.index_copy_(0, slots, held.to(self.device))
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """A 4D boolean mask (True: attend) as the model's attention takes it: SDPA as it is, eager
@@ -340,7 +370,7 @@ class _Loop:
         if young:  # no end-of-sequence before min_new_tokens
             at = torch.tensor(young, dtype=torch.long).to(self.device)
             scores[at[:, None], self.eos_ids[None, :]] = float("-inf")
-        tokens = scores.argmax(-1)
+        tokens = self._choose(scores, joined)
         if step:
             self.next_token[:, 0] = tokens
         else:
@@ -378,6 +408,24 @@ class _Loop:
             for slot in ended:
                 self.lens[slot] = 0
 
+    def _choose(self, scores: torch.Tensor, joined: torch.Tensor | None) -> torch.Tensor:
+        """Every row's token, on the device: the best one, or the sampler's (row k of ``scores`` is
+        slot k's in a step, slot ``joined[k]``'s in a prefill); the sampler's state moves on."""
+        if self.sampler is None:
+            return scores.argmax(-1)
+        if joined is None:
+            tokens = self.sampler.choose(scores, self.seen, self.seeds, self.counts)
+            self.counts += self.live
+            if self.seen is not None:
+                self.seen.scatter_(1, tokens[:, None], True)
+            return tokens
+        seen = self.seen.index_select(0, joined) if self.seen is not None else None
+        tokens = self.sampler.choose(scores, seen, self.seeds.index_select(0, joined), self.counts.index_select(0, joined))
+        self.counts.index_fill_(0, joined, 1)
+        if self.seen is not None:
+            self.seen.index_copy_(0, joined, seen.scatter_(1, tokens[:, None], True))
+        return tokens
+
     def _shrink(self) -> None:
         """Few rows left and none waiting: drop the empty slots, so steps compute only live rows."""
         keep = [i for i, r in enumerate(self.slot_row) if r is not None]
@@ -390,6 +438,9 @@ class _Loop:
         self.next_token = self.next_token.index_select(0, idx)
         self.live = self.live.index_select(0, idx)
         self.lens = [self.lens[i] for i in keep]
+        self.seeds, self.counts = self.seeds.index_select(0, idx), self.counts.index_select(0, idx)
+        if self.seen is not None:
+            self.seen = self.seen.index_select(0, idx)
         self.slot_row = [self.slot_row[i] for i in keep]
         self.n_slots = len(keep)
 
