@@ -236,7 +236,7 @@ def test_the_lean_llama_step_gives_the_models_own_logits_and_tokens(rayinfer_lla
     from transformers.cache_utils import Cache
 
     from rayinfer import decoding
-    from rayinfer.decoding import fast, loop
+    from rayinfer.decoding import cache, fast, loop
 
     tok = AutoTokenizer.from_pretrained(rayinfer_llama)
     model = AutoModelForCausalLM.from_pretrained(rayinfer_llama).eval()
@@ -244,10 +244,10 @@ def test_the_lean_llama_step_gives_the_models_own_logits_and_tokens(rayinfer_lla
     assert fast.LlamaStep.fits(model) and config.num_key_value_heads < config.num_attention_heads
     gen = torch.Generator().manual_seed(0)
     rows, room = 5, 40
-    shared = loop._Slots(torch.tensor([3, 17, 9, 30, 1]), torch.arange(rows))
+    shared = cache.Slots(torch.tensor([3, 17, 9, 30, 1]), torch.arange(rows))
     shared.width = int(shared.lens.max()) + 1
     dim = config.hidden_size // config.num_attention_heads
-    layers = [loop._SlotLayer(shared, *(torch.randn(rows, config.num_key_value_heads, room, dim, generator=gen) for _ in "kv"))
+    layers = [cache.SlotLayer(shared, *(torch.randn(rows, config.num_key_value_heads, room, dim, generator=gen) for _ in "kv"))
               for _ in range(config.num_hidden_layers)]
     tokens = torch.randint(0, config.vocab_size, (rows, 1), generator=gen)
     mask = (torch.arange(shared.width)[None, :] <= shared.lens[:, None])[:, None, None, :]

@@ -29,13 +29,13 @@ sliding window shorter than the rows. Other models go through ``model.generate``
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache
 
+from rayinfer.decoding.cache import SlotLayer, Slots, cache_arg, supports
 from rayinfer.decoding.fast import LlamaStep
 from rayinfer.decoding.sampling import Sampler
 
@@ -68,71 +68,6 @@ class _Row:
     pick: Picker | None
     seed: int = 0
     new: list[int] = field(default_factory=list)
-
-
-@dataclass
-class _Slots:
-    """What every layer's cache shares: the rows' lengths, the columns a step attends over."""
-
-    lens: torch.Tensor  # [slots] tokens cached per slot
-    rows: torch.Tensor  # [slots] arange, to index the write
-    width: int = 1  # columns a step reads: the longest slot + the new token
-
-
-class _SlotLayer(CacheLayerMixin):
-    """One layer's cache: keys and values [slots, heads, length, dim], a row per slot from column 0."""
-
-    is_compileable = False
-    is_sliding = False
-
-    def __init__(self, shared: _Slots, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.shared, self.keys, self.values = shared, keys, values
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise AssertionError("slot caches are allocated up front")
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.shared
-        self.keys[s.rows, :, s.lens] = key_states[:, :, 0]
-        self.values[s.rows, :, s.lens] = value_states[:, :, 0]
-        return self.keys[:, :, : s.width], self.values[:, :, : s.width]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.shared.width, 0
-
-    def get_seq_length(self) -> int:
-        return self.shared.width - 1
-
-    def get_max_length(self) -> int:
-        return int(self.keys.shape[2])
-
-
-def _cache_arg(model: Any) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def supports(model: Any, longest: int | None = None) -> bool:
-    """Whether ``decode`` can run this model (else use ``model.generate``)."""
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        return False
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    params = inspect.signature(model.forward).parameters
-    if not ({"cache", "past_key_values"} & set(params)) or "position_ids" not in params:
-        return False
-    window = getattr(config, "sliding_window", None)
-    if window and (longest is None or longest > window):
-        return False
-    try:
-        layers = DynamicCache(config=config).layers
-    except Exception:
-        return False
-    return all(type(layer) is DynamicLayer for layer in layers)
 
 
 def decode(
@@ -198,10 +133,10 @@ class _Loop:
         self.stats = stats
         self.model, self.eos, self.pad, self.max_new, self.min_new, self.stopped = model, eos, pad, max_new, min_new, stopped
         self.device = model.device
-        self.cache_arg = _cache_arg(model)
+        self.cache_arg = cache_arg(model)
         self.eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=self.device)
         self.n_slots, self.length = n_slots, length
-        self.shared = _Slots(torch.zeros(n_slots, dtype=torch.long, device=self.device),
+        self.shared = Slots(torch.zeros(n_slots, dtype=torch.long, device=self.device),
                              torch.arange(n_slots, device=self.device))
         # the host keeps its own copy of what it needs each step (the slots' lengths), and the
         # device a 0/1 per slot for the rows in flight: a step then reads the device once, for
@@ -333,7 +268,7 @@ class _Loop:
             dv = fresh.values.shape[-1]
             keys = torch.zeros((self.n_slots, heads, self.length, dk), dtype=fresh.keys.dtype, device=self.device)
             values = torch.zeros((self.n_slots, heads, self.length, dv), dtype=fresh.values.dtype, device=self.device)
-            layers.append(_SlotLayer(self.shared, keys, values))
+            layers.append(SlotLayer(self.shared, keys, values))
         self.cache = Cache(layers=layers)
 
     # -- decode steps -----------------------------------------------------------------------
