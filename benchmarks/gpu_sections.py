@@ -104,6 +104,15 @@ def _generate(path: Path, rows: list[str], options: dict[str, Any], ctx: Context
 def parity(ctx: Context) -> None:
     """fp32 greedy: rayinfer's decode loop (rows leaving and joining, 5 in flight) against
     ``model.generate`` on each prompt alone."""
+    _parity(ctx, "parity", {})
+
+
+def engine_transformers(ctx: Context) -> None:
+    """``options.engine: transformers`` (generate_batch): fp32 greedy against ``generate`` alone."""
+    _parity(ctx, "engine_transformers", {"engine": "transformers"})
+
+
+def _parity(ctx: Context, section: str, engine: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,7 +120,7 @@ def parity(ctx: Context) -> None:
 
     path = build(ctx, "smollm2-135m")
     prompts, new = CHAT[: ctx.size(12, 4)], ctx.size(48, 8)
-    rows = _generate(path, prompts, {"chat": True, "max_new_tokens": new}, ctx, "float32", rows_in_flight=5)
+    rows = _generate(path, prompts, {"chat": True, "max_new_tokens": new, **engine}, ctx, "float32", rows_in_flight=5)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(ctx.device).eval()
     equal = 0
@@ -122,7 +131,7 @@ def parity(ctx: Context) -> None:
                                  do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
         n = next((j for j, t in enumerate(out) if t == tok.eos_token_id), len(out))
         equal += row["generated"] == tok.decode(out[:n], skip_special_tokens=True)
-    ctx.add("parity", f"fp32 greedy rows equal to generate on the prompt alone ({len(prompts)} chat prompts, "
+    ctx.add(section, f"fp32 greedy rows equal to generate on the prompt alone ({len(prompts)} chat prompts, "
             f"{new} new tokens)", f"{equal}/{len(prompts)}", equal == len(prompts))
 
 

@@ -271,3 +271,27 @@ def test_the_lean_llama_step_gives_the_models_own_logits_and_tokens(rayinfer_lla
                  for i in ids]
     assert calls  # the lean steps ran
     assert got[True] == got[False] == alone
+
+
+@pytest.mark.slow  # generate_batch's scheduler costs ~20 s on a 2-core CPU even for a tiny model
+def test_the_transformers_engine_gives_generates_greedy_tokens_and_refuses_what_it_lacks(rayinfer_llama):
+    """``options.engine: transformers`` (transformers' own continuous batching, generate_batch):
+    fp32 greedy text and token counts equal ``model.generate`` on each of 12 prompts alone; per-row
+    seeds, constraints and a repetition penalty, which it has not, are refused by the options."""
+    from pydantic import ValidationError
+
+    prompts = [s for s in english_sentences()[500:540] if len(s) < 150][:12]
+    rows = run_task(GenerateTask, [{"prompt": p} for p in prompts], rayinfer_llama,
+                    {"max_new_tokens": 16, "engine": "transformers"})
+    tok = AutoTokenizer.from_pretrained(rayinfer_llama)
+    model = AutoModelForCausalLM.from_pretrained(rayinfer_llama).eval()
+    for prompt, row in zip(prompts, rows):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.inference_mode():
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                 pad_token_id=0, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        n = next((j for j, t in enumerate(new) if t == tok.eos_token_id), len(new))
+        assert (row["generated"], row["num_tokens"], row["error"]) == (tok.decode(new[:n], skip_special_tokens=True), n, None)
+    for extra in ({"seed": 3, "do_sample": True}, {"repetition_penalty": 1.2}, {"choices": ["yes", "no"]}):
+        with pytest.raises(ValidationError, match="engine: transformers has no (seed|repetition_penalty|choices)"):
+            GenerateTask.Options.model_validate({"engine": "transformers", **extra})

@@ -201,6 +201,32 @@ def generate(
     return [_result(tokenizer, out[i], options, constraint) for i in range(len(items))]
 
 
+def generate_batch(model: Any, tokenizer: Any, items: list[dict[str, Any]], options: SamplingOptions) -> list[Any]:
+    """``options.engine: transformers``: every row through transformers' own continuous batching
+    (``model.generate_batch``: paged attention, its own scheduler), as (new text, new tokens) per
+    row. Stop strings cut the text afterwards (its count still holds the tokens past them)."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=options.max_new_tokens, do_sample=options.do_sample, eos_token_id=eos,
+                              pad_token_id=pad_id(tokenizer),
+                              **({"temperature": options.temperature, "top_k": options.top_k or None,
+                                  "top_p": options.top_p} if options.do_sample else {}))
+    prompts = [list(it["input_ids"]) for it in items]
+    out = list(model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False).values())
+    if len(out) != len(prompts) or any(o.prompt_ids and list(o.prompt_ids) != p for o, p in zip(out, prompts)):
+        raise RuntimeError("transformers' generate_batch returned its results out of the prompts' order")
+    results = []
+    for o in out:
+        if o.error:
+            results.append(RowError(f"transformers' generate_batch failed on this row: {o.error}", "engine"))
+            continue
+        row = list(o.generated_tokens)
+        n = next((j for j, t in enumerate(row) if t == eos), len(row))
+        results.append(_result(tokenizer, row[:n], options, None))
+    return results
+
+
 def _result(tokenizer: Any, new: list[int], options: SamplingOptions, constraint: Any | None) -> Any:
     text = _cut(tokenizer.decode(new, skip_special_tokens=True), options.stop)
     if constraint is not None and not constraint.fits(new):

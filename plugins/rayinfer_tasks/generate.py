@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -11,7 +11,7 @@ from rayinfer import Batch, InputColumn, ModelRequirement, RowError, Task, TaskO
 from rayinfer.errors import ModelError
 from rayinfer.text import encode_prompts
 
-from rayinfer_tasks._generation import SamplingOptions, generate, ready_for_decoding
+from rayinfer_tasks._generation import SamplingOptions, generate, generate_batch, ready_for_decoding
 
 
 CONSTRAINTS = ("json_schema", "regex", "choices")  # the options that constrain the output (one at most)
@@ -45,9 +45,20 @@ class GenerateTask(Task):
             "rows that cannot within max_new_tokens are constraint_unmet errors.")
         regex: str | None = Field(None, description="Every output matches this regular expression, whole.")
         choices: list[str] | None = Field(None, description="Every output is one of these strings.")
+        engine: Literal["rayinfer", "transformers"] = Field(
+            "rayinfer", description="rayinfer: its own decode loop (continuous batching, per-row seeds, constraints, "
+            "penalties). transformers: transformers' continuous batching (generate_batch, paged attention), "
+            "without per-row seeds, constraints or a repetition penalty.")
 
         @model_validator(mode="after")
         def _one_constraint(self) -> GenerateTask.Options:
+            if self.engine == "transformers":
+                unsupported = [name for name, on in (("seed", self.seed is not None),
+                                                     ("repetition_penalty", self.repetition_penalty != 1.0),
+                                                     *((k, getattr(self, k) is not None) for k in CONSTRAINTS)) if on]
+                if unsupported:
+                    raise ValueError(f"engine: transformers has no {', '.join(unsupported)} (its generate_batch draws "
+                                     "no per-row seed and takes no logits processors); use engine: rayinfer for them")
             given = [k for k in CONSTRAINTS if getattr(self, k) is not None]
             if len(given) > 1:
                 raise ValueError(f"give at most one of json_schema, regex, choices (got {', '.join(given)})")
@@ -99,6 +110,8 @@ class GenerateTask(Task):
         return len(item["input_ids"]) + self.options.max_new_tokens
 
     def forward(self, items: list[Any]) -> list[Any]:
+        if self.options.engine == "transformers":
+            return generate_batch(self.model, self.tokenizer, items, self.options)
         return generate(self.model, self.tokenizer, items, self.options, seeds_from=[i["seed_text"] for i in items],
                         limits=self.batch_limits, constraint=self.constraint)
 
