@@ -77,7 +77,9 @@ def decode_speed(ctx: Context) -> None:
         _peak_reset(ctx.device)
         (out, _), secs = _timed(lambda: run({"prompt": prompts}), ctx.device)
         ours = sum(out["num_tokens"][i] or 0 for i in range(n)) / secs
-        ctx.add("decode_speed", f"rayinfer generate task ({what})", f"{ours:.0f} new tokens/s", None, _peak(ctx.device))
+        budget = getattr(run.__self__.task, "kv_budget", None)  # type: ignore[attr-defined]
+        ctx.add("decode_speed", f"rayinfer generate task ({what})", f"{ours:.0f} new tokens/s", None,
+                f"{_peak(ctx.device)}; KV cache budget {budget if budget is not None else 'the token budget'} tokens")
         del run
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(ctx.device).eval()
         ids = encode_prompts(tok, prompts, chat=False)

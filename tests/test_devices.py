@@ -115,3 +115,25 @@ def test_a_sticky_device_error_ends_the_actor_and_every_row_comes_out_once(tmp_p
     direct = run_task(FillMaskTask, [{"text": corpus["sentence"][i]} for i in good], rayinfer_bert, {"top_k": 2})
     assert [rows[corpus["doc_id"][i]]["filled"] for i in good] == [d["filled"] for d in direct]
     assert all(rows[corpus["doc_id"][i]]["error"] is None for i in good)
+
+
+def test_a_decode_loops_kv_cache_is_sized_by_the_gpus_memory_and_the_actors_share(tmp_path, rayinfer_bert):
+    """On a GPU the decode loop's KV slots come from the memory the actor may hold there (its
+    runtime.num_gpus share of the GPU, less its weights, never more than is free), not from the
+    16,384-token budget of an encoder's forward pass (22 chat rows of 728 tokens on an 80 GiB H100)."""
+    from transformers import AutoConfig
+
+    from rayinfer.api import plan_job
+    from rayinfer.models.load import KV_ROOM, kv_tokens
+
+    config = AutoConfig.from_pretrained(Path(__file__).parent.parent / "benchmarks" / "gpu_models" / "smollm2-135m")
+    per_token = 2 * 30 * 3 * 64 * 2  # layers x KV heads x head dim, keys and values, bf16: 23,040 bytes
+    gib, weights = 2**30, int(0.27 * 2**30)
+    whole = kv_tokens(79 * gib, 80 * gib, weights, 1.0, config, 2)
+    assert whole == int(79 * gib * KV_ROOM // per_token) and whole // 728 > 3800  # rows of 600 + 128 tokens
+    assert kv_tokens(79 * gib, 80 * gib, weights, 0.5, config, 2) == int((40 * gib - weights) * KV_ROOM // per_token)
+    assert kv_tokens(2 * gib, 80 * gib, weights, 1.0, config, 2) == int(2 * gib * KV_ROOM // per_token)  # others hold it
+    assert kv_tokens(gib, 8 * gib, 9 * gib, 1.0, config, 2) == 0
+    shares = [plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime=rt)).load_context().gpu_share
+              for rt in ({"num_gpus": 0.5}, {"num_gpus": 2}, {})]
+    assert shares == [0.5, 1.0, 1.0]

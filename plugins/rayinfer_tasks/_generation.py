@@ -152,13 +152,17 @@ def make_constraint_processor(constraints: list[Any], eos: set[int]) -> Any:
     return ConstraintProcessor()
 
 
-def ready_for_decoding(model: Any) -> None:
+def ready_for_decoding(model: Any, gpu_share: float = 1.0) -> int | None:
     """At load: a causal LM that ``rayinfer.decoding`` runs gets its linear layers prepacked
-    (CPUs: oneDNN at twice MKL's speed for decode-sized matmuls; elsewhere nothing changes)."""
+    (CPUs: oneDNN at twice MKL's speed for decode-sized matmuls; elsewhere nothing changes).
+    Returns the tokens of KV cache its decode loop may hold on a GPU (the actor's ``gpu_share``
+    of the GPU's memory, less its weights: ``rayinfer.models.load.kv_token_budget``), None on CPUs."""
     from rayinfer import decoding
+    from rayinfer.models.load import kv_token_budget
 
     if decoding.supports(model, 1):
         decoding.prepare(model)
+    return kv_token_budget(model, gpu_share)
 
 
 def generate(
@@ -169,6 +173,7 @@ def generate(
     seeds_from: list[str] | None = None,
     limits: tuple[int, int | None] | None = None,
     constraint: Any | None = None,
+    kv_budget: int | None = None,
     **extra: Any,
 ) -> list[Any]:
     """Generate for encoded rows; return (new text, number of new tokens) per row, or a
@@ -177,7 +182,9 @@ def generate(
 
     Decoder-only models that ``rayinfer.decoding`` supports, without beams or n-gram bans, go
     through its continuous batching: all ``items`` at once, at most ``limits`` = (tokens of KV
-    cache, rows) in flight. Others through ``model.generate``, in passes cut by the same limits.
+    cache, rows) in flight; on a GPU its KV cache is sized by ``kv_budget`` (what the GPU's memory
+    holds, from ``ready_for_decoding``) instead of the token budget of a forward pass. Others
+    through ``model.generate``, in passes cut by ``limits``.
     """
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     texts = seeds_from or [str(it["input_ids"]) for it in items]
@@ -188,7 +195,8 @@ def generate(
 
         longest = max(len(it["input_ids"]) for it in items) + options.max_new_tokens
         if decoding.supports(model, longest):
-            news = _continuous(decoding, model, tokenizer, items, options, texts, tokens, rows,
+            news = _continuous(decoding, model, tokenizer, items, options, texts,
+                               kv_budget if kv_budget is not None else tokens, rows,
                                int(extra.get("min_new_tokens") or 0), constraint)
             return [_result(tokenizer, new, options, constraint) for new in news]
     lengths = {i: len(it["input_ids"]) + options.max_new_tokens for i, it in enumerate(items)}

@@ -84,7 +84,7 @@ class GenerateTask(Task):
 
     def load(self) -> None:
         super().load()
-        ready_for_decoding(self.model)
+        self.kv_budget = ready_for_decoding(self.model, self.context.gpu_share)
         self.constraint = None
         asked = self.options.constraint()
         if asked is not None:
@@ -113,7 +113,7 @@ class GenerateTask(Task):
         if self.options.engine == "transformers":
             return generate_batch(self.model, self.tokenizer, items, self.options)
         return generate(self.model, self.tokenizer, items, self.options, seeds_from=[i["seed_text"] for i in items],
-                        limits=self.batch_limits, constraint=self.constraint)
+                        limits=self.batch_limits, constraint=self.constraint, kv_budget=self.kv_budget)
 
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:
         return {"generated": [o[0] for o in outputs], "num_tokens": [o[1] for o in outputs]}

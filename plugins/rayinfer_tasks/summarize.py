@@ -65,8 +65,7 @@ class SummarizeTask(Task):
     def load(self) -> None:
         super().load()
         self.seq2seq = bool(getattr(self.model.config, "is_encoder_decoder", False))
-        if not self.seq2seq:
-            ready_for_decoding(self.model)
+        self.kv_budget = None if self.seq2seq else ready_for_decoding(self.model, self.context.gpu_share)
         chat = self.options.chat
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if chat is None else chat
 
@@ -94,7 +93,7 @@ class SummarizeTask(Task):
         if o.no_repeat_ngram_size:
             extra["no_repeat_ngram_size"] = o.no_repeat_ngram_size
         outs = generate(self.model, self.tokenizer, items, o, seeds_from=[i["seed_text"] for i in items],
-                        limits=self.batch_limits, **extra)
+                        limits=self.batch_limits, kv_budget=self.kv_budget, **extra)
         return [(text.strip(), it["truncated"]) for (text, _), it in zip(outs, items)]
 
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:

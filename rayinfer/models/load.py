@@ -26,6 +26,7 @@ class LoadContext:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trust_remote_code: bool = False
     num_threads: int | None = None  # intra-op threads; None leaves torch's default
+    gpu_share: float = 1.0  # the share of its GPU's memory the actor holds (runtime.num_gpus, up to 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,6 +82,36 @@ def check_cuda(gpu_ids: list[str], device: str, node: str) -> None:
         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}. Fix: {why}; or set "
         "runtime.device: cpu to compute on the CPU on purpose (runtime.num_gpus then only reserves the GPUs)."
     )
+
+
+KV_ROOM = 0.85
+"""Of the memory an actor may hold on its GPU beyond its weights, the share its decode loop's KV
+cache may take: the rest is for activations (a prefill pass, the logits of every row)."""
+
+
+def kv_tokens(free: int, total: int, held: int, share: float, config: Any, dtype_bytes: int) -> int:
+    """Tokens of KV cache that fit: ``share`` of the GPU's ``total`` bytes, less what this process
+    ``held`` already (its weights), and never more than is ``free``; KV_ROOM of that, over what one
+    token's keys and values take in every layer of a model of ``config``."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    room = min(free, int(total * share) - held) * KV_ROOM
+    return max(0, int(room // per_token))
+
+
+def kv_token_budget(model: Any, share: float = 1.0) -> int | None:
+    """The KV tokens a decode loop of ``model`` may hold on its GPU (``kv_tokens`` from what CUDA
+    says now, after the weights loaded); None off CUDA, where the token budget of the spec holds."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return kv_tokens(free, total, torch.cuda.memory_allocated(device), share, model.config, model.dtype.itemsize)
 
 
 def resolve_dtype(name: str, device: str) -> Any:

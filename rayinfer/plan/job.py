@@ -70,6 +70,7 @@ class Plan:
             device=rt.device,
             trust_remote_code=self.spec.trust_remote_code,
             num_threads=num_threads,
+            gpu_share=min(1.0, rt.num_gpus) if rt.num_gpus else 1.0,
         )
 
     def identity(self) -> dict[str, Any]:
