@@ -107,7 +107,7 @@ def all_sections() -> dict[str, tuple[Callable[[Any], None], float]]:
         "constraints": (s.constraints, 0.06), "encoders": (s.encoders, 0.05), "host_reads": (s.host_reads, 0.06),
         "decode_speed": (speed.decode_speed, 0.4), "encoder_speed": (speed.encoder_speed, 0.12),
         "shared_gpu": (speed.shared_gpu, 0.1),
-        "split": (s.not_built("split", "a model across cuda:0 and the CPU (device_map): #39 item 4"), 0.01),
+        "split": (s.split, 0.05),
         "engine_transformers": (s.engine_transformers, 0.06),
     }
 

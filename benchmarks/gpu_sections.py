@@ -7,7 +7,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks.gpu_check import MODELS, Report
 
@@ -233,7 +233,34 @@ def host_reads(ctx: Context) -> None:
                 f"{syncs / max(1, stats.steps):.2f} ({syncs} in {stats.steps} steps, {stats.prefills} prefills)")
 
 
-def not_built(name: str, what: str) -> Callable[[Context], None]:
-    def section(ctx: Context) -> None:
-        ctx.add(name, "skipped", "not built yet", None, what)
-    return section
+def split(ctx: Context) -> None:
+    """A model placed across cuda:0 and the CPU (``device_map``, as an actor with several GPUs
+    places it across them): the decode loop keeps each layer's KV on that layer's device, and
+    its greedy tokens equal ``generate``'s on each prompt alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayinfer import decoding
+    from rayinfer.text import encode_prompts
+
+    path = build(ctx, "smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path)
+    if ctx.device == "cuda":  # about half the layers on the GPU, the rest on the CPU
+        placed = {"device_map": "auto", "max_memory": {0: 300 << 20, "cpu": 64 << 30}}
+    else:
+        placed = {"device_map": {"": "cpu"}}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **placed).eval()
+    devices = sorted({str(d) for d in getattr(model, "hf_device_map", {"": "cpu"}).values()})
+    prompts, new = CHAT[: ctx.size(8, 4)], ctx.size(32, 8)
+    ids = encode_prompts(tok, prompts, chat=True)
+    with torch.inference_mode():
+        got = decoding.decode(model, ids, max_new_tokens=new, eos={tok.eos_token_id}, pad=tok.eos_token_id, slots=4)
+        equal = 0
+        for row, mine in zip(ids, got):
+            x = torch.tensor([row], device=model.device)
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)[0, len(row):].tolist()
+            n = next((j for j, t in enumerate(out) if t == tok.eos_token_id), len(out))
+            equal += mine == out[:n]
+    ctx.add("split", f"greedy rows equal to generate, the model on {' + '.join(devices)} ({len(prompts)} prompts, "
+            f"{new} new tokens, fp32)", f"{equal}/{len(prompts)}", equal == len(prompts))

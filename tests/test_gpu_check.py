@@ -32,6 +32,7 @@ def test_the_dry_run_passes_on_the_cpu_and_writes_its_table(tmp_path):
         "value"] == "4/4"
     assert by[("engine_transformers", "fp32 greedy rows equal to generate on the prompt alone (4 chat prompts, 8 new "
                "tokens)")]["value"] == "4/4"
+    assert by[("split", "greedy rows equal to generate, the model on cpu (4 prompts, 8 new tokens, fp32)")]["value"] == "4/4"
     assert by[("seeded", "seeded rows identical at 1, 7, 16 rows in flight (float32)")]["value"] == "yes"
     reads = by[("host_reads", "device reads per decode step, 64 rows in flight (counted by the loop)")]
     assert reads["ok"] and reads["value"].startswith("1.00 ")

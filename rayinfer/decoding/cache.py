@@ -5,7 +5,7 @@ use it (``supports``)."""
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,20 @@ class Slots:
     lens: torch.Tensor  # [slots] tokens cached per slot
     rows: torch.Tensor  # [slots] arange, to index the write
     width: int = 1  # columns a step reads: the longest slot + the new token
+    copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def at(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, lens) on ``device``: a model placed across devices (device_map) keeps each
+        layer's cache on that layer's device; one copy per device per step (``fresh`` clears them)."""
+        if self.lens.device == device:
+            return self.rows, self.lens
+        if device not in self.copies:
+            self.copies[device] = (self.rows.to(device), self.lens.to(device))
+        return self.copies[device]
+
+    def fresh(self) -> None:
+        """The lengths changed (a step, a join): the other devices' copies are stale."""
+        self.copies.clear()
 
 
 class SlotLayer(CacheLayerMixin):
@@ -38,8 +52,9 @@ class SlotLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.shared
-        self.keys[s.rows, :, s.lens] = key_states[:, :, 0]
-        self.values[s.rows, :, s.lens] = value_states[:, :, 0]
+        rows, lens = s.at(self.keys.device)
+        self.keys[rows, :, lens] = key_states[:, :, 0]
+        self.values[rows, :, lens] = value_states[:, :, 0]
         return self.keys[:, :, : s.width], self.values[:, :, : s.width]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

@@ -266,8 +266,10 @@ class _Loop:
         for fresh in prefill.layers:
             _, heads, _, dk = fresh.keys.shape
             dv = fresh.values.shape[-1]
-            keys = torch.zeros((self.n_slots, heads, self.length, dk), dtype=fresh.keys.dtype, device=self.device)
-            values = torch.zeros((self.n_slots, heads, self.length, dv), dtype=fresh.values.dtype, device=self.device)
+            # on the layer's own device: a model placed across GPUs (device_map) keeps each layer's KV there
+            keys = torch.zeros((self.n_slots, heads, self.length, dk), dtype=fresh.keys.dtype, device=fresh.keys.device)
+            values = torch.zeros((self.n_slots, heads, self.length, dv), dtype=fresh.values.dtype,
+                                 device=fresh.values.device)
             layers.append(SlotLayer(self.shared, keys, values))
         self.cache = Cache(layers=layers)
 
@@ -275,6 +277,7 @@ class _Loop:
 
     def _step(self) -> None:
         s = self.shared
+        s.fresh()
         s.width = max(self.lens[i] for i, r in enumerate(self.slot_row) if r is not None) + 1
         columns = torch.arange(s.width, device=self.device)
         mask = self._mask((columns[None, :] <= s.lens[:, None])[:, None, None, :])
@@ -300,7 +303,7 @@ class _Loop:
         device; the host reads them once, for every row at once (a row with its own picker, one
         that samples or is constrained, reads its scores itself)."""
         step = joined is None
-        scores = logits.float()
+        scores = logits.float().to(self.device)  # the last layer's device may be another (device_map)
         young = [k if not step else slot for k, (slot, r) in enumerate(placed) if len(r.new) < self.min_new]
         if young:  # no end-of-sequence before min_new_tokens
             at = torch.tensor(young, dtype=torch.long).to(self.device)
@@ -367,7 +370,8 @@ class _Loop:
         idx = torch.tensor(keep, device=self.device)
         assert self.cache is not None
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+            at = idx.to(layer.keys.device)
+            layer.keys, layer.values = layer.keys.index_select(0, at), layer.values.index_select(0, at)
         self.shared.lens = self.shared.lens.index_select(0, idx)
         self.shared.rows = torch.arange(len(keep), device=self.device)
         self.next_token = self.next_token.index_select(0, idx)

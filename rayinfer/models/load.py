@@ -61,6 +61,8 @@ def device_report(ctx: LoadContext) -> dict[str, Any]:
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device).index or 0)
         out.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        if device == "cuda" and torch.cuda.device_count() > 1:
+            out["gpus"] = torch.cuda.device_count()  # the model across them (placement)
     return out
 
 
@@ -174,6 +176,7 @@ def load_model(ctx: LoadContext, auto_class: Any, head: tuple[str, str] | None =
         torch.set_num_threads(ctx.num_threads)
     kwargs.setdefault("attn_implementation", "sdpa")
     kwargs["output_loading_info"] = True
+    kwargs.update(placement(device))
     try:
         model, info = auto_class.from_pretrained(ctx.model, dtype=dtype, trust_remote_code=ctx.trust_remote_code, **kwargs)
     except (ValueError, TypeError) as exc:
@@ -190,9 +193,32 @@ def load_model(ctx: LoadContext, auto_class: Any, head: tuple[str, str] | None =
                           bare=getattr(model, "base_model", model) is model)
     if ctx.adapter:
         model = attach_adapter(model, ctx.adapter, merge=ctx.merge_adapter)
-    model.to(device)
+    if "device_map" not in kwargs:
+        model.to(device)
     model.eval()
     return model
+
+
+WEIGHTS_SHARE = 0.6
+"""An actor holding several GPUs fills each with at most this share of weights: the rest holds the
+KV cache (each layer's on that layer's GPU) and activations."""
+
+
+def placement(device: str) -> dict[str, Any]:
+    """How ``from_pretrained`` places the weights. On CUDA straight onto the GPU (no copy kept in
+    host memory on the way). An actor that Ray gave several GPUs (it sees them all: Ray sets
+    CUDA_VISIBLE_DEVICES to its ids) gets the model across them with ``device_map="auto"``, each
+    filled to WEIGHTS_SHARE: layers split, so memory adds up, not speed (one GPU computes at a
+    time). On CPUs, nothing: transformers loads there."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    count = torch.cuda.device_count()
+    if device != "cuda" or count < 2:
+        return {"device_map": device if device != "cuda" else "cuda:0"}
+    return {"device_map": "auto",
+            "max_memory": {i: int(torch.cuda.get_device_properties(i).total_memory * WEIGHTS_SHARE) for i in range(count)}}
 
 
 _BUFFERS = ("position_ids", "inv_freq", "num_batches_tracked", "masked_bias", "attn.bias", "token_type_ids")
