@@ -5,8 +5,9 @@ generated text must fit, enforced token by token (llguidance underneath).
 checks it, before Ray starts (no model needed). In an actor, ``Constraint(tokenizer, grammar,
 vocab, eos)`` builds the tokenizer's side once; ``constraint.row()`` gives each row its own
 ``RowConstraint``: before a token is chosen, ``allow(scores)`` sets every token the grammar forbids
-to -inf (end-of-sequence only once the output is complete); after, ``accept(token)`` moves the
-grammar on. A row that ends (``max_new_tokens`` reached) with ``satisfied`` false did not
+to -inf (end-of-sequence only once the output is complete; ``fill_bitmasks`` and
+``apply_bitmask`` do it for many rows at once, one copy to the device); after, ``accept(token)``
+moves the grammar on. A row that ends (``max_new_tokens`` reached) with ``satisfied`` false did not
 fit: the generate task makes it a ``constraint_unmet`` error row, never an output.
 
 Why llguidance (benchmarks/constrained.py, SmolLM2's 49,152-token vocabulary, 2 CPU cores): a
@@ -68,11 +69,12 @@ def _one_line(message: str) -> str:
     return lines[0].rstrip(":") + (f": {error}" if error else "")
 
 
-_PENALTY: Any = None
+_PENALTY: dict[Any, Any] = {}
 
 
 def apply_bitmask(scores: Any, bitmask: Any) -> None:
-    """Add -inf to the scores [1, vocab] (any device) of the tokens ``bitmask`` [1, words] forbids.
+    """Add -inf to the scores [rows, vocab] of the tokens ``bitmask`` [rows, words] forbids, in
+    place, on the scores' device (the bitmask is copied there once, a few KB a row).
 
     A bitmask is int32 words, little-endian: bit i is token i. Each byte is looked up in a table of
     its 8 tokens' penalties (0 allowed, -inf forbidden): ~40 us a row of 49,152 tokens on a CPU core,
@@ -80,12 +82,26 @@ def apply_bitmask(scores: Any, bitmask: Any) -> None:
     """
     import torch
 
-    global _PENALTY
-    if _PENALTY is None:
+    table = _PENALTY.get(scores.device)
+    if table is None:
         allowed = (torch.arange(256)[:, None] >> torch.arange(8)[None, :]) & 1 == 1
-        _PENALTY = torch.zeros(256, 8).masked_fill_(~allowed, float("-inf"))
-    penalty = _PENALTY.index_select(0, bitmask.reshape(-1).view(torch.uint8).int()).view(-1)
-    scores[0] += penalty[: scores.shape[-1]].to(scores.device, scores.dtype)
+        table = _PENALTY[scores.device] = torch.zeros(256, 8).masked_fill_(~allowed, float("-inf")).to(scores.device)
+    rows = scores.shape[0]
+    words = bitmask.to(scores.device).reshape(rows, -1).contiguous().view(torch.uint8).int()
+    penalty = table.index_select(0, words.reshape(-1)).view(rows, -1)
+    scores += penalty[:, : scores.shape[-1]].to(scores.dtype)
+
+
+def fill_bitmasks(rows: Sequence[RowConstraint | None], vocab: int) -> Any:
+    """The bitmasks [rows, words] (int32, on the host) of many rows at once: each constrained row's
+    from its matcher, every token allowed for a row without one (None)."""
+    import torch
+
+    masks = torch.full((len(rows), (vocab + 31) // 32), -1, dtype=torch.int32)
+    for i, row in enumerate(rows):
+        if row is not None:
+            row.constraint.fill_bitmask(row.matcher, masks, i)
+    return masks
 
 
 class Constraint:
@@ -143,4 +159,4 @@ class RowConstraint:
         return not self.matcher.is_error() and bool(self.matcher.is_accepting())
 
 
-__all__ = ["Constraint", "ConstraintError", "RowConstraint", "apply_bitmask", "grammar"]
+__all__ = ["Constraint", "ConstraintError", "RowConstraint", "apply_bitmask", "fill_bitmasks", "grammar"]

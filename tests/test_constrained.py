@@ -170,3 +170,25 @@ def test_a_constrained_job_writes_fitting_rows_and_unmet_error_rows(tmp_path, ra
     assert sorted(out) == ids
     for uid, d in zip(ids, direct):
         assert (out[uid]["generated"], out[uid]["error"]) == (d["generated"], d["error"])
+
+
+def test_constrained_rows_are_masked_together_and_read_the_device_once_per_step(rayinfer_llama_bpe):
+    """The grammars' masks of every row in flight are filled on the host and applied on the device
+    at once: a constrained decode of 8 rows reads the device once per step, as an unconstrained one
+    does, and every row it ends complete fits its grammar."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(rayinfer_llama_bpe)
+    model = AutoModelForCausalLM.from_pretrained(rayinfer_llama_bpe).eval()
+    vocab = int(model.config.vocab_size)
+    constraint = constraints.Constraint(tok, constraints.grammar(json_schema=SCHEMA), vocab, [tok.eos_token_id])
+    rows = [constraint.row() for _ in PROMPTS]
+    stats = decoding.DecodeStats()
+    with torch.inference_mode():
+        news = decoding.decode(model, [tok(p)["input_ids"] for p in PROMPTS], max_new_tokens=40, eos={tok.eos_token_id},
+                               pad=tok.eos_token_id, slots=8, sampler=decoding.Sampler(), constraints=rows, stats=stats)
+    assert stats.steps > 5 and stats.step_reads == stats.steps
+    done = [n for n, r in zip(news, rows) if r.satisfied]
+    assert done and all(constraint.fits(n) for n in done)
+    assert all(isinstance(json.loads(tok.decode(n, skip_special_tokens=True)), dict) for n in done)

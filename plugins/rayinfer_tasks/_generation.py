@@ -99,36 +99,6 @@ def make_row_sampler(generators: list[Any]) -> Any:
     return RowSampler()
 
 
-def make_picker(processors: list[Any], generator: Any | None, constraint: Any | None = None,
-                eos: int | None = None) -> Any:
-    """A row's token choice for ``rayinfer.decoding.decode``: its constraint's mask (a
-    ``rayinfer.constraints.RowConstraint``), its processors, then a draw from its own generator
-    (sampling) or the best token (greedy), exactly as ``generate`` would for it."""
-    import torch
-
-    def pick(ids: list[int], scores: Any) -> int:
-        if constraint is not None:
-            token = choose(ids, scores)  # scores: this row's own [1, vocab], masked in place
-            if not constraint.accept(token):
-                return eos if eos is not None else token  # the grammar refused it: the row ends, unmet
-            return token
-        return choose(ids, scores)
-
-    def choose(ids: list[int], scores: Any) -> int:
-        if constraint is not None:
-            constraint.allow(scores)
-        if processors:
-            seen = torch.tensor([ids], dtype=torch.long, device=scores.device)
-            for p in processors:
-                scores = p(seen, scores)
-        if generator is None:
-            return int(scores[0].argmax())
-        probs = scores[0].float().softmax(dim=-1)
-        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-    return pick
-
-
 def make_constraint_processor(constraints: list[Any], eos: set[int]) -> Any:
     """The same masks for ``model.generate`` (rows that ``rayinfer.decoding`` does not run): each
     call first moves every live row's constraint on by the token the last step chose."""
@@ -247,14 +217,9 @@ def _result(tokenizer: Any, new: list[int], options: SamplingOptions, constraint
 def _continuous(decoding: Any, model: Any, tokenizer: Any, items: list[dict[str, Any]], options: SamplingOptions,
                 texts: list[str], tokens: int, rows: int | None, min_new: int, constraint: Any | None
                 ) -> list[list[int]]:
-    pickers = sampler = None
-    if constraint is not None:  # its masks come from llguidance on the host: each row picks there
-        processors = _row_processors(options, greedy_penalty=True)  # row-wise and stateless: shared
-        generators = _generators(options, texts) if options.do_sample else [None] * len(items)
-        pickers = [make_picker(processors, g, constraint.row(), tokenizer.eos_token_id) for g in generators]
-    else:  # on the device, every row at once
-        sampler = decoding.Sampler(options.do_sample, options.temperature, options.top_k, options.top_p,
-                                   options.repetition_penalty)
+    sampler = decoding.Sampler(options.do_sample, options.temperature, options.top_k, options.top_p,
+                               options.repetition_penalty)
+    rows_constraints = [constraint.row() for _ in items] if constraint is not None else None
     stopped = None
     if options.stop:
         def stopped(new: list[int]) -> bool:
@@ -264,7 +229,7 @@ def _continuous(decoding: Any, model: Any, tokenizer: Any, items: list[dict[str,
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     news = decoding.decode(model, [it["input_ids"] for it in items], max_new_tokens=options.max_new_tokens,
                            eos=eos, pad=pad_id(tokenizer), slots=rows or len(items), budget=tokens,
-                           pickers=pickers, sampler=sampler, seeds=row_seeds(options, texts),
+                           sampler=sampler, seeds=row_seeds(options, texts), constraints=rows_constraints,
                            min_new_tokens=min_new, stopped=stopped)
     return news
 

@@ -67,6 +67,7 @@ class _Row:
     prompt: list[int]
     pick: Picker | None
     seed: int = 0
+    constraint: Any = None  # a rayinfer.constraints.RowConstraint
     new: list[int] = field(default_factory=list)
 
 
@@ -82,6 +83,7 @@ def decode(
     pickers: Sequence[Picker | None] | None = None,
     sampler: Sampler | None = None,
     seeds: Sequence[int] | None = None,
+    constraints: Sequence[Any] | None = None,
     min_new_tokens: int = 0,
     stopped: Callable[[list[int]], bool] | None = None,
     stats: DecodeStats | None = None,
@@ -89,9 +91,13 @@ def decode(
     """New tokens per prompt (up to, without, the first ``eos``). At most ``slots`` rows in flight,
     fewer where ``budget`` (tokens of KV cache: slots x (longest prompt + max_new_tokens)) says so.
     ``sampler`` chooses every row's tokens on the device (None: the best token), row i drawing
-    from ``seeds[i]``; ``pickers[i]``, where given, chooses row i's on the host instead;
+    from ``seeds[i]``, among the tokens ``constraints[i]`` allows (a ``RowConstraint``: the
+    grammar's masks of every row filled on the host, applied on the device at once; a row whose
+    grammar refuses the token ends there, as at end-of-sequence); ``pickers[i]``, where given,
+    chooses row i's on the host instead;
     ``stopped(new)`` ends a row early; ``stats`` counts the work."""
-    rows = [_Row(i, list(p), pickers[i] if pickers else None, seeds[i] if seeds else 0) for i, p in enumerate(prompts)]
+    rows = [_Row(i, list(p), pickers[i] if pickers else None, seeds[i] if seeds else 0,
+                 constraints[i] if constraints else None) for i, p in enumerate(prompts)]
     if not rows:
         return []
     length = max(len(r.prompt) for r in rows) + max_new_tokens
@@ -308,6 +314,13 @@ class _Loop:
         if young:  # no end-of-sequence before min_new_tokens
             at = torch.tensor(young, dtype=torch.long).to(self.device)
             scores[at[:, None], self.eos_ids[None, :]] = float("-inf")
+        if any(r.constraint is not None for _, r in placed):  # every row's grammar mask, one copy to the device
+            from rayinfer.constraints import apply_bitmask, fill_bitmasks
+
+            by_row = [None] * scores.shape[0]
+            for k, (slot, r) in enumerate(placed):
+                by_row[slot if step else k] = r.constraint
+            apply_bitmask(scores, fill_bitmasks(by_row, scores.shape[-1]))
         tokens = self._choose(scores, joined)
         if step:
             self.next_token[:, 0] = tokens
@@ -323,8 +336,8 @@ class _Loop:
             else:
                 token = r.pick(r.prompt + r.new, scores[at_row: at_row + 1])
                 picked.append((slot, token))
-            if token in self.eos:
-                self.slot_row[slot] = None
+            if token in self.eos or (r.constraint is not None and not r.constraint.accept(token)):
+                self.slot_row[slot] = None  # its end, or a token its grammar refuses: the row ends (unmet)
                 ended.append(slot)
                 continue
             r.new.append(token)
