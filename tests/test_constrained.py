@@ -187,7 +187,8 @@ def test_constrained_rows_are_masked_together_and_read_the_device_once_per_step(
     stats = decoding.DecodeStats()
     with torch.inference_mode():
         news = decoding.decode(model, [tok(p)["input_ids"] for p in PROMPTS], max_new_tokens=40, eos={tok.eos_token_id},
-                               pad=tok.eos_token_id, slots=8, sampler=decoding.Sampler(), constraints=rows, stats=stats)
+                               pad=tok.eos_token_id, slots=8, sampler=decoding.Sampler(), constraints=rows,
+                               mask=_generation.mask_rows, stats=stats)
     assert stats.steps > 5 and stats.step_reads == stats.steps
     done = [n for n, r in zip(news, rows) if r.satisfied]
     assert done and all(constraint.fits(n) for n in done)

@@ -230,8 +230,17 @@ def _continuous(decoding: Any, model: Any, tokenizer: Any, items: list[dict[str,
     news = decoding.decode(model, [it["input_ids"] for it in items], max_new_tokens=options.max_new_tokens,
                            eos=eos, pad=pad_id(tokenizer), slots=rows or len(items), budget=tokens,
                            sampler=sampler, seeds=row_seeds(options, texts), constraints=rows_constraints,
+                           mask=mask_rows,
                            min_new_tokens=min_new, stopped=stopped)
     return news
+
+
+def mask_rows(rows: list[Any], scores: Any) -> None:
+    """What each row's constraint (``RowConstraint`` or None) forbids, -inf in ``scores`` [rows,
+    vocab], in place: the bitmasks filled on the host, copied to the scores' device once."""
+    from rayinfer.constraints import apply_bitmask, fill_bitmasks
+
+    apply_bitmask(scores, fill_bitmasks(rows, scores.shape[-1]))
 
 
 def _cut(text: str, stop: list[str]) -> str:

@@ -84,6 +84,7 @@ def decode(
     sampler: Sampler | None = None,
     seeds: Sequence[int] | None = None,
     constraints: Sequence[Any] | None = None,
+    mask: Callable[[list[Any], torch.Tensor], None] | None = None,
     min_new_tokens: int = 0,
     stopped: Callable[[list[int]], bool] | None = None,
     stats: DecodeStats | None = None,
@@ -91,11 +92,14 @@ def decode(
     """New tokens per prompt (up to, without, the first ``eos``). At most ``slots`` rows in flight,
     fewer where ``budget`` (tokens of KV cache: slots x (longest prompt + max_new_tokens)) says so.
     ``sampler`` chooses every row's tokens on the device (None: the best token), row i drawing
-    from ``seeds[i]``, among the tokens ``constraints[i]`` allows (a ``RowConstraint``: the
-    grammar's masks of every row filled on the host, applied on the device at once; a row whose
-    grammar refuses the token ends there, as at end-of-sequence); ``pickers[i]``, where given,
+    from ``seeds[i]``, among the tokens ``constraints[i]`` allows (with ``accept(token)``, false
+    when it refuses one: the row ends there, as at end-of-sequence): ``mask(constraints, scores)``
+    sets what every row's constraint forbids to -inf, all rows at once (the generate task: the
+    grammars' bitmasks filled on the host, applied on the device); ``pickers[i]``, where given,
     chooses row i's on the host instead;
     ``stopped(new)`` ends a row early; ``stats`` counts the work."""
+    if constraints and mask is None:
+        raise ValueError("decode: constraints need mask, the function that applies them to the scores")
     rows = [_Row(i, list(p), pickers[i] if pickers else None, seeds[i] if seeds else 0,
                  constraints[i] if constraints else None) for i, p in enumerate(prompts)]
     if not rows:
@@ -103,7 +107,8 @@ def decode(
     length = max(len(r.prompt) for r in rows) + max_new_tokens
     n_slots = max(1, min(slots, len(rows), (budget // length) if budget else len(rows)))
     loop = _Loop(model, n_slots, length, eos, pad, max_new_tokens, min_new_tokens, stopped,
-                 stats if stats is not None else DecodeStats(), sampler if sampler is not None and sampler.needed else None)
+                 stats if stats is not None else DecodeStats(), sampler if sampler is not None and sampler.needed else None,
+                 mask)
     loop.share_prefix(rows)
     loop.run(rows)
     return [r.new for r in rows]
@@ -135,7 +140,7 @@ def _prefill_groups(rows: list[_Row]) -> list[list[_Row]]:
 class _Loop:
     def __init__(self, model: Any, n_slots: int, length: int, eos: set[int], pad: int, max_new: int,
                  min_new: int, stopped: Callable[[list[int]], bool] | None, stats: DecodeStats,
-                 sampler: Sampler | None = None) -> None:
+                 sampler: Sampler | None = None, mask: Callable[[list[Any], torch.Tensor], None] | None = None) -> None:
         self.stats = stats
         self.model, self.eos, self.pad, self.max_new, self.min_new, self.stopped = model, eos, pad, max_new, min_new, stopped
         self.device = model.device
@@ -151,7 +156,7 @@ class _Loop:
         self.live = torch.zeros(n_slots, dtype=torch.long, device=self.device)
         # a sampler's state per slot, on the device: the row's seed, its tokens so far, and (for a
         # repetition penalty) which tokens it holds; allocated by the first join (the vocabulary)
-        self.sampler = sampler
+        self.sampler, self.mask = sampler, mask
         self.seeds = torch.zeros(n_slots, dtype=torch.long, device=self.device)
         self.counts = torch.zeros(n_slots, dtype=torch.long, device=self.device)
         self.seen: torch.Tensor | None = None
@@ -314,13 +319,11 @@ class _Loop:
         if young:  # no end-of-sequence before min_new_tokens
             at = torch.tensor(young, dtype=torch.long).to(self.device)
             scores[at[:, None], self.eos_ids[None, :]] = float("-inf")
-        if any(r.constraint is not None for _, r in placed):  # every row's grammar mask, one copy to the device
-            from rayinfer.constraints import apply_bitmask, fill_bitmasks
-
-            by_row = [None] * scores.shape[0]
+        if self.mask is not None and any(r.constraint is not None for _, r in placed):  # all rows' at once
+            by_row: list[Any] = [None] * scores.shape[0]
             for k, (slot, r) in enumerate(placed):
                 by_row[slot if step else k] = r.constraint
-            apply_bitmask(scores, fill_bitmasks(by_row, scores.shape[-1]))
+            self.mask(by_row, scores)
         tokens = self._choose(scores, joined)
         if step:
             self.next_token[:, 0] = tokens
