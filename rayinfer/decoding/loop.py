@@ -91,13 +91,10 @@ def decode(
 ) -> list[list[int]]:
     """New tokens per prompt (up to, without, the first ``eos``). At most ``slots`` rows in flight,
     fewer where ``budget`` (tokens of KV cache: slots x (longest prompt + max_new_tokens)) says so.
-    ``sampler`` chooses every row's tokens on the device (None: the best token), row i drawing
-    from ``seeds[i]``, among the tokens ``constraints[i]`` allows (with ``accept(token)``, false
-    when it refuses one: the row ends there, as at end-of-sequence): ``mask(constraints, scores)``
-    sets what every row's constraint forbids to -inf, all rows at once (the generate task: the
-    grammars' bitmasks filled on the host, applied on the device); ``pickers[i]``, where given,
-    chooses row i's on the host instead;
-    ``stopped(new)`` ends a row early; ``stats`` counts the work."""
+    ``sampler`` chooses every row's tokens on the device (None: the best), row i drawing from
+    ``seeds[i]`` among the tokens ``constraints[i]`` allows: ``mask(constraints, scores)`` sets what
+    each forbids to -inf, all rows at once; a row whose ``accept(token)`` is false ends, unmet.
+    ``pickers[i]`` chooses row i's on the host instead; ``stopped(new)`` ends a row early."""
     if constraints and mask is None:
         raise ValueError("decode: constraints need mask, the function that applies them to the scores")
     rows = [_Row(i, list(p), pickers[i] if pickers else None, seeds[i] if seeds else 0,
