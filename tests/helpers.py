@@ -218,3 +218,17 @@ def assert_fill_mask_output(out_dir: Path, corpus: dict[str, list[Any]], model: 
         assert (got["error"] is None) == (want["error"] is None) and got["filled"] == want["filled"], doc_id
         assert ([[c["token_id"] for c in m] for m in got["predictions"] or []]
                 == [[c["token_id"] for c in m] for m in want["predictions"] or []]), doc_id
+
+
+def generate_alone(model: Any, tok: Any, prompt: str, max_new_tokens: int, **generate_kwargs: Any) -> tuple[str, int]:
+    """What ``model.generate`` gives one prompt alone, greedy: (the new text up to end-of-sequence,
+    its token count), the reference the decode paths are held to."""
+    import torch
+
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.inference_mode():
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0, eos_token_id=tok.eos_token_id,
+                             **generate_kwargs)[0, ids.shape[1]:].tolist()
+    n = next((j for j, t in enumerate(new) if t == tok.eos_token_id), len(new))
+    return tok.decode(new[:n], skip_special_tokens=True), n

@@ -278,6 +278,7 @@ def test_the_transformers_engine_gives_generates_greedy_tokens_and_refuses_what_
     """``options.engine: transformers`` (transformers' own continuous batching, generate_batch):
     fp32 greedy text and token counts equal ``model.generate`` on each of 12 prompts alone; per-row
     seeds, constraints and a repetition penalty, which it has not, are refused by the options."""
+    from helpers import generate_alone
     from pydantic import ValidationError
 
     prompts = [s for s in english_sentences()[500:540] if len(s) < 150][:12]
@@ -286,12 +287,7 @@ def test_the_transformers_engine_gives_generates_greedy_tokens_and_refuses_what_
     tok = AutoTokenizer.from_pretrained(rayinfer_llama)
     model = AutoModelForCausalLM.from_pretrained(rayinfer_llama).eval()
     for prompt, row in zip(prompts, rows):
-        ids = torch.tensor([tok(prompt)["input_ids"]])
-        with torch.inference_mode():
-            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                                 pad_token_id=0, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
-        n = next((j for j, t in enumerate(new) if t == tok.eos_token_id), len(new))
-        assert (row["generated"], row["num_tokens"], row["error"]) == (tok.decode(new[:n], skip_special_tokens=True), n, None)
+        assert (row["generated"], row["num_tokens"], row["error"]) == (*generate_alone(model, tok, prompt, 16), None)
     for extra in ({"seed": 3, "do_sample": True}, {"repetition_penalty": 1.2}, {"choices": ["yes", "no"]}):
         with pytest.raises(ValidationError, match="engine: transformers has no (seed|repetition_penalty|choices)"):
             GenerateTask.Options.model_validate({"engine": "transformers", **extra})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import generate_alone
 from rayinfer_tasks.generate import GenerateTask
 from transformers import (AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
@@ -86,10 +87,4 @@ def test_greedy_with_a_repetition_penalty_equals_generate(rayinfer_llama):
     tok = AutoTokenizer.from_pretrained(rayinfer_llama)
     model = AutoModelForCausalLM.from_pretrained(rayinfer_llama).eval()
     for prompt, row in zip(prompts, rows):
-        ids = torch.tensor([tok(prompt)["input_ids"]])
-        with torch.inference_mode():
-            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                 repetition_penalty=1.5, pad_token_id=0, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:]
-        new = new.tolist()
-        n = next((j for j, t in enumerate(new) if t == tok.eos_token_id), len(new))
-        assert row["generated"] == tok.decode(new[:n], skip_special_tokens=True)
+        assert (row["generated"], row["num_tokens"]) == generate_alone(model, tok, prompt, 12, repetition_penalty=1.5)
