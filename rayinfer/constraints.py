@@ -139,15 +139,12 @@ class RowConstraint:
     """One row's place in the grammar (a matcher that, once it refuses a token, stays in error)."""
 
     def __init__(self, constraint: Constraint, matcher: Any) -> None:
-        import torch
-
         self.constraint, self.matcher = constraint, matcher
-        self._mask = torch.zeros((1, (constraint.vocab + 31) // 32), dtype=torch.int32)
 
     def allow(self, scores: Any) -> None:
-        """Forbidden tokens' scores [1, vocab] (any device) become -inf, in place."""
-        self.constraint.fill_bitmask(self.matcher, self._mask, 0)
-        apply_bitmask(scores, self._mask)
+        """Forbidden tokens' scores [1, vocab] (any device) become -inf, in place (for many rows
+        at once: ``apply_bitmask(scores, fill_bitmasks(rows, vocab))``)."""
+        apply_bitmask(scores, fill_bitmasks([self], self.constraint.vocab))
 
     def accept(self, token: int) -> bool:
         """Move on by ``token``; false when the grammar refuses it (or refused an earlier one)."""

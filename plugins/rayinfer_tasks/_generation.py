@@ -6,7 +6,7 @@ otherwise, and for encoder-decoders, beams and n-gram bans, through ``model.gene
 LMs padded on the left with an attention mask, encoder-decoders on the right). A row's seed comes
 from the job seed and its prompt, so its text does not depend on which batch it lands in: the
 decode loop draws its tokens on the device from that seed and its token count
-(``rayinfer.decoding.Sampler``, every row at once); ``model.generate`` and constrained rows from
+(``rayinfer.decoding.Sampler``, every row at once, constrained rows too); ``model.generate`` from
 the row's own ``torch.Generator``.
 """
 
@@ -49,19 +49,20 @@ def row_seeds(options: SamplingOptions, texts: list[str]) -> list[int]:
     return [row_seed(options.seed, text) for text in texts]
 
 
-def _row_processors(options: SamplingOptions, greedy_penalty: bool) -> list[Any]:
+def _sampling_processors(options: SamplingOptions) -> list[Any]:
+    """The processors of ``model.generate``'s sampling rows, before each row's own draw (a greedy
+    repetition penalty is its ``GenerationConfig``'s)."""
     from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     o, out = options, []
-    if o.repetition_penalty != 1.0 and (o.do_sample or greedy_penalty):
+    if o.repetition_penalty != 1.0:
         out.append(RepetitionPenaltyLogitsProcessor(o.repetition_penalty))
-    if o.do_sample:
-        if o.temperature != 1.0:
-            out.append(TemperatureLogitsWarper(o.temperature))
-        if o.top_k:
-            out.append(TopKLogitsWarper(o.top_k))
-        if o.top_p < 1.0:
-            out.append(TopPLogitsWarper(o.top_p))
+    if o.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(o.temperature))
+    if o.top_k:
+        out.append(TopKLogitsWarper(o.top_k))
+    if o.top_p < 1.0:
+        out.append(TopPLogitsWarper(o.top_p))
     return out
 
 
@@ -110,12 +111,11 @@ def make_constraint_processor(constraints: list[Any], eos: set[int]) -> Any:
             self.ended = [False] * len(constraints)
 
         def __call__(self, input_ids: Any, scores: Any) -> Any:
-            for i, c in enumerate(constraints):
-                if self.calls and not self.ended[i]:
-                    token = int(input_ids[i, -1])
-                    self.ended[i] = token in eos or not c.accept(token)
-                if not self.ended[i]:
-                    c.allow(scores[i : i + 1])
+            if self.calls:  # the tokens the last step chose, one read for all rows
+                for i, (c, token) in enumerate(zip(constraints, input_ids[:, -1].tolist())):
+                    if not self.ended[i]:
+                        self.ended[i] = token in eos or not c.accept(token)
+            mask_rows([None if ended else c for c, ended in zip(constraints, self.ended)], scores)
             self.calls += 1
             return scores
 
@@ -281,7 +281,7 @@ def _generate_pass(
     if options.repetition_penalty != 1.0 and not options.do_sample:
         config.repetition_penalty = options.repetition_penalty
     if options.do_sample:
-        processors.extend(_row_processors(options, greedy_penalty=False))
+        processors.extend(_sampling_processors(options))
     if constraint is not None:  # before the sampler: it draws among the allowed tokens
         processors.insert(0, make_constraint_processor([constraint.row() for _ in items], {eos}))
     if options.do_sample:

@@ -14,10 +14,10 @@ only a row's own tokens after them.
 Each row's keys and values are exactly those ``model.generate`` computes for it (its own
 positions, no padding inside its slot), and each step attends over the row's own columns only,
 so greedy decoding gives ``generate``'s tokens (fp32; batch shapes can change the last bits of
-a matmul, never seen to change a token in the tests). Rows that sample (or take a repetition
-penalty) choose on the device, all at once (``rayinfer.decoding.sampling.Sampler``: each row's
-draw from its own seed and token count, so whatever the batch); a row with its own ``pick``
-function (a constrained one) chooses on the host.
+a matmul, never seen to change a token in the tests). Every row's token is chosen on the device,
+all rows at once: the best one or the ``Sampler``'s (penalties, temperature, top-k/p, each row's
+draw from its own seed and token count, so whatever the batch), among what its constraint allows.
+A row given its own ``pick`` function chooses on the host instead.
 
 Decode steps of a Llama-family model run through ``rayinfer.decoding.fast.LlamaStep`` (the same
 computation as its ``forward``, lean); other models through their ``forward``.
@@ -307,9 +307,9 @@ class _Loop:
     def _advance(self, logits: torch.Tensor, placed: list[tuple[int, _Row]], joined: torch.Tensor | None = None) -> None:
         """Pick each placed row's next token from its logits and end the rows that are done. In a
         decode step (``joined`` None) row k of ``logits`` is slot k's; in a prefill, the k-th
-        placed row's, whose slots ``joined`` holds. The greedy tokens go to the next step on the
-        device; the host reads them once, for every row at once (a row with its own picker, one
-        that samples or is constrained, reads its scores itself)."""
+        placed row's, whose slots ``joined`` holds. The tokens are chosen on the device and go to
+        the next step there; the host reads them once, for every row at once (a row with its own
+        ``pick`` function reads its scores itself)."""
         step = joined is None
         scores = logits.float().to(self.device)  # the last layer's device may be another (device_map)
         young = [k if not step else slot for k, (slot, r) in enumerate(placed) if len(r.new) < self.min_new]

@@ -33,11 +33,9 @@ class DeviceFailure(RayInferError):
 
 
 def is_sticky(exc: BaseException) -> bool:
-    """A CUDA error after which no call in this process can succeed."""
-    if not isinstance(exc, RuntimeError) or is_out_of_memory(exc):
-        return False
-    text = str(exc)
-    return any(s in text for s in STICKY)
+    """A CUDA error after which no call in this process can succeed (an out-of-memory is not one:
+    ask ``is_out_of_memory`` first)."""
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in STICKY)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

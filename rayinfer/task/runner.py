@@ -189,11 +189,11 @@ class TaskRunner:
         try:
             result = fn(idx)
         except Exception as exc:
-            if is_sticky(exc):
-                raise sticky_failure(exc, stage) from exc
             oom = is_out_of_memory(exc)
             if oom:
                 free_cached_memory()
+            elif is_sticky(exc):
+                raise sticky_failure(exc, stage) from exc
             if len(idx) == 1:
                 if isinstance(exc, RowError):
                     errors[idx[0]] = exc
