@@ -13,7 +13,7 @@ the row's own ``torch.Generator``.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Iterator
 
 from pydantic import Field
 
@@ -217,9 +217,14 @@ def _result(tokenizer: Any, new: list[int], options: SamplingOptions, constraint
 def _continuous(decoding: Any, model: Any, tokenizer: Any, items: list[dict[str, Any]], options: SamplingOptions,
                 texts: list[str], tokens: int, rows: int | None, min_new: int, constraint: Any | None
                 ) -> list[list[int]]:
-    sampler = decoding.Sampler(options.do_sample, options.temperature, options.top_k, options.top_p,
-                               options.repetition_penalty)
     rows_constraints = [constraint.row() for _ in items] if constraint is not None else None
+    return decoding.decode(model, [it["input_ids"] for it in items], slots=rows or len(items), budget=tokens,
+                           seeds=row_seeds(options, texts), constraints=rows_constraints,
+                           **_decode_args(decoding, tokenizer, options, min_new))
+
+
+def _decode_args(decoding: Any, tokenizer: Any, options: SamplingOptions, min_new: int) -> dict[str, Any]:
+    """What ``decoding.decode`` and ``decoding.stream`` take from the options, alike for every row."""
     stopped = None
     if options.stop:
         def stopped(new: list[int]) -> bool:
@@ -227,12 +232,39 @@ def _continuous(decoding: Any, model: Any, tokenizer: Any, items: list[dict[str,
             return any(s in text for s in options.stop)
 
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    news = decoding.decode(model, [it["input_ids"] for it in items], max_new_tokens=options.max_new_tokens,
-                           eos=eos, pad=pad_id(tokenizer), slots=rows or len(items), budget=tokens,
-                           sampler=sampler, seeds=row_seeds(options, texts), constraints=rows_constraints,
-                           mask=mask_rows,
-                           min_new_tokens=min_new, stopped=stopped)
-    return news
+    sampler = decoding.Sampler(options.do_sample, options.temperature, options.top_k, options.top_p,
+                               options.repetition_penalty)
+    return dict(max_new_tokens=options.max_new_tokens, eos=eos, pad=pad_id(tokenizer), sampler=sampler,
+                mask=mask_rows, min_new_tokens=min_new, stopped=stopped)
+
+
+def streamable(model: Any, options: SamplingOptions, max_length: int) -> bool:
+    """Whether rows of ``model`` up to ``max_length`` prompt tokens can go through ``generate_stream``."""
+    from rayinfer import decoding
+
+    return (not getattr(model.config, "is_encoder_decoder", False)
+            and decoding.supports(model, max_length + options.max_new_tokens))
+
+
+def generate_stream(model: Any, tokenizer: Any, batches: Iterator[list[tuple[Any, dict[str, Any]]]],
+                    options: SamplingOptions, limits: tuple[int, int | None], constraint: Any | None = None,
+                    kv_budget: int | None = None, min_new: int = 0) -> Iterator[tuple[Any, Any]]:
+    """``generate`` for a task's ``forward_stream``: batches of (key, item) through one decode
+    loop (``rayinfer.decoding.stream``: a batch's rows join as slots free), each row's result (as
+    ``generate`` gives it) yielded with its key as the row ends."""
+    from rayinfer import decoding
+
+    def rows() -> Iterator[list[Any]]:
+        for batch in batches:
+            seeds = row_seeds(options, [it["seed_text"] for _, it in batch])
+            yield [decoding.Row(key, list(it["input_ids"]), seed=seed,
+                                constraint=constraint.row() if constraint is not None else None)
+                   for (key, it), seed in zip(batch, seeds)]
+
+    tokens, slots = limits
+    for row in decoding.stream(model, rows(), slots=slots, budget=kv_budget if kv_budget is not None else tokens,
+                               **_decode_args(decoding, tokenizer, options, min_new)):
+        yield row.key, _result(tokenizer, row.new, options, constraint)
 
 
 def mask_rows(rows: list[Any], scores: Any) -> None:

@@ -11,7 +11,7 @@ from rayinfer import Batch, InputColumn, ModelRequirement, RowError, Task, TaskO
 from rayinfer.errors import ModelError
 from rayinfer.text import encode_prompts
 
-from rayinfer_tasks._generation import SamplingOptions, generate, generate_batch, ready_for_decoding
+from rayinfer_tasks._generation import SamplingOptions, generate, generate_batch, generate_stream, ready_for_decoding, streamable
 
 
 CONSTRAINTS = ("json_schema", "regex", "choices")  # the options that constrain the output (one at most)
@@ -85,6 +85,8 @@ class GenerateTask(Task):
     def load(self) -> None:
         super().load()
         self.kv_budget = ready_for_decoding(self.model, self.context.gpu_share)
+        # a unit's batches as one stream through the decode loop (rows join as slots free)
+        self.streams = self.options.engine == "rayinfer" and streamable(self.model, self.options, self.max_length)
         self.constraint = None
         asked = self.options.constraint()
         if asked is not None:
@@ -114,6 +116,10 @@ class GenerateTask(Task):
             return generate_batch(self.model, self.tokenizer, items, self.options)
         return generate(self.model, self.tokenizer, items, self.options, seeds_from=[i["seed_text"] for i in items],
                         limits=self.batch_limits, constraint=self.constraint, kv_budget=self.kv_budget)
+
+    def forward_stream(self, batches: Any) -> Any:
+        return generate_stream(self.model, self.tokenizer, batches, self.options, self.batch_limits,
+                               constraint=self.constraint, kv_budget=self.kv_budget)
 
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:
         return {"generated": [o[0] for o in outputs], "num_tokens": [o[1] for o in outputs]}

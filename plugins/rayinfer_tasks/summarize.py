@@ -7,10 +7,10 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from rayinfer import Batch, ModelRequirement, Task, TaskOptions, hookimpl
+from rayinfer import Batch, ModelRequirement, RowError, Task, TaskOptions, hookimpl
 from rayinfer.text import cut_text, encode, encode_prompts, require_text_slot
 
-from rayinfer_tasks._generation import SamplingOptions, generate, ready_for_decoding
+from rayinfer_tasks._generation import SamplingOptions, generate, generate_stream, ready_for_decoding, streamable
 
 DEFAULT_INSTRUCTION = "Summarize the following text in one or two sentences.\n\n{text}"
 
@@ -66,6 +66,9 @@ class SummarizeTask(Task):
         super().load()
         self.seq2seq = bool(getattr(self.model.config, "is_encoder_decoder", False))
         self.kv_budget = None if self.seq2seq else ready_for_decoding(self.model, self.context.gpu_share)
+        o = self.options  # a causal LM without beams or n-gram bans: a unit's batches as one decode stream
+        self.streams = (not self.seq2seq and o.num_beams == 1 and not o.no_repeat_ngram_size
+                        and streamable(self.model, o, self.max_length))
         chat = self.options.chat
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) if chat is None else chat
 
@@ -95,6 +98,19 @@ class SummarizeTask(Task):
         outs = generate(self.model, self.tokenizer, items, o, seeds_from=[i["seed_text"] for i in items],
                         limits=self.batch_limits, kv_budget=self.kv_budget, **extra)
         return [(text.strip(), it["truncated"]) for (text, _), it in zip(outs, items)]
+
+    def forward_stream(self, batches: Any) -> Any:
+        truncated: dict[Any, bool] = {}
+
+        def kept(batches: Any) -> Any:
+            for batch in batches:
+                truncated.update((key, item["truncated"]) for key, item in batch)
+                yield batch
+
+        for key, out in generate_stream(self.model, self.tokenizer, kept(batches), self.options, self.batch_limits,
+                                        kv_budget=self.kv_budget, min_new=self.options.min_new_tokens):
+            flag = truncated.pop(key)
+            yield key, out if isinstance(out, RowError) else (out[0].strip(), flag)
 
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:
         return {"summary": [o[0] for o in outputs], "truncated": [o[1] for o in outputs]}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 
 @dataclass
@@ -65,6 +65,30 @@ class SlotLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return int(self.keys.shape[2])
+
+
+def allocate(prefill: DynamicCache, shared: Slots, n_slots: int, length: int) -> Cache:
+    """A slot cache of ``n_slots`` rows of ``length`` columns, shaped like ``prefill``'s layers, each
+    on its layer's device (a model placed across GPUs keeps each layer's KV there). Zeros, not
+    empty: a masked column's value still enters attention's sum, weighted 0 (0 x NaN is NaN)."""
+    layers = []
+    for fresh in prefill.layers:
+        _, heads, _, dk = fresh.keys.shape
+        keys = torch.zeros((n_slots, heads, length, dk), dtype=fresh.keys.dtype, device=fresh.keys.device)
+        values = torch.zeros((n_slots, heads, length, fresh.values.shape[-1]), dtype=fresh.values.dtype,
+                             device=fresh.values.device)
+        layers.append(SlotLayer(shared, keys, values))
+    return Cache(layers=layers)
+
+
+def grow(cache: Cache, length: int) -> None:
+    """Every layer's slots to ``length`` columns, what they hold kept (a longer row is joining)."""
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            old = getattr(layer, name)
+            new = old.new_zeros((*old.shape[:2], length, old.shape[3]))
+            new[:, :, : old.shape[2]] = old
+            setattr(layer, name, new)
 
 
 def cache_arg(model: Any) -> str:

@@ -8,8 +8,8 @@ CPUs). A row that ends (end-of-sequence, ``max_new_tokens``, a stop string) free
 once; the next waiting rows are prefilled together (in passes of similar lengths, so little
 padding is computed) and join the batch where it is, each at its own position. Nothing is
 decoded for rows that already ended. The prompts' common first tokens (a chat template's system
-prompt, an instruction, few-shot examples) are computed once per call; each prefill computes
-only a row's own tokens after them.
+prompt, an instruction, few-shot examples) are computed once per loop; each prefill computes
+only a row's own tokens after them. ``rayinfer.decoding.streaming`` feeds one loop list after list.
 
 Each row's keys and values are exactly those ``model.generate`` computes for it (its own
 positions, no padding inside its slot), and each step attends over the row's own columns only,
@@ -20,56 +20,25 @@ draw from its own seed and token count, so whatever the batch), among what its c
 A row given its own ``pick`` function chooses on the host instead.
 
 Decode steps of a Llama-family model run through ``rayinfer.decoding.fast.LlamaStep`` (the same
-computation as its ``forward``, lean); other models through their ``forward``.
-
-``supports(model)`` says whether a model can take this path: a decoder-only transformers model
-whose cache is the standard per-layer key/value cache, with SDPA or eager attention and no
-sliding window shorter than the rows. Other models go through ``model.generate``.
+computation as its ``forward``, lean); other models through their ``forward``. ``supports(model)``
+says which models take this path (``rayinfer.decoding.cache``); others go through ``model.generate``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from rayinfer.decoding.cache import SlotLayer, Slots, cache_arg, supports
+from rayinfer.decoding.cache import Slots, allocate, cache_arg, grow, supports
 from rayinfer.decoding.fast import LlamaStep
+from rayinfer.decoding.rows import DecodeStats, Picker, Row, next_rows
 from rayinfer.decoding.sampling import Sampler
-
-Picker = Callable[[list[int], torch.Tensor], int]
-"""Chooses a row's next token: (the row's tokens so far, prompt and new; its scores [1, vocab]) -> id."""
 
 JOIN_FRACTION = 8
 """Waiting rows join once a slot in this many is free (or the batch has run dry): each prefill is
 a pass of its own, so joining one row at a time costs a pass per row."""
-
-
-@dataclass
-class DecodeStats:
-    """What a ``decode`` call computed: passes and the rows in them."""
-
-    prefills: int = 0  # passes that brought rows in
-    prefill_tokens: int = 0  # prompt tokens they computed, padding and the shared prefix included
-    prefix_tokens: int = 0  # the prompts' common first tokens, computed once
-    steps: int = 0  # decode steps
-    row_steps: int = 0  # rows in flight, summed over the steps: the tokens decoded
-    slot_steps: int = 0  # slots computed, summed over the steps (>= row_steps: free slots)
-    step_reads: int = 0  # device-to-host reads in decode steps: one per step where no row has a picker
-    prefill_reads: int = 0  # ... and in prefill passes (one per pass)
-
-
-@dataclass
-class _Row:
-    index: int
-    prompt: list[int]
-    pick: Picker | None
-    seed: int = 0
-    constraint: Any = None  # a rayinfer.constraints.RowConstraint
-    new: list[int] = field(default_factory=list)
-
 
 def decode(
     model: Any,
@@ -97,17 +66,18 @@ def decode(
     ``pickers[i]`` chooses row i's on the host instead; ``stopped(new)`` ends a row early."""
     if constraints and mask is None:
         raise ValueError("decode: constraints need mask, the function that applies them to the scores")
-    rows = [_Row(i, list(p), pickers[i] if pickers else None, seeds[i] if seeds else 0,
-                 constraints[i] if constraints else None) for i, p in enumerate(prompts)]
+    rows = [Row(i, list(p), pickers[i] if pickers else None, seeds[i] if seeds else 0,
+                constraints[i] if constraints else None) for i, p in enumerate(prompts)]
     if not rows:
         return []
     length = max(len(r.prompt) for r in rows) + max_new_tokens
     n_slots = max(1, min(slots, len(rows), (budget // length) if budget else len(rows)))
-    loop = _Loop(model, n_slots, length, eos, pad, max_new_tokens, min_new_tokens, stopped,
-                 stats if stats is not None else DecodeStats(), sampler if sampler is not None and sampler.needed else None,
-                 mask)
+    stats = stats if stats is not None else DecodeStats()
+    loop = _Loop(model, n_slots, length, eos, pad, max_new_tokens, min_new_tokens, stopped, stats,
+                 sampler if sampler is not None and sampler.needed else None, mask)
     loop.share_prefix(rows)
-    loop.run(rows)
+    for _ in loop.run(rows, iter(())):
+        pass
     return [r.new for r in rows]
 
 
@@ -123,9 +93,9 @@ the longest of their pass (48 chat prompts of 18-187 tokens in one pass: 6,651 t
 3,242, more than a third of the job's time on 2 CPU cores)."""
 
 
-def _prefill_groups(rows: list[_Row]) -> list[list[_Row]]:
+def _prefill_groups(rows: list[Row]) -> list[list[Row]]:
     """Rows (longest first) cut into prefill passes of similar lengths."""
-    groups: list[list[_Row]] = []
+    groups: list[list[Row]] = []
     for r in rows:
         if groups and len(r.prompt) >= len(groups[-1][0].prompt) * (1 - PREFILL_SLACK):
             groups[-1].append(r)
@@ -137,13 +107,14 @@ def _prefill_groups(rows: list[_Row]) -> list[list[_Row]]:
 class _Loop:
     def __init__(self, model: Any, n_slots: int, length: int, eos: set[int], pad: int, max_new: int,
                  min_new: int, stopped: Callable[[list[int]], bool] | None, stats: DecodeStats,
-                 sampler: Sampler | None = None, mask: Callable[[list[Any], torch.Tensor], None] | None = None) -> None:
+                 sampler: Sampler | None = None, mask: Callable[[list[Any], torch.Tensor], None] | None = None,
+                 room: int = 0) -> None:
         self.stats = stats
         self.model, self.eos, self.pad, self.max_new, self.min_new, self.stopped = model, eos, pad, max_new, min_new, stopped
         self.device = model.device
         self.cache_arg = cache_arg(model)
         self.eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=self.device)
-        self.n_slots, self.length = n_slots, length
+        self.n_slots, self.length, self.room = n_slots, length, room  # room: the most columns a slot may grow to
         self.shared = Slots(torch.zeros(n_slots, dtype=torch.long, device=self.device),
                              torch.arange(n_slots, device=self.device))
         # the host keeps its own copy of what it needs each step (the slots' lengths), and the
@@ -159,32 +130,64 @@ class _Loop:
         self.seen: torch.Tensor | None = None
         self.cache: Cache | None = None  # allocated by the first prefill, when the shapes are known
         self.prefix: list[tuple[torch.Tensor, torch.Tensor]] = []  # the shared prefix's keys and values per layer
-        self.slot_row: list[_Row | None] = [None] * n_slots
+        self.prefix_ids: list[int] = []
+        self.slot_row: list[Row | None] = [None] * n_slots
+        self.done: list[Row] = []  # rows that ended, for ``run`` to hand back
         self.next_token = torch.full((n_slots, 1), pad, dtype=torch.long, device=self.device)
         eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
         self.mask_fill = torch.finfo(model.dtype).min if eager else None
         self.lean = LlamaStep(model) if LEAN_STEPS and LlamaStep.fits(model) else None
 
-    def run(self, rows: list[_Row]) -> None:
+    def run(self, rows: list[Row], source: Iterator[list[Row]]) -> Generator[Row, None, list[Row]]:
+        """Decode ``rows``, then the lists ``source`` gives while they fit, handing each row back as
+        it ends; return the first rows that do not fit (for another loop), [] when ``source`` ends."""
+        self.stats.loops += 1
         waiting = list(reversed(rows))  # pop() takes the next row in order
+        later: list[Row] = []
+        more = True
         while True:
             free = [s for s, r in enumerate(self.slot_row) if r is None]
             busy = self.n_slots - len(free)
+            if not waiting and free and more and not later:  # room: the next list joins
+                rows = next_rows(source, self.stats)
+                more = bool(rows)
+                fit = [self.fits(r) for r in rows]
+                waiting = [r for r, ok in zip(reversed(rows), reversed(fit)) if ok]
+                later = [r for r, ok in zip(rows, fit) if not ok]
+                continue
             if waiting and free and (busy == 0 or len(free) * JOIN_FRACTION >= self.n_slots or len(waiting) <= len(free)):
                 group = sorted((waiting.pop() for _ in range(min(len(free), len(waiting)))), key=lambda r: -len(r.prompt))
                 for part in _prefill_groups(group):
                     self._join(part, free[: len(part)])
                     free = free[len(part):]
+                yield from self._ended()
                 continue
             if busy == 0:
-                return
-            if not waiting and busy * 2 <= self.n_slots and self.n_slots > 1:
+                return later
+            if not waiting and (later or not more) and busy * 2 <= self.n_slots and self.n_slots > 1:
                 self._shrink()
             self._step()
+            yield from self._ended()
+
+    def fits(self, row: Row) -> bool:
+        """Whether ``row`` can join this loop: it starts with the shared prefix, and its tokens fit a
+        slot, whose columns grow (twice as many, at most ``room``) where they fall short."""
+        p0, need = len(self.prefix_ids), len(row.prompt) + self.max_new
+        if len(row.prompt) <= p0 or row.prompt[:p0] != self.prefix_ids or need > max(self.length, self.room):
+            return False
+        if need > self.length:
+            self.length = min(self.room, max(need, 2 * self.length))
+            if self.cache is not None:
+                grow(self.cache, self.length)
+        return True
+
+    def _ended(self) -> Iterator[Row]:
+        done, self.done = self.done, []
+        yield from done
 
     # -- prefill: rows join -----------------------------------------------------------------
 
-    def share_prefix(self, rows: list[_Row]) -> None:
+    def share_prefix(self, rows: list[Row]) -> None:
         """Compute the prompts' common first tokens (a system prompt, few-shot examples) once:
         every prefill then starts from them and computes only each row's own tokens."""
         if len(rows) < 2:
@@ -201,11 +204,12 @@ class _Loop:
         self.model(input_ids=ids, position_ids=torch.arange(len(shared), device=self.device)[None, :],
                    use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
         self.prefix = [(layer.keys, layer.values) for layer in cache.layers]
-        self.stats.prefix_tokens = len(shared)
+        self.prefix_ids = shared
+        self.stats.prefix_tokens += len(shared)
         self.stats.prefill_tokens += len(shared)
 
-    def _join(self, group: list[_Row], free: list[int]) -> None:
-        p0 = self.stats.prefix_tokens
+    def _join(self, group: list[Row], free: list[int]) -> None:
+        p0 = len(self.prefix_ids)
         own = [r.prompt[p0:] for r in group]
         longest = max(len(o) for o in own)
         ids = torch.full((len(group), longest), self.pad, dtype=torch.long)
@@ -229,7 +233,7 @@ class _Loop:
         out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self.cache_arg: prefill})
         if self.cache is None:
-            self._allocate(prefill)
+            self.cache = allocate(prefill, self.shared, self.n_slots, self.length)
         assert self.cache is not None
         width = p0 + longest
         for i, (r, s) in enumerate(zip(group, free)):
@@ -248,7 +252,7 @@ class _Loop:
             self._sampler_join(group, slots, out.logits.shape[-1])
         self._advance(out.logits[:, -1, :], list(zip(free, group)), slots)
 
-    def _sampler_join(self, group: list[_Row], slots: torch.Tensor, vocab: int) -> None:
+    def _sampler_join(self, group: list[Row], slots: torch.Tensor, vocab: int) -> None:
         """Rows join: their seeds, no token yet, and (with a repetition penalty) their prompts' tokens."""
         assert self.sampler is not None
         self.seeds.index_copy_(0, slots, torch.tensor([r.seed for r in group], dtype=torch.long).to(self.device))
@@ -269,17 +273,6 @@ class _Loop:
             return allowed
         return torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device).masked_fill(~allowed, self.mask_fill)
 
-    def _allocate(self, prefill: DynamicCache) -> None:
-        layers = []
-        for fresh in prefill.layers:
-            _, heads, _, dk = fresh.keys.shape
-            dv = fresh.values.shape[-1]
-            # on the layer's own device: a model placed across GPUs (device_map) keeps each layer's KV there
-            keys = torch.zeros((self.n_slots, heads, self.length, dk), dtype=fresh.keys.dtype, device=fresh.keys.device)
-            values = torch.zeros((self.n_slots, heads, self.length, dv), dtype=fresh.values.dtype,
-                                 device=fresh.values.device)
-            layers.append(SlotLayer(self.shared, keys, values))
-        self.cache = Cache(layers=layers)
 
     # -- decode steps -----------------------------------------------------------------------
 
@@ -304,7 +297,7 @@ class _Loop:
             self.lens[i] += 1
         self._advance(logits, active)
 
-    def _advance(self, logits: torch.Tensor, placed: list[tuple[int, _Row]], joined: torch.Tensor | None = None) -> None:
+    def _advance(self, logits: torch.Tensor, placed: list[tuple[int, Row]], joined: torch.Tensor | None = None) -> None:
         """Pick each placed row's next token from its logits and end the rows that are done. In a
         decode step (``joined`` None) row k of ``logits`` is slot k's; in a prefill, the k-th
         placed row's, whose slots ``joined`` holds. The tokens are chosen on the device and go to
@@ -339,11 +332,13 @@ class _Loop:
             if token in self.eos or (r.constraint is not None and not r.constraint.accept(token)):
                 self.slot_row[slot] = None  # its end, or a token its grammar refuses: the row ends (unmet)
                 ended.append(slot)
+                self.done.append(r)
                 continue
             r.new.append(token)
             if len(r.new) >= self.max_new or (self.stopped is not None and self.stopped(r.new)):
                 self.slot_row[slot] = None
                 ended.append(slot)
+                self.done.append(r)
         if step:
             self.stats.step_reads += 1 + len(picked)
         else:
@@ -397,4 +392,4 @@ class _Loop:
         self.n_slots = len(keep)
 
 
-__all__ = ["DecodeStats", "Picker", "decode", "supports"]
+__all__ = ["DecodeStats", "Picker", "Row", "decode", "supports"]

@@ -93,9 +93,8 @@ class UnitLoop:
             sink = PartWriter(self.store, s.schema, s.provenance, s.part_bytes)
         report, stats, last_report = self._report(), BatchStats(), time.monotonic()
         try:
-            for segments, batch, prepared in self._batches(unit, crashes):
-                started = time.perf_counter()
-                out = self._output(key, unit["pieces"][segments[0][0]]["file"], batch, prepared, stats)
+            started = time.perf_counter()  # busy: reading and tokenizing a batch, the model, writing
+            for segments, batch, out in self._outputs(key, unit, crashes, stats):
                 committed, at = [], 0
                 for i, n in segments:  # a batch may hold the rows of several small files, one after the other
                     piece = unit["pieces"][i]
@@ -104,9 +103,11 @@ class UnitLoop:
                 report.busy_s += time.perf_counter() - started
                 if committed or time.monotonic() - last_report >= REPORT_EVERY_S:
                     yield self._send(report, stats, committed)
-                    report, stats, last_report = self._report(), BatchStats(), time.monotonic()
+                    report, last_report = self._report(), time.monotonic()
+                    stats.reset()  # in place: a stream of batches counts into it
                     if self.stopping:  # commit what is done; a resume (or another retry) does the rest
                         break
+                started = time.perf_counter()
             committed = sink.close()
         except BaseException:
             sink.abort()
@@ -131,6 +132,23 @@ class UnitLoop:
         log.warning("rayinfer: a worker died running %s (%s death(s) so far); running them batch by batch under "
                     "watch, to isolate a row that kills", what, state["deaths"])
         return {(f, a, b): n for f, a, b, n in state["crashes"]}
+
+    def _outputs(self, key: str, unit: dict[str, Any], crashes: dict[tuple[str, int, int], int] | None,
+                 stats: BatchStats) -> Iterator[tuple[Segments, RowBatch, pa.Table]]:
+        """The output of each of the unit's batches (``_batches``), in order. A task that streams
+        (generate) takes them as one stream on a unit's first attempt: the next batch's rows join
+        its decode loop while the last ones' are still decoding (``TaskRunner.stream_tables``)."""
+        def file(segments: Segments) -> str:
+            return unit["pieces"][segments[0][0]]["file"]
+
+        if crashes is not None or not self.runner.streams:
+            for segments, batch, prepared in self._batches(unit, crashes):
+                yield segments, batch, self._output(key, file(segments), batch, prepared, stats)
+            return
+        entries = (((segments, batch), None if prepared is None else (batch.table, prepared))
+                   for segments, batch, prepared in self._batches(unit, crashes))
+        for (segments, batch), out in self.runner.stream_tables(entries, self.settings.schema, stats):
+            yield segments, batch, out if out is not None else self._output(key, file(segments), batch, None, stats)
 
     def _output(self, key: str, file: str, batch: RowBatch, prepared: Any, stats: BatchStats) -> pa.Table:
         """The output rows of one batch from ``_batches``."""

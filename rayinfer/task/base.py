@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
@@ -129,6 +129,10 @@ class Task(ABC):
     own passes within ``self.batch_limits`` (continuous batching: generate and summarize keep a
     decode batch full as rows end). Otherwise the runner cuts micro-batches for ``forward``."""
 
+    streams: bool = False
+    """Set (in ``load``) by a ``schedules`` task whose ``forward_stream`` takes a unit's batches as one
+    stream (generate: rows join its decode loop as slots free, no drain between batches)."""
+
     batch_limits: tuple[int, int | None] = (2048, None)
     """(tokens, rows) a pass may hold: the runner's ``max_batch_tokens`` and ``max_batch_rows``,
     set when a runner takes the task. A ``schedules`` task keeps its passes within them."""
@@ -215,6 +219,14 @@ class Task(ABC):
         """Run the model on one micro-batch of encoded rows; return one raw output per row (or a
         ``RowError`` for a row whose result is an error: it becomes that row's error, and
         ``postprocess`` never sees it)."""
+
+    def forward_stream(self, batches: Iterator[list[tuple[Any, Any]]]) -> Iterator[tuple[Any, Any]]:
+        """``forward`` for a task that ``streams``: ``batches`` gives each batch's encoded rows as
+        (key, item) pairs, longest first; yield (key, output) for every row, in any order, as each is
+        done, taking the next batch from ``batches`` only when it has room for its rows (the runner
+        commits a batch once all its rows are back). A failure is handled by the runner: it runs the
+        rows in flight through ``forward``."""
+        raise NotImplementedError(f"task {self.name!r} sets streams but has no forward_stream")
 
     @abstractmethod
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:

@@ -13,9 +13,9 @@ What the runner guarantees for a batch of n rows:
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -37,6 +37,9 @@ class BatchStats:
     tokens: int = 0  # real tokens of the rows that reached forward
     padded_tokens: int = 0  # tokens forward computed, padding included
     forward_calls: int = 0
+
+    def reset(self) -> None:
+        self.__dict__.update(BatchStats().__dict__)
 
 
 def output_schema(task_cls: type[Task], options: Any, input_schema: pa.Schema, id_column: str, keep: Sequence[str]) -> pa.Schema:
@@ -116,7 +119,7 @@ class TaskRunner:
             return self._complete(prepared, stats if stats is not None else BatchStats())
 
     def _complete(self, p: Prepared, stats: BatchStats) -> tuple[dict[str, list[Any]], list[RowError | None]]:
-        batch, n, errors, encoded, lengths = p.batch, p.n, p.errors, p.encoded, p.lengths
+        encoded, lengths = p.encoded, p.lengths
         order = sorted(encoded, key=lambda i: -lengths[i])
         outputs: dict[int, Any] = {}
         if self.task.schedules:  # the task cuts its own passes: no padding across its rows
@@ -124,16 +127,14 @@ class TaskRunner:
         else:
             chunks = micro_batches(order, lengths, self.max_batch_tokens, self.max_batch_rows)
         for chunk in chunks:
-            stats.forward_calls += 1
-            stats.tokens += sum(lengths[i] for i in chunk)
-            longest = max(lengths[i] for i in chunk)
-            stats.padded_tokens += sum(lengths[i] for i in chunk) if self.task.schedules else len(chunk) * longest
-            for i, out in self._isolate(lambda idx: self.task.forward([encoded[j] for j in idx]), chunk, errors, "forward"):
-                if isinstance(out, RowError):  # a row whose result is an error (e.g. constraint_unmet)
-                    errors[i] = out
-                else:
-                    outputs[i] = out
+            self._count(chunk, lengths, stats)
+            self._forward(p, chunk, outputs)
 
+        return self._finish(p, outputs, stats)
+
+    def _finish(self, p: Prepared, outputs: dict[int, Any], stats: BatchStats) -> tuple[dict[str, list[Any]], list[RowError | None]]:
+        """A batch's output columns from its rows' forward outputs: postprocess, rows in order."""
+        batch, n, errors = p.batch, p.n, p.errors
         names = [f.name for f in self.task_schema]
 
         def post(idx: list[int]) -> list[tuple[Any, ...]]:
@@ -158,6 +159,20 @@ class TaskRunner:
                 stats.errors += 1
                 stats.error_kinds[e.kind] += 1
         return columns, errors
+
+    def _count(self, chunk: list[int], lengths: dict[int, int], stats: BatchStats) -> None:
+        stats.forward_calls += 1
+        stats.tokens += sum(lengths[i] for i in chunk)
+        longest = max(lengths[i] for i in chunk)
+        stats.padded_tokens += sum(lengths[i] for i in chunk) if self.task.schedules else len(chunk) * longest
+
+    def _forward(self, p: Prepared, rows: list[int], outputs: dict[int, Any]) -> None:
+        """``forward`` on rows of ``p``, a failing call cut in halves to its rows (``_isolate``)."""
+        for i, out in self._isolate(lambda idx: self.task.forward([p.encoded[j] for j in idx]), rows, p.errors, "forward"):
+            if isinstance(out, RowError):  # a row whose result is an error (e.g. constraint_unmet)
+                p.errors[i] = out
+            else:
+                outputs[i] = out
 
     def _check_inputs(self, batch: Batch, errors: list[RowError | None]) -> None:
         for name, spec in self.task.inputs.items():
@@ -233,7 +248,9 @@ class TaskRunner:
         return pa.table({**columns, ERROR_COL: pa.array([error.message] * n, pa.string())}, schema=schema)
 
     def complete_table(self, table: pa.Table, prepared: Prepared, schema: pa.Schema, stats: BatchStats | None = None) -> pa.Table:
-        columns, errors = self.complete(prepared, stats)
+        return self._table(table, *self.complete(prepared, stats), schema)
+
+    def _table(self, table: pa.Table, columns: dict[str, list[Any]], errors: list[RowError | None], schema: pa.Schema) -> pa.Table:
         data: dict[str, Any] = {self.id_column: table.column(self.id_column)}
         for k in self.keep:
             data[k] = table.column(k)
@@ -241,6 +258,98 @@ class TaskRunner:
             data[f.name] = pa.array(columns[f.name], type=f.type)
         data[ERROR_COL] = pa.array([e.message if e else None for e in errors], type=pa.string())
         return pa.table(data, schema=schema)
+
+    # -- batches as one stream (a task that ``streams``: rows join its decode loop as slots free) --
+
+    @property
+    def streams(self) -> bool:
+        return bool(getattr(self.task, "streams", False))
+
+    def stream_tables(self, entries: Iterable[tuple[Any, tuple[pa.Table, Prepared] | None]], schema: pa.Schema,
+                      stats: BatchStats) -> Iterator[tuple[Any, pa.Table | None]]:
+        """``complete_table`` for batch after batch, the task's ``forward_stream`` taking the next
+        batch's rows while the last ones' are still in flight. ``entries``: (tag, (table, prepared))
+        per batch, or (tag, None) for one that has no rows for the model (passed through as None).
+        Yields (tag, output table) in the entries' order, each batch once all its rows are done.
+        If the stream fails, the rows in flight run batch by batch through ``forward``, a failing
+        call cut in halves to its rows as ``complete`` does (a sticky device error is raised), and
+        the stream goes on with the batches after them."""
+        source = iter(entries)
+        queue: deque[_InFlight] = deque()
+
+        def feed() -> Iterator[list[tuple[_InFlight, Any]]]:
+            while True:
+                try:
+                    tag, payload = next(source)
+                except StopIteration:
+                    return
+                except Exception as exc:  # reading or tokenizing failed: not the model's doing
+                    raise _SourceFailed() from exc
+                f = _InFlight(tag, *(payload or (None, None)))
+                queue.append(f)
+                if f.prepared is not None and f.prepared.encoded:
+                    p = f.prepared
+                    order = sorted(p.encoded, key=lambda i: -p.lengths[i])
+                    f.left = set(order)
+                    self._count(order, p.lengths, stats)
+                    yield [((f, i), p.encoded[i]) for i in order]
+
+        def done() -> Iterator[tuple[Any, pa.Table | None]]:
+            while queue and not queue[0].left:
+                f = queue.popleft()
+                if f.prepared is None:
+                    yield f.tag, None
+                else:
+                    yield f.tag, self._table(f.table, *self._finish(f.prepared, f.outputs, stats), schema)
+
+        with _inference_mode():
+            results = self.task.forward_stream(feed())
+            while True:
+                try:
+                    (f, i), out = next(results)
+                except StopIteration:
+                    break
+                except _SourceFailed as exc:
+                    raise exc.__cause__ from None  # type: ignore[misc]
+                except Exception as exc:
+                    self._stream_failed(exc, queue)
+                    results = self.task.forward_stream(feed())
+                else:
+                    f.left.discard(i)
+                    if isinstance(out, RowError):
+                        f.prepared.errors[i] = out
+                    else:
+                        f.outputs[i] = out
+                yield from done()
+        yield from done()
+
+    def _stream_failed(self, exc: Exception, queue: deque[_InFlight]) -> None:
+        """The stream failed: its rows in flight, batch by batch, through ``forward`` and ``_isolate``."""
+        if is_sticky(exc):
+            raise sticky_failure(exc, "forward") from exc
+        if is_out_of_memory(exc):
+            free_cached_memory()
+        log.warning("rayinfer: the decode stream failed (%s: %s); running its %d rows in flight batch by batch",
+                    type(exc).__name__, exc, sum(len(f.left) for f in queue))
+        for f in queue:
+            if f.left and f.prepared is not None:
+                self._forward(f.prepared, sorted(f.left, key=lambda i: -f.prepared.lengths[i]), f.outputs)
+                f.left = set()
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A batch in ``stream_tables``: its rows' outputs as they come, and which rows are still out."""
+
+    tag: Any
+    table: pa.Table | None
+    prepared: Prepared | None
+    outputs: dict[int, Any] = field(default_factory=dict)
+    left: set[int] = field(default_factory=set)
+
+
+class _SourceFailed(Exception):
+    """Reading the next batch failed inside a stream (raised again as itself, not as the model's)."""
 
 
 def _inference_mode() -> Any:
