@@ -77,6 +77,7 @@ def _timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
 def decode_speed(ctx: Context) -> None:
     """New tokens/s and peak memory: the generate task against generate loops and generate_batch."""
     import torch
+    from rayinfer_tasks._generation import paged_config
     from rayinfer_tasks.generate import GenerateTask
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -128,9 +129,13 @@ def decode_speed(ctx: Context) -> None:
         try:
             config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=pad)
             with torch.inference_mode():
-                model.generate_batch(inputs=ids[:2], generation_config=config)  # warm-up: its manager (and graphs)
+                # at its best setting: its page table sized for the rows (the default sizes it by memory and clears
+                # that much per call), as rayinfer's engine: transformers does
+                sized = paged_config(ids, new)
+                model.generate_batch(inputs=ids[:2], generation_config=config, continuous_batching_config=sized)  # warm-up
                 _peak_reset(ctx.device)
-                got, secs = _timed(lambda: model.generate_batch(inputs=ids, generation_config=config), ctx.device)
+                got, secs = _timed(lambda: model.generate_batch(inputs=ids, generation_config=config,
+                                                                continuous_batching_config=sized), ctx.device)
             made = sum(next((j for j, t in enumerate(o.generated_tokens) if t == eos), len(o.generated_tokens))
                        for o in got.values())
             ctx.add("decode_speed", f"transformers generate_batch ({kind})", f"{made / secs:.0f} new tokens/s", None,

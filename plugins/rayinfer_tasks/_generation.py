@@ -191,7 +191,8 @@ def generate_batch(model: Any, tokenizer: Any, items: list[dict[str, Any]], opti
                               **({"temperature": options.temperature, "top_k": options.top_k or None,
                                   "top_p": options.top_p} if options.do_sample else {}))
     prompts = [list(it["input_ids"]) for it in items]
-    out = list(model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False).values())
+    out = list(model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False,
+                                    continuous_batching_config=paged_config(prompts, options.max_new_tokens)).values())
     if len(out) != len(prompts) or any(o.prompt_ids and list(o.prompt_ids) != p for o, p in zip(out, prompts)):
         raise RuntimeError("transformers' generate_batch returned its results out of the prompts' order")
     results = []
@@ -203,6 +204,18 @@ def generate_batch(model: Any, tokenizer: Any, items: list[dict[str, Any]], opti
         n = next((j for j, t in enumerate(row) if t == eos), len(row))
         results.append(_result(tokenizer, row[:n], options, None))
     return results
+
+
+def paged_config(prompts: list[list[int]], max_new_tokens: int) -> Any:
+    """transformers' continuous batching sized for these rows: a page table that holds them all
+    at once. Its default sizes the table by the device's memory, and clearing the static tensors
+    that size implies cost ~5 s per call on 2 CPU cores (5.8 s -> 0.7 s for 8 short prompts,
+    tokens unchanged), a cost each of a job's batches paid."""
+    from transformers import ContinuousBatchingConfig
+
+    page = getattr(ContinuousBatchingConfig(), "page_size", None) or getattr(ContinuousBatchingConfig(), "block_size", 256)
+    pages = sum(-(-(len(p) + max_new_tokens) // page) for p in prompts)
+    return ContinuousBatchingConfig(num_blocks=pages + 1)
 
 
 def _result(tokenizer: Any, new: list[int], options: SamplingOptions, constraint: Any | None) -> Any:
