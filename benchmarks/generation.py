@@ -163,10 +163,12 @@ dtype = torch.bfloat16 if device == "cuda" else torch.float32
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=pad)
-model.generate_batch(inputs=prompts[:2], generation_config=config)  # warm-up: its manager, and graphs on GPUs
+from rayinfer_tasks._generation import paged_config  # its best setting: the page table sized for the rows
+sized = paged_config(prompts, max_new)
+model.generate_batch(inputs=prompts[:2], generation_config=config, continuous_batching_config=sized)  # warm-up
 t0 = time.perf_counter()
 with torch.inference_mode():
-    out = model.generate_batch(inputs=prompts, generation_config=config)
+    out = model.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=sized)
 new_tokens = 0
 for o in out.values():
     row = list(o.generated_tokens)
