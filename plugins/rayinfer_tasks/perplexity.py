@@ -20,6 +20,7 @@ from rayinfer.text import continuation_logprobs, pad_id, sliding_windows
 class PerplexityTask(Task):
     name = "perplexity"
     description = "Score texts by a causal LM's perplexity (mean token NLL), e.g. to filter a corpus."
+    full_logits = True  # every token's vocabulary logits: counted in an actor's memory
     requires = ModelRequirement("AutoModelForCausalLM", architectures=("ForCausalLM",), what="a causal LM",
                                 encoder_decoder=False, adapter_task_types=frozenset({"CAUSAL_LM"}))
 

@@ -196,6 +196,8 @@ def validate(job: str, overrides: tuple[str, ...]) -> None:
     gpus = (f"{rt.num_gpus:g} GPU(s) per actor" if rt.num_gpus is not None else "no GPU" if rt.device == "cpu" else
             "1 GPU per actor where the cluster has GPUs, else none (runtime.num_gpus unset)")
     click.echo(f"ok: runtime: {gpus}; device {rt.device}, dtype {rt.dtype}")
+    for where, need in plan.memory.items():
+        click.echo(f"ok: memory ({where.upper()} actors): {need.describe()}")
     for w in plan.warnings:
         click.echo(f"note: {w}")
 

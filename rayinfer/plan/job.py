@@ -24,7 +24,8 @@ from rayinfer.io.location import nested, redact, refuse_credentials
 from rayinfer.io.scan import InputFile, check_columns, scan
 from rayinfer.models.load import LoadContext
 from rayinfer.models.locate import ModelLocation, check_tokenizer, locate_model
-from rayinfer.spec import JobSpec, format_validation_error, load_spec
+from rayinfer.models.memory import MemoryNeed, actor_memory
+from rayinfer.spec import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, JobSpec, format_validation_error, load_spec
 from rayinfer.task.base import Task, TaskOptions
 from rayinfer.task.registry import Registry, load_registry
 from rayinfer.task.runner import output_schema
@@ -49,6 +50,11 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     tokenizer: ModelLocation | None = None  # the spec's tokenizer:, when the model's own is elsewhere
     duplicate_id_rows: int | None = None  # rows repeating another row's id (None: not checked)
+    memory: dict[str, MemoryNeed] = field(default_factory=dict)  # an actor's, on "cpu" and "gpu" actors (local models)
+
+    def memory_need(self, num_gpus: float | None) -> MemoryNeed | None:
+        """An actor's memory where it runs: on a GPU when it holds one, else on the CPU."""
+        return self.memory.get("gpu" if num_gpus else "cpu")
 
     @property
     def total_rows(self) -> int:
@@ -191,7 +197,24 @@ def plan_job(
         warnings=warnings,
         tokenizer=tokenizer,
         duplicate_id_rows=duplicate_id_rows,
+        memory=actor_memories(spec, task_cls, model),
     )
+
+
+def actor_memories(spec: JobSpec, task_cls: type[Task], model: ModelLocation) -> dict[str, MemoryNeed]:
+    """An actor's memory on CPUs and on a GPU, from the model's files (a local folder: a hub id is
+    known only once downloaded), the runtime's dtype and the task's working memory."""
+    if model.kind != "local":
+        return {}
+    rt, out = spec.runtime, {}  # type: ignore[var-annotated]
+    cpu_tokens = rt.max_batch_tokens or task_cls.cpu_batch_tokens or CPU_BATCH_TOKENS
+    traits = {"decodes": task_cls.decodes, "full_logits": task_cls.full_logits}
+    if not rt.num_gpus:  # 0, or unset: CPU actors on a cluster without GPUs
+        out["cpu"] = actor_memory(model.ref, model.config, rt.dtype, False, cpu_tokens, **traits)
+    if rt.device != "cpu" and rt.num_gpus != 0:
+        out["gpu"] = actor_memory(model.ref, model.config, rt.dtype, True, rt.max_batch_tokens or GPU_BATCH_TOKENS,
+                                  **traits)
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def validate_options(task_cls: type[Task], spec: JobSpec) -> TaskOptions:

@@ -15,6 +15,7 @@ from typing import Any
 
 from rayinfer.errors import InputError, RunError
 from rayinfer.io.location import local_path
+from rayinfer.models.memory import gb
 from rayinfer.plan.job import Plan
 
 log = logging.getLogger("rayinfer")
@@ -64,14 +65,50 @@ def gpu_choice(rt: Any, placed_gpus: float, nodes: list[dict[str, float]]) -> st
 
 
 def actor_need(plan: Plan) -> dict[str, float]:
-    """What one actor asks Ray for: CPUs, GPUs and custom resources (those above zero)."""
+    """What one actor asks Ray for: CPUs, GPUs, custom resources (those above zero) and, where the
+    model's files tell it (``Plan.memory``), its host memory in bytes, so that Ray never places
+    more actors on a node than its memory holds and the pool is sized by memory too."""
     rt = plan.spec.runtime
     cpus = rt.num_cpus if rt.num_cpus is not None else 1.0  # unset until placed(): 1
-    return {k: v for k, v in {"CPU": cpus, "GPU": rt.num_gpus or 0.0, **rt.resources}.items() if v > 0}
+    memory = plan.memory_need(rt.num_gpus)
+    need = {"CPU": cpus, "GPU": rt.num_gpus or 0.0, **rt.resources, "memory": memory.host_bytes if memory else 0.0}
+    return {k: v for k, v in need.items() if v > 0}
 
 
 def describe(need: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in need.items())
+    return ", ".join(f"{k}={gb(v)}" if k == "memory" else f"{k}={v:g}" for k, v in need.items())
+
+
+def check_memory(plan: Plan, nodes: list[dict[str, float]]) -> None:
+    """One line, before any weights load, when no node offers Ray's tasks the memory one actor
+    needs: the need, the largest node's, and the fixes that apply."""
+    rt = plan.spec.runtime
+    need = plan.memory_need(rt.num_gpus)
+    if need is None or not nodes:
+        return
+    largest = max(n.get("memory", 0.0) for n in nodes)
+    if largest >= need.host_bytes or not any("memory" in n for n in nodes):
+        return
+    fixes = []
+    if not rt.num_gpus and need.working_bytes > need.weights_bytes:
+        fixes.append(f"a smaller runtime.max_batch_tokens (its working memory: {gb(need.working_bytes)})")
+    if not rt.num_gpus and need.dtype == "float32" and need.weights_bytes >= need.working_bytes:
+        fixes.append("runtime.dtype: bfloat16 (half the weights; fast where the CPU has avx512_bf16 or AMX: "
+                     + ("this one has)" if _cpu_has_bf16() else "this one has not)"))
+    if not rt.num_gpus:
+        fixes.append("a GPU (runtime.num_gpus: 1: the weights and working memory go to it)")
+    fixes.append("a node with more memory (Ray offers its tasks what `ray start --memory` gives, by default most "
+                 "of the node's)")
+    raise RunError(f"no node can hold one actor: it needs about {gb(need.host_bytes)} of memory ({need.parts()}), "
+                   f"the largest node offers {gb(largest)}. Fixes: {'; '.join(fixes)}")
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pool_size(plan: Plan, cluster: dict[str, float], can_grow: bool = True) -> tuple[int, int]:
@@ -83,14 +120,19 @@ def pool_size(plan: Plan, cluster: dict[str, float], can_grow: bool = True) -> t
         return rt.actors, rt.actors
     if rt.actors is not None:
         return rt.actors.min, rt.actors.max
-    fit = max(1, int(min(cluster.get(k, 0) / v for k, v in actor_need(plan).items()) + 1e-9))
+    fit = max(1, int(min(cluster.get(k, 0) / v for k, v in counted(actor_need(plan), cluster).items()) + 1e-9))
     return (1 if can_grow else fit), fit
 
 
 def actors_that_fit(need: dict[str, float], nodes: list[dict[str, float]]) -> int:
     """How many actors needing ``need`` the nodes hold at once (each node on its own: an actor
     cannot span nodes)."""
-    return sum(int(min(n.get(k, 0) / v for k, v in need.items()) + 1e-9) for n in nodes)
+    return sum(int(min(n.get(k, 0) / v for k, v in counted(need, n).items()) + 1e-9) for n in nodes)
+
+
+def counted(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
+    """``need`` less its memory where ``have`` (a node's or the cluster's resources) reports none."""
+    return {k: v for k, v in need.items() if k != "memory" or "memory" in have}
 
 
 def check_resources(
@@ -111,9 +153,11 @@ def check_resources(
     for name, amount in rt.resources.items():
         if cluster.get(name, 0) < amount:
             raise RunError(f"runtime.resources asks for {amount:g} {name!r} but the cluster has {cluster.get(name, 0):g}")
-    need = actor_need(plan)
-    if nodes and not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
-        have = "; ".join(", ".join(f"{k}={n.get(k, 0):g}" for k in need) for n in nodes)
+    if nodes:
+        check_memory(plan, nodes)
+    need = counted(actor_need(plan), cluster)
+    if nodes and not any(all(n.get(k, 0) >= v for k, v in counted(need, n).items()) for n in nodes):
+        have = "; ".join(describe({k: n.get(k, 0) for k in need}) for n in nodes)
         raise RunError(f"no node can hold one actor ({describe(need)}); nodes have: {have}")
     if nodes:
         check_pool_fits(plan, pool_min, nodes, can_grow)
@@ -123,7 +167,7 @@ def check_pool_fits(plan: Plan, pool_min: int, nodes: list[dict[str, float]], ca
     """The embedded Ray cannot grow: a pool it cannot hold fails now rather than waiting out
     runtime.actor_start_timeout_s. A cluster may grow (an autoscaler): there it is a warning."""
     rt = plan.spec.runtime
-    need = actor_need(plan)
+    need = counted(actor_need(plan), {k: 0.0 for n in nodes for k in n})
     fits = actors_that_fit(need, nodes)
     if pool_min <= fits:
         return

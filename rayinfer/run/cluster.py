@@ -124,6 +124,7 @@ def build_dataset(plan: Plan, units: list[dict[str, Any]], out_dir: str, run_id:
         compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1], max_tasks_in_flight_per_actor=1),
         num_cpus=rt.num_cpus,
         num_gpus=rt.num_gpus or None,
+        memory=actor_need(plan).get("memory"),  # the model's need, from its files (Plan.memory)
         resources=rt.resources or None,
     )
 

@@ -136,6 +136,9 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
     choice = gpu_choice(asked, rt.num_gpus or 0.0, [n["Resources"] for n in alive])
     if choice and not after_loss:
         log.warning("rayinfer: note: %s", choice)
+    need = plan.memory_need(rt.num_gpus)
+    if need is not None and not after_loss:
+        log.warning("rayinfer: note: %s", need.describe())
     pool = pool_size(plan, cluster, can_grow=not local)
     if after_loss:
         pool = (1, pool[1])
@@ -226,6 +229,8 @@ def finish(
         "padding_overhead": round(totals.padded_tokens / totals.tokens - 1, 4) if totals.tokens else None,
         "actors": dict(totals.actor_rows),
         "actor_peak_rss_mb": {k: round(v, 1) for k, v in totals.actor_peak_rss_mb.items()},
+        "actor_memory_need": {where: {"params": m.weights.params, "dtype": m.dtype, "weights_mb": round(m.weights_bytes / 1e6, 1),
+                                      "host_mb": round(m.host_bytes / 1e6, 1)} for where, m in plan.memory.items()},
         "actor_busy_s": {k: round(v, 2) for k, v in totals.actor_busy_s.items()},
         "actor_ready_s": {k: round(v - started_at.timestamp(), 3) for k, v in totals.actor_ready_at.items()},
         "actor_gpu_ids": dict(sorted(totals.actor_gpu_ids.items())),

@@ -124,6 +124,10 @@ class Task(ABC):
     decoding: on CPUs an actor takes a node's cores (unless ``runtime.num_cpus`` is set), and a
     unit is never smaller than a decode batch."""
 
+    full_logits: ClassVar[bool] = False
+    """True for a task that computes vocabulary logits for every token of a pass (perplexity): an
+    actor's memory estimate (``rayinfer.models.memory``) then counts them."""
+
     schedules: ClassVar[bool] = False
     """True for a task whose ``forward`` takes all of a batch's encoded rows at once and cuts its
     own passes within ``self.batch_limits`` (continuous batching: generate and summarize keep a

@@ -1,0 +1,136 @@
+"""An actor's memory, known before Ray starts (#40): parameters read from the checkpoint's files
+alone (sharded safetensors headers, sharded .bin sizes), `validate` saying the need, Ray asked
+for it, and a job no node can hold refused in one line before any weights load."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import fill_mask_job
+from transformers import AutoModelForCausalLM
+
+from rayinfer.cli import main
+from rayinfer.errors import RunError
+from rayinfer.models.memory import RUNTIME_MB, checkpoint_weights
+from rayinfer.plan.job import plan_job
+from rayinfer.run.admission import actor_need, check_resources
+from rayinfer.testing import build_causal_lm
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """One tiny Llama saved three ways: one safetensors file, safetensors in shards (bf16 on disk),
+    and .bin shards with their index."""
+    root = tmp_path_factory.mktemp("shards")
+    base = build_causal_lm(root / "one")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.to(torch.bfloat16).save_pretrained(root / "st-shards", max_shard_size="40KB")
+    write_bin_shards(model.to(torch.float32), root / "bin-shards", shards=3)
+    for folder in ("st-shards", "bin-shards"):
+        for f in base.iterdir():
+            if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+                (root / folder / f.name).write_bytes(f.read_bytes())
+    return root, sum(p.numel() for p in model.parameters())
+
+
+def write_bin_shards(model, folder, shards):
+    """The pickled checkpoint layout transformers 5 no longer writes (save_pretrained writes
+    safetensors only) but still reads: pytorch_model-0000k-of-0000n.bin and their index."""
+    folder.mkdir(parents=True)
+    model.config.dtype = torch.float32
+    model.config.save_pretrained(folder)
+    seen, state = set(), {}
+    for k, v in model.state_dict().items():  # a tied weight once, as save_pretrained does
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            state[k] = v.contiguous()
+    names = list(state)
+    weight_map = {}
+    for k in range(shards):
+        part = names[k::shards]
+        name = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        torch.save({n: state[n] for n in part}, folder / name)
+        weight_map.update({n: name for n in part})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+
+
+def test_parameters_come_from_the_checkpoints_files_alone_sharded_or_not(shards):
+    root, params = shards
+    one = checkpoint_weights(root / "one")
+    st = checkpoint_weights(root / "st-shards")
+    binary = checkpoint_weights(root / "bin-shards", json.loads((root / "bin-shards" / "config.json").read_text()))
+    assert len(list((root / "st-shards").glob("*.safetensors"))) > 2 and (root / "bin-shards" / "pytorch_model.bin.index.json").is_file()
+    assert one.params == st.params == params  # tied embeddings are stored (and counted) once
+    assert st.stored_bytes == 2 * params and "safetensors headers" in st.how
+    # .bin: the index's total_size in the config's dtype
+    assert binary.params == params and "the .bin index's total_size" in binary.how
+
+
+def test_validate_states_the_need_and_the_run_asks_ray_for_it(shards, tmp_path):
+    root, params = shards
+    (tmp_path / "in").mkdir()
+    pq.write_table(__import__("pyarrow").table({"id": ["a"], "prompt": ["hello"]}), tmp_path / "in" / "p.parquet")
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({"task": "generate", "model": str(root / "st-shards"), "input": {"path": str(tmp_path / "in")},
+                               "output": {"path": str(tmp_path / "out")}, "runtime": {"device": "cpu"}}))
+    shown = CliRunner().invoke(main, ["validate", str(job)])
+    assert shown.exit_code == 0, shown.output
+    line = next(ln for ln in shown.output.splitlines() if ln.startswith("ok: memory (CPU actors): "))
+    assert f"model: {params / 1e3:.0f}K parameters, " in line and "in float32 per actor" in line
+    assert "GPU actors" not in shown.output  # device: cpu
+    plan = plan_job(str(job))
+    need = plan.memory_need(0)
+    assert need.weights_bytes == 4 * params and need.runtime_bytes == RUNTIME_MB * 10**6
+    assert actor_need(plan)["memory"] == need.host_bytes  # what map_batches asks Ray for
+
+
+def test_a_node_without_the_memory_of_one_actor_refuses_the_job_with_the_fixes(tmp_path, rayinfer_bert):
+    """The fixes that apply, the one that helps most first: a pass budget beyond the node gets a
+    smaller budget; the issue's 2.84B-parameter model in float32 gets bfloat16, a GPU, a larger node."""
+    import dataclasses
+
+    from rayinfer.models.memory import MemoryNeed, Weights
+
+    plan = plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime={"max_batch_tokens": 4_000_000}))
+    need = plan.memory_need(0)
+    with pytest.raises(RunError) as refused:
+        check_resources(plan, {"CPU": 4, "memory": 2e9}, [{"CPU": 2, "memory": 1e9}, {"CPU": 2, "memory": 1e9}])
+    message = str(refused.value)
+    assert message.startswith(f"no node can hold one actor: it needs about {need.host_bytes / 1e9:.1f} GB of memory "
+                              f"(working memory {need.working_bytes / 1e9:.1f} GB, the runtime 0.7 GB, weights ")
+    assert "the largest node offers 1.0 GB. Fixes: a smaller runtime.max_batch_tokens" in message
+    assert "bfloat16" not in message  # the weights are not what is too big
+    check_resources(plan, {"CPU": 4}, [{"CPU": 2}])  # a cluster that reports no memory: not judged by it
+
+    params = 2_840_000_000
+    big = MemoryNeed(Weights(params, 2 * params, "safetensors headers (6 files)"), "float32", 4 * params,
+                     RUNTIME_MB * 10**6, 400_000_000)
+    plan = dataclasses.replace(plan, memory={"cpu": big})
+    with pytest.raises(RunError) as refused:
+        check_resources(plan, {"CPU": 2, "memory": 10e9}, [{"CPU": 2, "memory": 10e9}])
+    message = str(refused.value)
+    assert message.startswith(
+        "no node can hold one actor: it needs about 12.4 GB of memory (weights 11.4 GB (2.84B parameters in "
+        "float32), the runtime 0.7 GB, working memory 0.4 GB), the largest node offers 10.0 GB. Fixes: "
+        "runtime.dtype: bfloat16 (half the weights; fast where the CPU has avx512_bf16 or AMX: this one ")
+    assert "; a GPU (runtime.num_gpus: 1: the weights and working memory go to it); a node with more memory" in message
+    assert "max_batch_tokens" not in message
+
+
+def test_a_job_the_local_ray_cannot_hold_is_one_line_before_any_actor(tmp_path, rayinfer_bert, ray_session):
+    """On the session's Ray, whose node offers Ray's tasks its real memory: an actor whose working
+    memory alone is beyond it (a 400M-token pass budget) is refused before any actor starts, in one
+    line, and nothing is written."""
+    job = fill_mask_job(tmp_path, rayinfer_bert, runtime={"max_batch_tokens": 400_000_000})
+    ran = CliRunner().invoke(main, ["run", str(job), "--quiet"])
+    errors = [ln for ln in ran.output.splitlines() if ln.startswith("rayinfer: error:")]
+    assert ran.exit_code == 3 and len(errors) == 1, ran.output
+    assert "rayinfer: error: no node can hold one actor: it needs about " in errors[0]
+    assert "Fixes: a smaller runtime.max_batch_tokens" in errors[0]
+    assert not list((tmp_path / "out").glob("part-*.parquet"))
