@@ -94,11 +94,12 @@ def test_job_per_task(case, tmp_path, request, ray_session):
     manifest = run_job(job)
     assert manifest["status"] == "complete" and manifest["rows"] == n and manifest["errors"] == 0
     # the memory estimate (rayinfer.models.memory, from the model's files before Ray starts) is
-    # honest: every actor's measured peak RSS under it, and it at most 35% above (on these tiny
-    # models the runtime's 650 MB is most of it)
+    # honest: every actor's measured peak RSS under it, and it at most 50% above (on these tiny
+    # models the runtime's 750 MB is most of it: 544-571 MB in a fresh worker process, 669-703 MB
+    # in one that earlier jobs of this session used)
     need = manifest["actor_memory_need"]["cpu"]["host_mb"]
     peaks = list(manifest["actor_peak_rss_mb"].values())
-    assert peaks and all(p <= need <= 1.35 * p for p in peaks), (need, peaks)
+    assert peaks and all(p <= need <= 1.5 * p for p in peaks), (need, peaks)
 
     out = pq.read_table(tmp_path / "out").to_pylist()
     assert sorted(r["uid"] for r in out) == ids

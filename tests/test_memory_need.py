@@ -103,7 +103,7 @@ def test_a_node_without_the_memory_of_one_actor_refuses_the_job_with_the_fixes(t
         check_resources(plan, {"CPU": 4, "memory": 2e9}, [{"CPU": 2, "memory": 1e9}, {"CPU": 2, "memory": 1e9}])
     message = str(refused.value)
     assert message.startswith(f"no node can hold one actor: it needs about {need.host_bytes / 1e9:.1f} GB of memory "
-                              f"(working memory {need.working_bytes / 1e9:.1f} GB, the runtime 0.7 GB, weights ")
+                              f"(working memory {need.working_bytes / 1e9:.1f} GB, the runtime 0.8 GB, weights ")
     assert "the largest node offers 1.0 GB. Fixes: a smaller runtime.max_batch_tokens" in message
     assert "bfloat16" not in message  # the weights are not what is too big
     check_resources(plan, {"CPU": 4}, [{"CPU": 2}])  # a cluster that reports no memory: not judged by it
@@ -116,8 +116,8 @@ def test_a_node_without_the_memory_of_one_actor_refuses_the_job_with_the_fixes(t
         check_resources(plan, {"CPU": 2, "memory": 10e9}, [{"CPU": 2, "memory": 10e9}])
     message = str(refused.value)
     assert message.startswith(
-        "no node can hold one actor: it needs about 12.4 GB of memory (weights 11.4 GB (2.84B parameters in "
-        "float32), the runtime 0.7 GB, working memory 0.4 GB), the largest node offers 10.0 GB. Fixes: "
+        "no node can hold one actor: it needs about 12.5 GB of memory (weights 11.4 GB (2.84B parameters in "
+        "float32), the runtime 0.8 GB, working memory 0.4 GB), the largest node offers 10.0 GB. Fixes: "
         "runtime.dtype: bfloat16 (half the weights; fast where the CPU has avx512_bf16 or AMX: this one ")
     assert "; a GPU (runtime.num_gpus: 1: the weights and working memory go to it); a node with more memory" in message
     assert "max_batch_tokens" not in message

@@ -16,22 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
-"""Bytes per element of the safetensors dtypes."""
-
 TORCH_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8}
 
-RUNTIME_MB = 650
+RUNTIME_MB = 750
 """An actor's memory besides its model and working memory: Python, torch, transformers, tokenizers,
-pyarrow and Ray's worker. The tiny test models' actors peak at 544-571 MB of RSS, all-MiniLM's
-embed actor (sentence-transformers too) at 758 MB with 91 MB of weights (torch 2.13, transformers
-5.25, Ray 2.60; tests/test_e2e_tasks.py holds every task's estimate to its actor's measured peak)."""
+pyarrow and Ray's worker. The tiny test models' actors peak at 544-571 MB of RSS in a fresh worker
+process, at 669-703 MB in one that earlier actors of the same Ray job used (the test suite's: every
+run_job of one Python process is one Ray job); all-MiniLM's embed actor (sentence-transformers too)
+at 758 MB with 91 MB of weights (torch 2.13, transformers 5.25, Ray 2.60; tests/test_e2e_tasks.py
+holds every task's estimate to its actor's measured peak)."""
 
 DECODE_PASS_TOKENS = 8192
 """A decode loop's largest pass (a prefill of the rows joining, at most its slots) counted for its
 activations, where its token budget is larger: the budget bounds its KV cache, not its passes.
-SmolLM2, 64 chat prompts x 128 new tokens, the CPU defaults: 2.9 GB estimated, 2.43 GB measured."""
+SmolLM2, 64 chat prompts x 128 new tokens, the CPU defaults: 3.0 GB estimated, 2.43 GB measured."""
 
 ACTIVATION_WIDTH = 24
 """Activations of one token in a forward pass, in units of the hidden size: the residual stream,

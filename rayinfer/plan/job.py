@@ -206,7 +206,8 @@ def actor_memories(spec: JobSpec, task_cls: type[Task], model: ModelLocation) ->
     known only once downloaded), the runtime's dtype and the task's working memory."""
     if model.kind != "local":
         return {}
-    rt, out = spec.runtime, {}  # type: ignore[var-annotated]
+    rt = spec.runtime
+    out: dict[str, MemoryNeed | None] = {}
     cpu_tokens = rt.max_batch_tokens or task_cls.cpu_batch_tokens or CPU_BATCH_TOKENS
     traits = {"decodes": task_cls.decodes, "full_logits": task_cls.full_logits}
     if not rt.num_gpus:  # 0, or unset: CPU actors on a cluster without GPUs

@@ -20,7 +20,7 @@ import pyarrow as pa
 from rayinfer.errors import RayInferError, RunFailed
 from rayinfer.models.load import LoadContext, actor_context, device_report
 from rayinfer.run.failures import exception_chain, log_traceback
-from rayinfer.run.unit import UnitLoop, UnitSettings
+from rayinfer.run.unit import UnitLoop, UnitSettings, reset_peak_rss
 from rayinfer.task.base import Task
 from rayinfer.task.device import DeviceFailure
 from rayinfer.task.runner import TaskRunner
@@ -37,6 +37,7 @@ class TaskActor:
                  settings: UnitSettings, coordinator: Any = None) -> None:
         import ray
 
+        reset_peak_rss()  # this actor's peak, not an earlier actor's in the same worker process
         self.coordinator = coordinator
         self.failure: RayInferError | None = None
         runtime = ray.get_runtime_context()

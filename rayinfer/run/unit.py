@@ -258,7 +258,7 @@ class UnitLoop:
         report.at = time.time()
         self.stopping = self.stopping or bool(self.call("stopping"))
         release_memory()  # about once a second: cheap next to a second of work
-        report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        report.peak_rss_mb = peak_rss_mb()
         report.rss_mb = psutil.Process().memory_info().rss / 2**20
         return report.to_table()
 
@@ -316,6 +316,30 @@ def _ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
     finally:
         stop.set()
         thread.join()
+
+
+def reset_peak_rss() -> None:
+    """Count this process's peak RSS from now (Linux: writing 5 to clear_refs resets VmHWM). Ray
+    may start an actor in a worker process that an earlier actor of the same Ray job used (every
+    run_job of one Python process is one Ray job): its lifetime peak (ru_maxrss) would be that
+    actor's model, not this one's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:  # not Linux, or not allowed: the lifetime peak it is
+        pass
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since ``reset_peak_rss`` (VmHWM), else over its lifetime."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def release_memory() -> None:
