@@ -100,17 +100,12 @@ class SummarizeTask(Task):
         return [(text.strip(), it["truncated"]) for (text, _), it in zip(outs, items)]
 
     def forward_stream(self, batches: Any) -> Any:
-        truncated: dict[Any, bool] = {}
-
-        def kept(batches: Any) -> Any:
-            for batch in batches:
-                truncated.update((key, item["truncated"]) for key, item in batch)
-                yield batch
-
-        for key, out in generate_stream(self.model, self.tokenizer, kept(batches), self.options, self.batch_limits,
-                                        kv_budget=self.kv_budget, min_new=self.options.min_new_tokens):
-            flag = truncated.pop(key)
-            yield key, out if isinstance(out, RowError) else (out[0].strip(), flag)
+        # each row's truncation flag rides its key through the decode loop
+        flagged = ([((key, item["truncated"]), item) for key, item in batch] for batch in batches)
+        rows = generate_stream(self.model, self.tokenizer, flagged, self.options, self.batch_limits,
+                               kv_budget=self.kv_budget, min_new=self.options.min_new_tokens)
+        for (key, truncated), out in rows:
+            yield key, out if isinstance(out, RowError) else (out[0].strip(), truncated)
 
     def postprocess(self, outputs: list[Any], batch: Batch) -> dict[str, list[Any]]:
         return {"summary": [o[0] for o in outputs], "truncated": [o[1] for o in outputs]}

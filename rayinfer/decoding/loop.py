@@ -73,8 +73,7 @@ def decode(
     length = max(len(r.prompt) for r in rows) + max_new_tokens
     n_slots = max(1, min(slots, len(rows), (budget // length) if budget else len(rows)))
     stats = stats if stats is not None else DecodeStats()
-    loop = _Loop(model, n_slots, length, eos, pad, max_new_tokens, min_new_tokens, stopped, stats,
-                 sampler if sampler is not None and sampler.needed else None, mask)
+    loop = _Loop(model, n_slots, length, eos, pad, max_new_tokens, min_new_tokens, stopped, stats, sampler, mask)
     loop.share_prefix(rows)
     for _ in loop.run(rows, iter(())):
         pass
@@ -124,7 +123,8 @@ class _Loop:
         self.live = torch.zeros(n_slots, dtype=torch.long, device=self.device)
         # a sampler's state per slot, on the device: the row's seed, its tokens so far, and (for a
         # repetition penalty) which tokens it holds; allocated by the first join (the vocabulary)
-        self.sampler, self.mask = sampler, mask
+        self.sampler = sampler if sampler is not None and sampler.needed else None  # None: the best token
+        self.mask = mask
         self.seeds = torch.zeros(n_slots, dtype=torch.long, device=self.device)
         self.counts = torch.zeros(n_slots, dtype=torch.long, device=self.device)
         self.seen: torch.Tensor | None = None
@@ -151,7 +151,7 @@ class _Loop:
             if not waiting and free and more and not later:  # room: the next list joins
                 rows = next_rows(source, self.stats)
                 more = bool(rows)
-                fit = [self.fits(r) for r in rows]
+                fit = [self.admit(r) for r in rows]
                 waiting = [r for r, ok in zip(reversed(rows), reversed(fit)) if ok]
                 later = [r for r, ok in zip(rows, fit) if not ok]
                 continue
@@ -169,9 +169,9 @@ class _Loop:
             self._step()
             yield from self._ended()
 
-    def fits(self, row: Row) -> bool:
+    def admit(self, row: Row) -> bool:
         """Whether ``row`` can join this loop: it starts with the shared prefix, and its tokens fit a
-        slot, whose columns grow (twice as many, at most ``room``) where they fall short."""
+        slot; where they fall short the slots' columns grow now (to twice as many, at most ``room``)."""
         p0, need = len(self.prefix_ids), len(row.prompt) + self.max_new
         if len(row.prompt) <= p0 or row.prompt[:p0] != self.prefix_ids or need > max(self.length, self.room):
             return False

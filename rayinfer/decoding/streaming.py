@@ -48,6 +48,6 @@ def stream(
         n_slots = max(1, min(cap, (budget // needed) if budget else cap))
         room = budget // n_slots if budget else 1 << 40  # the columns a slot may grow to
         loop = _Loop(model, n_slots, max(needed, min(room, roomy)), eos, pad, max_new_tokens, min_new_tokens,
-                     stopped, stats, sampler if sampler is not None and sampler.needed else None, mask, room)
+                     stopped, stats, sampler, mask, room)
         loop.share_prefix(first)
         first = yield from loop.run(first, source)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rayinfer.errors import ModelError
+from rayinfer.models.memory import kv_bytes_per_token
 
 log = logging.getLogger("rayinfer")
 
@@ -96,10 +97,7 @@ def kv_tokens(free: int, total: int, held: int, share: float, config: Any, dtype
     ``held`` already (its weights), and never more than is ``free``; KV_ROOM of that, over what one
     token's keys and values take in every layer of a model of ``config``."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(config, "num_attention_heads", 1)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    per_token = kv_bytes_per_token(config.to_dict() if hasattr(config, "to_dict") else dict(config), dtype_bytes)
     room = min(free, int(total * share) - held) * KV_ROOM
     return max(0, int(room // per_token))
 

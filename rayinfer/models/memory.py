@@ -61,6 +61,11 @@ class MemoryNeed:
     def host_bytes(self) -> int:
         return self.runtime_bytes + (0 if self.on_gpu else self.weights_bytes + self.working_bytes)
 
+    def summary(self) -> dict[str, Any]:
+        """What the manifest records (``actor_memory_need``)."""
+        return {"params": self.weights.params, "dtype": self.dtype, "weights_mb": round(self.weights_bytes / 1e6, 1),
+                "host_mb": round(self.host_bytes / 1e6, 1)}
+
     def parts(self) -> str:
         """Where the host memory goes, largest first."""
         parts = [(self.runtime_bytes, f"the runtime {gb(self.runtime_bytes)}")]
@@ -149,17 +154,26 @@ def working_bytes(config: dict[str, Any], dtype_bytes: int, batch_tokens: int, k
     decode loop's KV cache, and ``packed_params`` of prepacked weights (a decode loop on CPUs keeps
     a oneDNN copy of its linear layers' weights: ``rayinfer.decoding.fast``)."""
     text = config.get("text_config") or config
-    hidden = int(text.get("hidden_size") or text.get("d_model") or text.get("n_embd") or 768)
-    layers = int(text.get("num_hidden_layers") or text.get("num_layers") or text.get("n_layer") or 12)
-    heads = int(text.get("num_attention_heads") or text.get("num_heads") or text.get("n_head") or 12)
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    head_dim = int(text.get("head_dim") or hidden // max(1, heads))
     vocab = int(text.get("vocab_size") or 32000)
     passes = min(batch_tokens, DECODE_PASS_TOKENS) if kv_tokens else batch_tokens
-    activations = passes * hidden * ACTIVATION_WIDTH * 4  # fp32 where it matters (scores, norms)
+    activations = passes * _hidden(text) * ACTIVATION_WIDTH * 4  # fp32 where it matters (scores, norms)
     logits = batch_tokens * vocab * 4 * 2 if full_logits else 0
-    kv = kv_tokens * 2 * layers * kv_heads * head_dim * dtype_bytes
+    kv = kv_tokens * kv_bytes_per_token(text, dtype_bytes)
     return activations + logits + kv + packed_params * dtype_bytes
+
+
+def _hidden(config: dict[str, Any]) -> int:
+    return int(config.get("hidden_size") or config.get("d_model") or config.get("n_embd") or 768)
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int:
+    """One token's keys and values in every layer of a decoder with this (text) config, as a dict
+    (``config.json``'s, or ``PretrainedConfig.to_dict()``)."""
+    layers = int(config.get("num_hidden_layers") or config.get("num_layers") or config.get("n_layer") or 12)
+    heads = int(config.get("num_attention_heads") or config.get("num_heads") or config.get("n_head") or 12)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or _hidden(config) // max(1, heads))
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
 def actor_memory(folder: str | Path, config: dict[str, Any] | None, dtype: str, on_gpu: bool, batch_tokens: int,

@@ -53,6 +53,19 @@ def free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def triage(exc: BaseException, stage: str) -> bool:
+    """What a failed call means for the calls after it: True for an out-of-memory (the allocator's
+    cache handed back: smaller calls may pass); a sticky device error is raised as DeviceFailure
+    (no later call in this process can pass); False for anything else. Out-of-memory is asked
+    first: its messages and the sticky ones are told apart in that order."""
+    if is_out_of_memory(exc):
+        free_cached_memory()
+        return True
+    if is_sticky(exc):
+        raise sticky_failure(exc, stage) from exc
+    return False
+
+
 def one_row_out_of_memory(exc: BaseException, stage: str) -> RowError:
     first = (str(exc).strip().splitlines() or [""])[0][:200]
     return RowError(f"{stage} ran out of memory on this row alone ({first}): lower runtime.max_batch_tokens (and, "

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from rayinfer.errors import ERROR_COL, RowError
 from rayinfer.task.base import Batch, Task
-from rayinfer.task.device import free_cached_memory, is_out_of_memory, is_sticky, one_row_out_of_memory, sticky_failure
+from rayinfer.task.device import one_row_out_of_memory, triage
 from rayinfer.text import micro_batches
 
 log = logging.getLogger("rayinfer")
@@ -204,11 +204,7 @@ class TaskRunner:
         try:
             result = fn(idx)
         except Exception as exc:
-            oom = is_out_of_memory(exc)
-            if oom:
-                free_cached_memory()
-            elif is_sticky(exc):
-                raise sticky_failure(exc, stage) from exc
+            oom = triage(exc, stage)
             if len(idx) == 1:
                 if isinstance(exc, RowError):
                     errors[idx[0]] = exc
@@ -263,7 +259,7 @@ class TaskRunner:
 
     @property
     def streams(self) -> bool:
-        return bool(getattr(self.task, "streams", False))
+        return self.task.streams
 
     def stream_tables(self, entries: Iterable[tuple[Any, tuple[pa.Table, Prepared] | None]], schema: pa.Schema,
                       stats: BatchStats) -> Iterator[tuple[Any, pa.Table | None]]:
@@ -325,10 +321,7 @@ class TaskRunner:
 
     def _stream_failed(self, exc: Exception, queue: deque[_InFlight]) -> None:
         """The stream failed: its rows in flight, batch by batch, through ``forward`` and ``_isolate``."""
-        if is_sticky(exc):
-            raise sticky_failure(exc, "forward") from exc
-        if is_out_of_memory(exc):
-            free_cached_memory()
+        triage(exc, "forward")
         log.warning("rayinfer: the decode stream failed (%s: %s); running its %d rows in flight batch by batch",
                     type(exc).__name__, exc, sum(len(f.left) for f in queue))
         for f in queue:
