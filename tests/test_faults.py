@@ -350,27 +350,38 @@ def register_tasks(register):
 
 
 @pytest.mark.slow
-def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_path, rayinfer_bert):
+def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_path, rayinfer_bert, ray_session,
+                                                                          monkeypatch, request):
     """A task that kills its own process on a marker row: Ray restarts the actor and reruns the
     unit; rayinfer pins each death on the batch in flight, halves it until the row is alone, and
     gives that row a worker_crash error, every other row its output. With the marker removed from
     the input, `rayinfer retry-errors` reruns only the error rows: the fixed row gets its output,
-    a null row keeps its error, every other row and part stays byte for byte as it was."""
+    a null row keeps its error, every other row and part stays byte for byte as it was. Both
+    commands run in this process on the session's Ray (the plugin installed as pip leaves it, found
+    through its entry point; its module goes to the actors by value)."""
+    import importlib
+
+    import ray.cloudpickle
+    from click.testing import CliRunner
     from test_plugins import install_fake_dist
+
+    from rayinfer.cli import main
 
     site = tmp_path / "site"
     install_fake_dist(site, "rayinfer-crashy", "rayinfer_crashy", CRASHY)
+    monkeypatch.syspath_prepend(str(site))
+    crashy = importlib.import_module("rayinfer_crashy")
+    ray.cloudpickle.register_pickle_by_value(crashy)
+    request.addfinalizer(lambda: (ray.cloudpickle.unregister_pickle_by_value(crashy), sys.modules.pop(crashy.__name__)))
     corpus = masked_corpus(120)
     corpus["sentence"][45] = "KILL-THIS-WORKER " + corpus["sentence"][45]
     corpus["sentence"][100] = None
     # units of 30 rows, batches of 4: row 45 is the last of the batch 42-45
     job = fill_mask_job(tmp_path, rayinfer_bert, corpus=corpus, files=2, task="crashy-fill-mask",
                         runtime={"batch_size": 4, "actors": 1, "worker_crash_retries": 0})
-    env = {**os.environ, "PYTHONPATH": str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    ran = subprocess.run([sys.executable, "-m", "rayinfer", "run", str(job), "--quiet"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    assert "120 rows (120 this run, 0 resumed), 2 with errors" in ran.stdout
+    ran = CliRunner().invoke(main, ["run", str(job), "--quiet"])
+    assert ran.exit_code == 0, ran.output[-3000:]
+    assert "120 rows (120 this run, 0 resumed), 2 with errors" in ran.output
     out = tmp_path / "out"
     manifest = json.loads((out / MANIFEST).read_text())
     # the unwatched first attempt, then batches 42-45, 44-45 and row 45 alone
@@ -391,11 +402,10 @@ def test_a_row_that_kills_its_worker_is_isolated_and_retry_errors_fixes_it(tmp_p
     texts = [t.replace("KILL-THIS-WORKER ", "") if t else t for t in table.column("sentence").to_pylist()]
     pq.write_table(table.set_column(table.schema.get_field_index("sentence"), "sentence", pa.array(texts)), fixed_file)
     before = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
-    retried = subprocess.run([sys.executable, "-m", "rayinfer", "retry-errors", str(out), "--quiet"],
-                             capture_output=True, text=True, env=env, timeout=600)
-    assert retried.returncode == 0, retried.stderr[-3000:]
+    retried = CliRunner().invoke(main, ["retry-errors", str(out), "--quiet"])
+    assert retried.exit_code == 0, retried.output[-3000:]
     assert ("rayinfer: retried 2 rows with errors in 2 parts: 1 fixed, 1 failed again {'null_input': 1}; "
-            "1 of 120 rows have errors now") in retried.stdout, retried.stdout
+            "1 of 120 rows have errors now") in retried.output, retried.output
     after = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
     changed = sorted(n for n in before if before[n] != after[n])
     assert after.keys() == before.keys() and len(changed) == 2

@@ -56,9 +56,10 @@ plugin's own generated tests must catch it."""
 @pytest.fixture(scope="module")
 def scaffolded(tmp_path_factory):
     """Every template generated as my-TEMPLATE, plus my-broken (the encoder template with the
-    ``BROKEN`` postprocessing), the packages installed the way a user installs them (one pip
-    call), their generated tests run (one pytest process: its session builds the small models
-    once) and `rayinfer plugins` listed, once for the module."""
+    ``BROKEN`` postprocessing) and the example plugin (plugins/examples/rayinfer-embed), the
+    packages installed the way a user installs them (one pip call), their own tests run (one
+    pytest process: its session builds the small models and starts its Ray once) and `rayinfer
+    plugins` listed, once for the module."""
     root = tmp_path_factory.mktemp("scaffolds")
     packages = {t: new_plugin(f"my-{t}", root, t) for t in TEMPLATES}
     packages["broken"] = new_plugin("my-broken", root, "encoder")
@@ -66,9 +67,9 @@ def scaffolded(tmp_path_factory):
     assert BROKEN[0] in task_py.read_text()
     task_py.write_text(task_py.read_text().replace(*BROKEN))
     site = root / "site"
-    pip_install(site, *packages.values())
-    tests = run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *(str(p / "tests") for p in packages.values())],
-                site, root)
+    pip_install(site, *packages.values(), EMBED)
+    tests = run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
+                 *(str(p / "tests") for p in packages.values()), str(EMBED / "tests")], site, root)
     listed = run([sys.executable, "-m", "rayinfer", "plugins"], site, root)
     return {"root": root, "site": site, "packages": packages, "tests": tests, "listed": listed}
 
@@ -105,14 +106,17 @@ def test_an_unknown_template_is_refused_with_the_choices(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_example_plugin_installs_and_passes_its_tests(tmp_path):
-    site = tmp_path / "site"
-    pip_install(site, EMBED)
-    shown = run([sys.executable, "-m", "rayinfer", "tasks", "show", "mean-embed"], site, tmp_path)
+def test_the_example_plugin_installs_and_passes_its_tests(scaffolded):
+    """plugins/examples/rayinfer-embed, installed with the scaffolds (one pip call): its task is
+    listed and shown, and its own three tests pass (in the scaffolds' pytest process)."""
+    site, root = scaffolded["site"], scaffolded["root"]
+    shown = run([sys.executable, "-m", "rayinfer", "tasks", "show", "mean-embed"], site, root)
     assert shown.returncode == 0 and "normalize (bool, default True)" in shown.stdout
-    tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EMBED / "tests")], site, tmp_path)
-    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
-    assert "3 passed" in tests.stdout
+    assert "mean-embed" in scaffolded["listed"].stdout
+    tests = scaffolded["tests"]
+    mine = dict(re.findall(r"examples/rayinfer-embed/tests/test_embed\.py::(\w+) (PASSED|FAILED|ERROR)", tests.stdout))
+    assert mine == {"test_equals_mean_pooling_one_text_at_a_time": "PASSED", "test_bad_and_long_rows": "PASSED",
+                    "test_a_real_local_job_equals_mean_pooling": "PASSED"}, tests.stdout[-3000:] + tests.stderr[-3000:]
 
 
 def test_the_tutorial_code_is_the_example_plugin_code():
