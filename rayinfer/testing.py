@@ -320,7 +320,9 @@ def run_job_on_rows(
 ) -> list[dict[str, Any]]:
     """Run ``task`` through a real job: ``rows`` (dicts keyed by the task's input names) become
     Parquet files with an ``id`` column in ``workdir/in``, the job runs on Ray (the one already
-    initialised, else an embedded one) and the output rows come back sorted by id."""
+    initialised, else an embedded one) with one actor (the path every row takes is the same as in
+    a pool, and a test is spared a second process loading the model; ``runtime={"actors": None}``
+    sizes the pool as a run does) and the output rows come back sorted by id."""
     from rayinfer.api import run_job
 
     workdir = Path(workdir)
@@ -334,7 +336,7 @@ def run_job_on_rows(
         "input": {"path": str(workdir / "in"), "id_column": "id"},
         "output": {"path": str(workdir / "out"), "mode": "overwrite"},
         "options": options or {},
-        "runtime": {"batch_size": 16, "num_cpus": 1},
+        "runtime": {"batch_size": 16, "num_cpus": 1, "actors": 1},
     }
     for key, value in spec.items():
         job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) and isinstance(job.get(key), dict) else value

@@ -35,7 +35,9 @@ def fill_mask_job(
         "input": {"path": str(tmp / "in"), "id_column": "doc_id", "columns": {"text": "sentence"}, "keep": ["source"]},
         "output": {"path": str(tmp / "out")},
         "options": {"top_k": 3},
-        "runtime": {"batch_size": 32, "num_cpus": 1},
+        # one actor: a second on the 2-CPU embedded Ray costs a process importing torch per job
+        # (test_e2e's many-files job runs the default pool)
+        "runtime": {"batch_size": 32, "num_cpus": 1, "actors": 1},
     }
     for key, value in extra.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value

@@ -161,7 +161,7 @@ def test_a_constrained_job_writes_fitting_rows_and_unmet_error_rows(tmp_path, ra
     options = {"json_schema": SCHEMA, "max_new_tokens": 24}
     job = write_job(tmp_path / "job.yaml", task="generate", model=str(rayinfer_llama_bpe), options=options,
                     input={"path": str(tmp_path / "in"), "id_column": "uid"}, output={"path": str(tmp_path / "out")},
-                    runtime={"batch_size": 8, "num_cpus": 1})
+                    runtime={"batch_size": 8, "num_cpus": 1, "actors": 1})
     manifest = run_job(job)
     direct = run_task(GenerateTask, [{"prompt": p} for p in prompts], rayinfer_llama_bpe, options)
     unmet = sum(d["error"] is not None for d in direct)

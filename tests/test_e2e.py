@@ -15,8 +15,11 @@ from rayinfer.testing import run_task
 
 
 def test_fill_mask_job_over_many_files(tmp_path, rayinfer_bert, ray_session):
+    """1200 rows in 4 files on the default pool (runtime.actors unset: as many 1-CPU actors as the
+    embedded Ray holds, 2 here; the suite's other jobs run one actor where the pool is not what
+    they test)."""
     rows = 1200
-    job = fill_mask_job(tmp_path, rayinfer_bert, rows=rows, files=4, runtime={"batch_size": 100})
+    job = fill_mask_job(tmp_path, rayinfer_bert, rows=rows, files=4, runtime={"batch_size": 100, "actors": None})
     manifest = run_job(job)
 
     out = pq.read_table(tmp_path / "out")  # the folder reads as one dataset: the manifest is hidden

@@ -89,7 +89,7 @@ def test_job_per_task(case, tmp_path, request, ray_session):
     job = write_job(
         tmp_path / "job.yaml", task=task, model=str(model), options=options,
         input={"path": str(tmp_path / "in"), "id_column": "uid", "columns": {k: f"col_{k}" for k in inputs}},
-        output={"path": str(tmp_path / "out")}, runtime={"batch_size": 8, "num_cpus": 1},
+        output={"path": str(tmp_path / "out")}, runtime={"batch_size": 8, "num_cpus": 1, "actors": 1},
     )
     manifest = run_job(job)
     assert manifest["status"] == "complete" and manifest["rows"] == n and manifest["errors"] == 0

@@ -150,7 +150,7 @@ def test_a_job_writes_fixed_size_vectors(tmp_path, cls_dense_query, ray_session)
                    tmp_path / "in" / "docs.parquet")
     spec = {"task": "embed", "model": str(cls_dense_query), "options": {"prompt_name": "query"},
             "input": {"path": str(tmp_path / "in"), "id_column": "doc", "columns": {"text": "body"}},
-            "output": {"path": str(tmp_path / "out")}, "runtime": {"num_cpus": 1}}
+            "output": {"path": str(tmp_path / "out")}, "runtime": {"num_cpus": 1, "actors": 1}}
     manifest = run_job(spec)
     assert manifest["rows"] == 60 and manifest["errors"] == 1
     table = pq.read_table(tmp_path / "out")

@@ -48,7 +48,7 @@ def classify_job(tmp_path, model, input_path, **input_spec):
     return write_job(
         tmp_path / "job.yaml", task="classify", model=str(model),
         input={"path": str(input_path), "id_column": "uid", **input_spec},
-        output={"path": str(tmp_path / "out")}, runtime={"batch_size": 8, "num_cpus": 1},
+        output={"path": str(tmp_path / "out")}, runtime={"batch_size": 8, "num_cpus": 1, "actors": 1},
     )
 
 
@@ -167,7 +167,7 @@ def test_a_folder_whose_schema_drifts_runs_as_one_dataset(tmp_path, rayinfer_ber
     pq.write_table(b, data / "in-b.parquet")
     job = write_job(tmp_path / "job.yaml", task="classify", model=str(rayinfer_bert_classifier),
                     input={"path": str(data / "in-*.parquet"), "id_column": "uid", "keep": ["source"]},
-                    output={"path": str(data / "predictions")}, runtime={"batch_size": 8, "num_cpus": 1})
+                    output={"path": str(data / "predictions")}, runtime={"batch_size": 8, "num_cpus": 1, "actors": 1})
     plan = plan_job(job)
     assert plan.input_schema.field("text").type == pa.large_string()
     manifest = run_job(job)

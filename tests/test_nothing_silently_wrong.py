@@ -57,7 +57,7 @@ def classify_job(tmp_path: Path, model: Path, rows: int = 100, **extra) -> Path:
     texts = [english_sentences()[i % len(english_sentences())] for i in range(rows)]
     pq.write_table(pa.table({"id": list(range(rows)), "text": texts}), tmp_path / "in.parquet")
     spec = {"task": "classify", "model": str(model), "input": {"path": str(tmp_path / "in.parquet")},
-            "output": {"path": str(tmp_path / "out")}, "runtime": {"batch_size": 32, "num_cpus": 1}, **extra}
+            "output": {"path": str(tmp_path / "out")}, "runtime": {"batch_size": 32, "num_cpus": 1, "actors": 1}, **extra}
     return write_job(tmp_path / "job.yaml", **spec)
 
 
@@ -166,7 +166,7 @@ def test_warn_runs_every_row_and_says_how_many_repeat(tmp_path, rayinfer_bert, r
     job = write_job(tmp_path / "job.yaml", task="fill-mask", model=str(rayinfer_bert),
                     input={"path": str(folder), "id_column": "doc_id", "columns": {"text": "sentence"},
                            "duplicate_ids": "warn"},
-                    output={"path": str(tmp_path / "out")}, runtime={"num_cpus": 1})
+                    output={"path": str(tmp_path / "out")}, runtime={"num_cpus": 1, "actors": 1})
     with caplog.at_level("WARNING", logger="rayinfer"):
         manifest = run_job(job)
     assert any("2 row(s) repeat an id of another row" in r.getMessage() for r in caplog.records)

@@ -141,7 +141,7 @@ def test_retry_errors_after_fixing_a_malformed_record_gives_every_row_once(tmp_p
 
     def job(out: str) -> dict:
         return {"task": "classify", "model": str(rayinfer_bert_classifier), "input": {"path": str(path)},
-                "output": {"path": str(tmp_path / out)}, "runtime": {"num_cpus": 1}}
+                "output": {"path": str(tmp_path / out)}, "runtime": {"num_cpus": 1, "actors": 1}}
 
     first = run_job(job("out"))
     assert first["rows"] == 100 and first["errors"] == 1 and first["errors_this_run_by_kind"] == {"malformed": 1}

@@ -206,7 +206,7 @@ def test_a_fixed_pool_must_fit_the_local_ray(tmp_path, rayinfer_bert, caplog):
     check_pool_fits(plan, 3, [{"CPU": 3}], can_grow=False)  # fits: fine
 
     # unset actors: every actor the cluster holds; all from the start on the local Ray
-    unset = plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime={"num_cpus": 0.5}))
+    unset = plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime={"num_cpus": 0.5, "actors": None}))
     assert pool_size(unset, {"CPU": 2}, can_grow=False) == (4, 4)
     assert pool_size(unset, {"CPU": 2}, can_grow=True) == (1, 4)
 
@@ -256,7 +256,7 @@ def test_num_gpus_unset_is_one_per_actor_where_the_cluster_has_gpus_and_the_devi
     from rayinfer.run.admission import gpu_choice, placed, pool_size
 
     def plan(**runtime):
-        return plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime=runtime))
+        return plan_job(fill_mask_job(tmp_path, rayinfer_bert, runtime={"actors": None, **runtime}))
 
     gpu_nodes = [{"CPU": 16, "GPU": 2}, {"CPU": 8}]
     assert placed(plan(), gpu_nodes).spec.runtime.num_gpus == 1
