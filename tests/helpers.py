@@ -234,3 +234,49 @@ def generate_alone(model: Any, tok: Any, prompt: str, max_new_tokens: int, **gen
                              **generate_kwargs)[0, ids.shape[1]:].tolist()
     n = next((j for j, t in enumerate(new) if t == tok.eos_token_id), len(new))
     return tok.decode(new[:n], skip_special_tokens=True), n
+
+
+CUSTOM_CONFIG = '''from transformers import BertConfig
+
+
+class TinyCustomConfig(BertConfig):
+    model_type = "rayinfer-tiny-custom"
+'''
+
+CUSTOM_MODELING = '''import os
+
+from transformers import BertForMaskedLM
+
+from .configuration_tiny import TinyCustomConfig
+
+
+class TinyCustomForMaskedLM(BertForMaskedLM):
+    """BERT's masked LM under a model type transformers does not have; each process that builds it
+    leaves a file named after its pid in {marks!r}."""
+
+    config_class = TinyCustomConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        open(os.path.join({marks!r}, f"built-in-{{os.getpid()}}"), "w").close()
+'''
+
+
+def custom_code_model(folder: Path, base: Path, marks: Path) -> Path:
+    """A model folder with its own code, as chat models with `trust_remote_code` ship: ``base``'s
+    BERT masked-LM weights and tokenizer under a model_type transformers does not have, its
+    config.json's auto_map naming configuration_tiny.py and modeling_tiny.py beside it. Each
+    process that builds the model leaves a mark in ``marks``."""
+    import json
+    import shutil
+
+    shutil.copytree(base, folder)
+    marks.mkdir(parents=True, exist_ok=True)
+    (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_tiny.py").write_text(CUSTOM_MODELING.format(marks=str(marks)))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="rayinfer-tiny-custom", architectures=["TinyCustomForMaskedLM"],
+                  auto_map={"AutoConfig": "configuration_tiny.TinyCustomConfig",
+                            "AutoModelForMaskedLM": "modeling_tiny.TinyCustomForMaskedLM"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

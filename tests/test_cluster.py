@@ -19,7 +19,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import agent_ports, assert_fill_mask_output, cluster_env, free_port, kill_cluster, masked_corpus
+from helpers import (agent_ports, assert_fill_mask_output, cluster_env, custom_code_model, free_port, kill_cluster,
+                     masked_corpus)
 
 from rayinfer.testing import write_dataset
 
@@ -76,13 +77,13 @@ def followed(cluster, sid) -> tuple[str, str]:
     log = cli(cluster, "logs", sid, "--follow", timeout=420).stdout
     return state(cluster, sid), log
 
-def job_folder(tmp_path, model, rows, output=None, **runtime):
+def job_folder(tmp_path, model, rows, output=None, trust_remote_code=False, **runtime):
     write_dataset(tmp_path / "in", masked_corpus(rows), files=4, row_group_size=25)
     work = tmp_path / "workdir"
     work.mkdir()
     job = work / "job.yaml"
     job.write_text(yaml.safe_dump({
-        "task": "fill-mask", "model": str(model),
+        "task": "fill-mask", "model": str(model), "trust_remote_code": trust_remote_code,
         "input": {"path": str(tmp_path / "in"), "id_column": "doc_id", "columns": {"text": "sentence"}},
         "output": {"path": str(tmp_path / "out"), **(output or {})}, "options": {"top_k": 2},
         "runtime": {"batch_size": 25, "num_cpus": 1, **runtime},
@@ -90,7 +91,11 @@ def job_folder(tmp_path, model, rows, output=None, **runtime):
     return work, job
 
 def test_submit_wait_runs_on_both_nodes(cluster, tmp_path, rayinfer_bert):
-    work, job = job_folder(tmp_path, rayinfer_bert, 400, actors=2, resources={"slot": 1})
+    """Also a model with its own code (config.json's auto_map, trust_remote_code: true): the code
+    runs where the weights load, in the actor on each node."""
+    marks = tmp_path / "marks"
+    model = custom_code_model(tmp_path / "custom", rayinfer_bert, marks)
+    work, job = job_folder(tmp_path, model, 400, trust_remote_code=True, actors=2, resources={"slot": 1})
     done = cli(cluster, "submit", str(job), "--working-dir", str(work), "--wait")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     sid = done.stdout.strip().splitlines()[0]
@@ -111,6 +116,9 @@ def test_submit_wait_runs_on_both_nodes(cluster, tmp_path, rayinfer_bert):
     nodes = {a["node_id"] for a in pool}
     assert len(pool) == 2 and len(nodes) == 2 and None not in nodes, [(a["class_name"], a["node_id"], a["state"]) for a in pool]
     assert {a.split(":")[0] for a in manifest["actors"]} <= {a["node_id"][:12] for a in pool}
+    built = {m.name.rsplit("-", 1)[1] for m in marks.iterdir()}
+    assert {a.split(":")[1] for a in manifest["actors"]} <= built, (manifest["actors"], built)
+    assert {str(a["pid"]) for a in pool} <= built  # the model's own class, built in both nodes' actors
 
     status = cli(cluster, "status", sid)
     assert status.returncode == 0 and f"{sid}  SUCCEEDED" in status.stdout

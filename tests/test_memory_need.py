@@ -23,14 +23,15 @@ from rayinfer.testing import build_causal_lm
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """One tiny Llama saved three ways: one safetensors file, safetensors in shards (bf16 on disk),
-    and .bin shards with their index."""
+    """One tiny Llama saved four ways: one safetensors file, safetensors in shards (float32, and
+    bf16 on disk), and .bin shards with their index."""
     root = tmp_path_factory.mktemp("shards")
     base = build_causal_lm(root / "one")
     model = AutoModelForCausalLM.from_pretrained(base)
+    model.save_pretrained(root / "st-shards-fp32", max_shard_size="40KB")
+    write_bin_shards(model, root / "bin-shards", shards=3)
     model.to(torch.bfloat16).save_pretrained(root / "st-shards", max_shard_size="40KB")
-    write_bin_shards(model.to(torch.float32), root / "bin-shards", shards=3)
-    for folder in ("st-shards", "bin-shards"):
+    for folder in ("st-shards-fp32", "st-shards", "bin-shards"):
         for f in base.iterdir():
             if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
                 (root / folder / f.name).write_bytes(f.read_bytes())
@@ -70,6 +71,28 @@ def test_parameters_come_from_the_checkpoints_files_alone_sharded_or_not(shards)
     assert st.stored_bytes == 2 * params and "safetensors headers" in st.how
     # .bin: the index's total_size in the config's dtype
     assert binary.params == params and "the .bin index's total_size" in binary.how
+
+
+def test_sharded_safetensors_and_sharded_bin_give_the_same_outputs(shards):
+    """The same float32 weights as one safetensors file, as safetensors shards and as pickled .bin
+    shards (read through torch's safe loader): the same perplexities, bit for bit, and the same
+    greedy generations."""
+    from rayinfer_tasks.generate import GenerateTask
+    from rayinfer_tasks.perplexity import PerplexityTask
+
+    from rayinfer.testing import english_sentences, run_task
+
+    root, _ = shards
+    texts = english_sentences()[:6]
+    folders = ("one", "st-shards-fp32", "bin-shards")
+    scored = {f: run_task(PerplexityTask, [{"text": t} for t in texts], root / f) for f in folders}
+    made = {f: run_task(GenerateTask, [{"prompt": t} for t in texts[:3]], root / f, {"max_new_tokens": 12})
+            for f in folders}
+    assert len(list((root / "st-shards-fp32").glob("*.safetensors"))) > 2
+    assert all(r["error"] is None and r["perplexity"] > 1 for r in scored["one"])
+    assert scored["st-shards-fp32"] == scored["one"] == scored["bin-shards"]
+    assert all(r["num_tokens"] > 0 for r in made["one"])
+    assert made["st-shards-fp32"] == made["one"] == made["bin-shards"]
 
 
 def test_validate_states_the_need_and_the_run_asks_ray_for_it(shards, tmp_path):

@@ -45,12 +45,12 @@ _SAMPLE = 1 << 20
 
 
 def fingerprint_folder(folder: Path) -> str:
-    """Identify a model or adapter folder's contents cheaply: the JSON configs whole, and each
-    weight file's name, size, first and last MiB (fine-tuned weights differ everywhere; hashing
-    gigabytes at every validate would not be cheap). Copying the folder keeps the fingerprint."""
+    """Identify a model or adapter folder's contents cheaply: the JSON configs and code files whole,
+    and each weight file's name, size, first and last MiB (fine-tuned weights differ everywhere;
+    hashing gigabytes at every validate would not be cheap). Copying the folder keeps it."""
     h = hashlib.sha256()
     for f in sorted(p for p in folder.iterdir() if p.is_file()):
-        if f.suffix == ".json":
+        if f.suffix in (".json", ".py"):  # .py: a model's own code (config.json's auto_map)
             h.update(f.name.encode() + b"\0" + f.read_bytes())
         elif any(f.match(p) for p in WEIGHT_PATTERNS):
             size = f.stat().st_size
@@ -200,3 +200,36 @@ def _cached_hub_config(repo_id: str, filename: str) -> Any | None:
         except Exception:
             return None
     return None
+
+
+def remote_code_files(config: dict[str, Any]) -> list[str]:
+    """The code files a config's ``auto_map`` names (``modeling_x.XForCausalLM`` -> ``modeling_x.py``;
+    ``org/repo--modeling_x.X`` -> ``org/repo: modeling_x.py``), in order, each once."""
+    refs: list[str] = []
+    for value in (config.get("auto_map") or {}).values():
+        refs += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str)]
+    files = []
+    for ref in refs:
+        repo, _, path = ref.rpartition("--")
+        module = path.rsplit(".", 1)[0].replace(".", "/") + ".py"
+        files.append(f"{repo}: {module}" if repo else module)
+    return list(dict.fromkeys(files))
+
+
+def check_remote_code(model: ModelLocation, ref: str, trusted: bool) -> None:
+    """A model whose architecture transformers does not have runs the code its ``auto_map`` names,
+    in every actor: refused unless the spec trusts it (``trust_remote_code: true``), naming that
+    code. A model transformers has runs transformers' own code, whatever its ``auto_map`` says."""
+    config = model.config or {}
+    files = remote_code_files(config)
+    if trusted or not files:
+        return
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") in CONFIG_MAPPING:
+        return
+    where = f" in {model.ref}" if model.kind == "local" else f" of the hub repository {model.ref}"
+    raise ModelError(
+        f"model {ref!r} (model_type {config.get('model_type')!r}, not one transformers has) runs its own code: "
+        f"config.json's auto_map names {', '.join(files)}{where}, which would run in every actor. Read it; to run "
+        "it, set trust_remote_code: true in the job spec")

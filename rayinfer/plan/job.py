@@ -23,7 +23,7 @@ from rayinfer.io.ids import find_duplicate_ids
 from rayinfer.io.location import nested, redact, refuse_credentials
 from rayinfer.io.scan import InputFile, check_columns, scan
 from rayinfer.models.load import LoadContext
-from rayinfer.models.locate import ModelLocation, check_tokenizer, locate_model
+from rayinfer.models.locate import ModelLocation, check_remote_code, check_tokenizer, locate_model
 from rayinfer.models.memory import MemoryNeed, actor_memory
 from rayinfer.spec import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, JobSpec, format_validation_error, load_spec
 from rayinfer.task.base import Task, TaskOptions
@@ -145,6 +145,7 @@ def plan_job(
     check_columns(schema, {k: None for k in spec.input.keep}, "input.keep")
 
     model = locate_model(spec.model)
+    check_remote_code(model, spec.model, spec.trust_remote_code)
     tokenizer = locate_model(spec.tokenizer, what="tokenizer") if spec.tokenizer else None
     if task_cls.uses_tokenizer:
         check_tokenizer(tokenizer or model, spec.tokenizer or spec.model, "tokenizer" if tokenizer else "model")
