@@ -37,7 +37,12 @@ def test_a_pool_of_four_actors_all_commit_rows(tmp_path, rayinfer_bert, ray_sess
     # the embedded Ray has no GPU: num_gpus unset is 0, and every actor says it computed on the CPU in fp32
     assert manifest["spec"]["runtime"]["num_gpus"] is None and set(manifest["actor_gpu_ids"]) == set(manifest["actors"])
     assert list(manifest["actor_devices"].values()) == [{"device": "cpu", "dtype": "float32"}] * 4, manifest["actor_devices"]
-    # the progress channel: rows done only grow, up to all 120 rows, with every actor seen
+    # the progress channel: first the actors loading the model (four of them, on 2 CPUs: seconds),
+    # then rows done, only growing, up to all 120 rows, with every actor seen
+    loading = [s["loading"] for s in seen if s.get("loading")]
+    assert loading and seen[0].get("loading") and all(not s.get("loading") for s in seen[len(loading):]), seen[:8]
+    assert all(load["actors"] == 4 and 0 <= load["ready"] < 4 for load in loading), loading
+    assert [load["for_s"] for load in loading] == sorted(load["for_s"] for load in loading)
     assert [s["rows"] for s in seen] == sorted(s["rows"] for s in seen) and seen[-1]["rows"] == seen[-1]["todo"] == 120
     assert seen[-1]["actors"] == 4 and seen[-1]["parts"] == len(manifest["parts"]) and seen[-1]["eta_s"] == 0
     ids = pq.read_table(tmp_path / "out").column("doc_id").to_pylist()
@@ -184,6 +189,24 @@ def test_an_actors_memory_does_not_grow_with_the_rows_it_has_done(tmp_path, ray_
     early = median([rss for rows, rss in samples if 5_000 <= rows <= 25_000])
     late = median([rss for rows, rss in samples if rows >= 60_000])
     assert late - early < 25, f"actor RSS grew from {early:.0f} MB to {late:.0f} MB: {samples}"
+
+
+def test_while_the_actors_load_the_progress_line_says_so_and_the_rows_line_follows_at_once():
+    import io
+
+    from rayinfer.run.progress import TerminalProgress
+
+    stream = io.StringIO()
+    progress = TerminalProgress(stream)
+    snap = {"rows": 0, "todo": 16, "committed_rows": 0, "parts": 0, "errors": 0, "elapsed_s": 1.0,
+            "rows_per_s": 0.0, "tokens_per_s": 0.0, "eta_s": None, "actors": 0, "actor_rss_mb": {}}
+    progress({**snap, "loading": {"actors": 2, "ready": 0, "for_s": 1.2}})
+    progress({**snap, "loading": {"actors": 2, "ready": 1, "for_s": 2.3}})  # within LOG_EVERY_S: not printed
+    progress({**snap, "rows": 8, "rows_per_s": 2.0, "eta_s": 4.0, "actors": 1})  # the first rows line: at once
+    assert stream.getvalue().splitlines() == [
+        "rayinfer: 2 of 2 actors loading the model, 0:01; 16 rows to do",
+        "rayinfer: 8/16 rows (50%), 2.0 rows/s, 0 tokens/s, 0 errors, 0 parts committed, 1 actors, ETA 0:04",
+    ]
 
 
 def test_progress_is_one_line_every_few_seconds_when_not_on_a_terminal():

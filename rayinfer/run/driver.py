@@ -35,7 +35,7 @@ from rayinfer.run.admission import check_paths_visible, check_resources, gpu_cho
 from rayinfer.run.cluster import build_dataset, data_context, init_ray, start_coordinator
 from rayinfer.run.failures import PoolLost, reports, run_failure
 from rayinfer.run.progress import RunTotals, TerminalProgress
-from rayinfer.run.watchers import NodeWatcher, StopWatcher, wait_for_node_death
+from rayinfer.run.watchers import LoadWatcher, NodeWatcher, StopWatcher, wait_for_node_death
 from rayinfer.version import __version__
 
 POOL_RESTARTS = 3  # times a run goes on with a new pool after losing workers Ray could not bring back
@@ -149,9 +149,10 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
     channel = TerminalProgress() if progress is True else (progress or None)
     coordinator = start_coordinator()
     watcher = StopWatcher(stop, coordinator, rt.stop_timeout_s)
-    last = 0.0
+    last, lock = 0.0, threading.Lock()
     try:
-        with data_context(rt.actor_start_timeout_s), watcher, NodeWatcher(coordinator):
+        with (data_context(rt.actor_start_timeout_s), watcher, NodeWatcher(coordinator),
+              LoadWatcher(channel, coordinator, pool[0], totals, lock)):
             for report in reports(build_dataset(plan, work, out_dir, run_id, pool, coordinator), plan, pool[0]):
                 totals.add(report)
                 if rt.max_error_rate is not None and totals.rows >= min(totals.todo, ERROR_RATE_MIN_ROWS):
@@ -164,7 +165,8 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
                         )
                 if channel and (time.monotonic() - last >= 0.5 or totals.rows == totals.todo):
                     last = time.monotonic()
-                    channel(totals.snapshot())
+                    with lock:
+                        channel(totals.snapshot())
         totals.worker_deaths += ray.get(coordinator.worker_deaths.remote())
         totals.actor_gpu_ids.update(ray.get(coordinator.gpu_ids.remote()))
         totals.actor_devices.update(ray.get(coordinator.devices_of.remote()))

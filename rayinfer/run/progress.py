@@ -114,7 +114,12 @@ def _duration(seconds: float | None) -> str:
 
 
 def describe(s: dict[str, Any]) -> str:
-    """One line: rows done/total, %, rows/s, tokens/s, errors, committed parts, ETA."""
+    """One line: rows done/total, %, rows/s, tokens/s, errors, committed parts, ETA; or, while the
+    pool's actors load the model (``s["loading"]``: LoadWatcher), how many and for how long."""
+    if s.get("loading"):
+        load = s["loading"]
+        return (f"{load['actors'] - load['ready']} of {load['actors']} actors loading the model, "
+                f"{_duration(load['for_s'])}; {s['todo']} rows to do")
     return (f"{s['rows']}/{s['todo']} rows ({s['rows'] / max(1, s['todo']):.0%}), {s['rows_per_s']:.1f} rows/s, "
             f"{s['tokens_per_s']:.0f} tokens/s, {s['errors']} errors, {s['parts']} parts committed, "
             f"{s['actors']} actors, ETA {_duration(s['eta_s'])}")
@@ -130,22 +135,29 @@ class TerminalProgress:
         self._bar: Any = None
         self._last = 0.0
         self._done = False  # the line for all rows is printed once (parts may still commit after it)
+        self._loading = False  # the last snapshot said actors were loading
 
     def __call__(self, s: dict[str, Any]) -> None:
+        loading = bool(s.get("loading"))
         if self.tty:
             if self._bar is None:
                 from tqdm.auto import tqdm
 
                 self._bar = tqdm(total=s["todo"], unit="row", file=self.stream, dynamic_ncols=True, desc="rayinfer")
+            if loading:
+                self._bar.set_postfix_str(describe(s).split(";")[0], refresh=True)
+                return
             self._bar.update(s["rows"] - self._bar.n)
             self._bar.set_postfix_str(f"{s['tokens_per_s']:.0f} tok/s, {s['errors']} errors, {s['parts']} parts",
                                       refresh=True)
             return
         now = time.monotonic()
         done = s["rows"] >= s["todo"]
-        if (now - self._last >= LOG_EVERY_S and not self._done) or (done and not self._done):
+        loaded = self._loading and not loading  # the first rows line after the loading ones: at once
+        if (now - self._last >= LOG_EVERY_S or loaded or done) and not self._done:
             self._last, self._done = now, done
             print(f"rayinfer: {describe(s)}", file=self.stream, flush=True)
+        self._loading = loading
 
     def close(self) -> None:
         if self._bar is not None:

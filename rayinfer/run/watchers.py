@@ -98,3 +98,46 @@ def wait_for_node_death(nodes: set[str], timeout_s: float = NODE_DEATH_WAIT_S) -
         if nodes - {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:
             return
         time.sleep(1.0)
+
+
+LOAD_TICK_S = 1.0  # how often the progress channel hears about actors still loading
+
+
+class LoadWatcher:
+    """From the pool's start until its first actor reports work: every LOAD_TICK_S, the progress
+    channel gets a snapshot saying how many of the pool's first ``actors`` are still loading the
+    model, and for how long (a multi-GB model takes minutes; a rows line over no work says nothing).
+    ``lock`` serialises the channel with the driver's own calls."""
+
+    def __init__(self, channel: Any, coordinator: Any, actors: int, totals: Any, lock: threading.Lock) -> None:
+        self.channel, self.coordinator, self.actors, self.totals, self.lock = channel, coordinator, actors, totals, lock
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> "LoadWatcher":
+        if self.channel is not None:
+            self.thread = threading.Thread(target=self._watch, name="rayinfer-load", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _watch(self) -> None:
+        import ray
+
+        start = time.monotonic()
+        while not self.done.wait(LOAD_TICK_S) and not self.totals.actor_ready_at:
+            try:  # an actor registers once its model is loaded
+                ready = len(ray.get(self.coordinator.gpu_ids.remote(), timeout=5))
+            except Exception as exc:  # Ray going down: the main thread says why
+                log.debug("rayinfer: counting the loaded actors: %s", exc)
+                continue
+            if ready >= self.actors:  # all loaded: the rows line follows
+                return
+            with self.lock:
+                if not self.totals.actor_ready_at and not self.done.is_set():
+                    loading = {"actors": self.actors, "ready": ready, "for_s": time.monotonic() - start}
+                    self.channel({**self.totals.snapshot(), "loading": loading})
