@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("rayinfer")
 
@@ -13,20 +13,18 @@ NODE_CHECK_S = 5.0  # how often the driver looks for nodes that died under the p
 NODE_DEATH_WAIT_S = 90.0  # after a lost worker: how long to wait for Ray to declare its node dead
 
 
-class StopWatcher:
-    """While a run is on: once ``stop`` is set, tell the actors (through the coordinator) to
-    commit what they hold and take no new unit; if they are not done within ``timeout_s``,
-    interrupt the main thread (KeyboardInterrupt: parts still open are dropped, never half-seen)."""
+class _Watcher:
+    """``_watch`` on a daemon thread (named ``name``) while the ``with`` block runs, if ``active``;
+    ``done`` is set on the way out, and the thread joined."""
 
-    def __init__(self, stop: threading.Event | None, coordinator: Any, timeout_s: int) -> None:
-        self.stop, self.coordinator, self.timeout_s = stop, coordinator, timeout_s
+    name = "rayinfer-watch"
+
+    def __init__(self, active: bool = True) -> None:
         self.done = threading.Event()
-        self.stopped = False
-        self.thread: threading.Thread | None = None
+        self.thread = threading.Thread(target=self._watch, name=self.name, daemon=True) if active else None
 
-    def __enter__(self) -> "StopWatcher":
-        if self.stop is not None:
-            self.thread = threading.Thread(target=self._watch, name="rayinfer-stop", daemon=True)
+    def __enter__(self: W) -> W:
+        if self.thread is not None:
             self.thread.start()
         return self
 
@@ -34,6 +32,25 @@ class StopWatcher:
         self.done.set()
         if self.thread is not None:
             self.thread.join()
+
+    def _watch(self) -> None:
+        raise NotImplementedError
+
+
+W = TypeVar("W", bound=_Watcher)
+
+
+class StopWatcher(_Watcher):
+    """While a run is on: once ``stop`` is set, tell the actors (through the coordinator) to
+    commit what they hold and take no new unit; if they are not done within ``timeout_s``,
+    interrupt the main thread (KeyboardInterrupt: parts still open are dropped, never half-seen)."""
+
+    name = "rayinfer-stop"
+
+    def __init__(self, stop: threading.Event | None, coordinator: Any, timeout_s: int) -> None:
+        self.stop, self.coordinator, self.timeout_s = stop, coordinator, timeout_s
+        self.stopped = False
+        super().__init__(active=stop is not None)
 
     def _watch(self) -> None:
         assert self.stop is not None
@@ -54,25 +71,18 @@ class StopWatcher:
             _thread.interrupt_main()
 
 
-class NodeWatcher:
+class NodeWatcher(_Watcher):
     """While a run is on, every NODE_CHECK_S: has a node with pool actors on it died? Ray would
     restart those actors elsewhere, but only where their resources are free, and the pool's other
     actors keep theirs while a unit is outstanding: a pool that filled the cluster then waited
     forever (seen on the two-node test cluster). So the dead node's actors are killed for good;
     their units fail, and ``execute`` goes on from the committed parts with a new pool."""
 
+    name = "rayinfer-nodes"
+
     def __init__(self, coordinator: Any) -> None:
         self.coordinator = coordinator
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._watch, name="rayinfer-nodes", daemon=True)
-
-    def __enter__(self) -> "NodeWatcher":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.done.set()
-        self.thread.join()
+        super().__init__()
 
     def _watch(self) -> None:
         import ray
@@ -103,27 +113,17 @@ def wait_for_node_death(nodes: set[str], timeout_s: float = NODE_DEATH_WAIT_S) -
 LOAD_TICK_S = 1.0  # how often the progress channel hears about actors still loading
 
 
-class LoadWatcher:
+class LoadWatcher(_Watcher):
     """From the pool's start until its first actor reports work: every LOAD_TICK_S, the progress
     channel gets a snapshot saying how many of the pool's first ``actors`` are still loading the
     model, and for how long (a multi-GB model takes minutes; a rows line over no work says nothing).
     ``lock`` serialises the channel with the driver's own calls."""
 
+    name = "rayinfer-load"
+
     def __init__(self, channel: Any, coordinator: Any, actors: int, totals: Any, lock: threading.Lock) -> None:
         self.channel, self.coordinator, self.actors, self.totals, self.lock = channel, coordinator, actors, totals, lock
-        self.done = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def __enter__(self) -> "LoadWatcher":
-        if self.channel is not None:
-            self.thread = threading.Thread(target=self._watch, name="rayinfer-load", daemon=True)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.done.set()
-        if self.thread is not None:
-            self.thread.join()
+        super().__init__(active=channel is not None)
 
     def _watch(self) -> None:
         import ray
