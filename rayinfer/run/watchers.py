@@ -1,4 +1,5 @@
-"""Threads that watch a run from the driver: the stop request, and nodes dying under the pool."""
+"""Threads that watch a run from the driver: the stop request, nodes dying under the pool, and the pool's
+actors while they load the model."""
 
 from __future__ import annotations
 
