@@ -5,6 +5,8 @@ for it, and a job no node can hold refused in one line before any weights load."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +20,7 @@ from rayinfer.errors import RunError
 from rayinfer.models.memory import RUNTIME_MB, checkpoint_weights
 from rayinfer.plan.job import plan_job
 from rayinfer.run.admission import actor_need, check_resources
-from rayinfer.testing import build_causal_lm
+from rayinfer.testing import build_causal_lm, build_llama_shards
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,56 @@ def test_sharded_safetensors_and_sharded_bin_give_the_same_outputs(shards):
     assert scored["st-shards-fp32"] == scored["one"] == scored["bin-shards"]
     assert all(r["num_tokens"] > 0 for r in made["one"])
     assert made["st-shards-fp32"] == made["one"] == made["bin-shards"]
+
+
+LOAD_PROBE = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+from rayinfer.models.load import LoadContext, load_model
+
+def status():
+    return {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(("VmRSS", "RssAnon"))}
+
+folder, dtype, how = sys.argv[1:4]
+before = status()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM from here
+if how == "rayinfer":
+    model = load_model(LoadContext(model=folder, dtype=dtype, device="cpu"), AutoModelForCausalLM)
+else:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+with torch.no_grad():
+    logits = model(torch.arange(1, 33).reshape(2, 16)).logits
+print(json.dumps({"peak_over": peak - before["VmRSS"], "anon_over": status()["RssAnon"] - before["RssAnon"],
+                  "weights": sum(p.numel() * p.element_size() for p in model.parameters()), "logits": logits.tolist()}))
+"""
+
+
+def load_in_a_fresh_process(folder, dtype, how):
+    ran = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(folder), dtype, how], capture_output=True, text=True,
+                         timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return json.loads(ran.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_bf16_checkpoint_loads_in_float32_at_about_one_copy(tmp_path):
+    """transformers keeps every shard memory-mapped while it converts, so its peak is the converted
+    weights plus the whole checkpoint; rayinfer's load reads the tensors instead (one at a time) and
+    saves about the checkpoint's size, with the same logits. Where the dtypes agree the tensors stay
+    the mapped pages themselves: the load copies none of them."""
+    folder = build_llama_shards(tmp_path / "llama", 512, 8, 1536, shard_size="50MB")  # 60M parameters, 3 bf16 shards
+    stored = checkpoint_weights(folder).stored_bytes
+    ours = load_in_a_fresh_process(folder, "float32", "rayinfer")
+    plain = load_in_a_fresh_process(folder, "float32", "transformers")
+    assert ours["logits"] == plain["logits"] and ours["weights"] == plain["weights"] == 2 * stored
+    assert plain["peak_over"] - ours["peak_over"] >= 0.6 * stored, (ours, plain)  # ~0.85 of it measured
+    assert ours["peak_over"] <= ours["weights"] + 0.25e9
+    mapped = load_in_a_fresh_process(folder, "bfloat16", "rayinfer")
+    besides = ours["anon_over"] - ours["weights"]  # what a load allocates besides its weights (the model's code...)
+    assert mapped["anon_over"] < besides + 0.5 * mapped["weights"], (mapped["anon_over"], ours["anon_over"])
 
 
 def test_validate_states_the_need_and_the_run_asks_ray_for_it(shards, tmp_path):

@@ -44,6 +44,12 @@ class Weights:
     params: int
     stored_bytes: int  # on disk
     how: str  # "safetensors headers (3 files)" ...
+    stored_dtypes: tuple[tuple[str, int], ...] = ()  # (torch dtype name, bytes) of the float tensors; safetensors only
+
+    def mostly_stored_in(self, dtype: str) -> bool:
+        """Whether most of the float weights are stored in ``dtype`` (True where the files do not say)."""
+        stored = dict(self.stored_dtypes)
+        return not stored or 2 * stored.get(dtype, 0) >= sum(stored.values())
 
 
 @dataclass(frozen=True)
@@ -104,10 +110,12 @@ def checkpoint_weights(folder: str | Path, config: dict[str, Any] | None = None)
               else sorted(folder.glob("*.safetensors")))
     if shards:
         params = stored = 0
+        dtypes: dict[str, int] = {}
         for shard in shards:
-            p, b = _safetensors_header(shard)
+            p, b = _safetensors_header(shard, dtypes)
             params, stored = params + p, stored + b
-        return Weights(params, stored, f"safetensors headers ({len(shards)} file{'s' * (len(shards) > 1)})")
+        return Weights(params, stored, f"safetensors headers ({len(shards)} file{'s' * (len(shards) > 1)})",
+                       tuple(sorted(dtypes.items())))
     dtype = str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "float32")
     bin_index = folder / "pytorch_model.bin.index.json"
     if bin_index.is_file():
@@ -126,8 +134,12 @@ def checkpoint_weights(folder: str | Path, config: dict[str, Any] | None = None)
     return Weights(stored // TORCH_BYTES.get(dtype, 4), stored, f"the .bin files' sizes ({len(bins)}), as {dtype}")
 
 
-def _safetensors_header(path: Path) -> tuple[int, int]:
-    """(parameters, bytes) of one safetensors file, from its header alone."""
+SAFETENSORS_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _safetensors_header(path: Path, dtypes: dict[str, int]) -> tuple[int, int]:
+    """(parameters, bytes) of one safetensors file, from its header alone; adds the bytes of its
+    float tensors by dtype to ``dtypes``."""
     with path.open("rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(length))
@@ -135,8 +147,11 @@ def _safetensors_header(path: Path) -> tuple[int, int]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        params += math.prod(info["shape"])
-        stored += info["data_offsets"][1] - info["data_offsets"][0]
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        params, stored = params + math.prod(info["shape"]), stored + size
+        if info.get("dtype") in SAFETENSORS_FLOATS:
+            name = SAFETENSORS_FLOATS[info["dtype"]]
+            dtypes[name] = dtypes.get(name, 0) + size
     return params, stored
 
 
