@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rayinfer.errors import ModelError
-from rayinfer.models.memory import checkpoint_weights, kv_bytes_per_token
+from rayinfer.models.memory import kv_bytes_per_token
+from rayinfer.models.reads import converting_reads
 
 log = logging.getLogger("rayinfer")
 
@@ -200,43 +199,6 @@ def load_model(ctx: LoadContext, auto_class: Any, head: tuple[str, str] | None =
         model.to(device)
     model.eval()
     return model
-
-
-@contextmanager
-def converting_reads(model: str, dtype: Any) -> Iterator[None]:
-    """Load a checkpoint stored mostly in another dtype than the actor runs it in (a bf16
-    checkpoint in fp32 on a CPU, an fp32 one in bf16) at about one copy of the weights.
-
-    transformers memory-maps every safetensors shard and keeps them all mapped until the last
-    tensor is in: a tensor converted on the way leaves the mapped pages it was read from resident
-    beside its converted copy, so the peak is the converted weights plus the whole checkpoint
-    (transformers 5.25, a 0.79B Llama shape in 3 bf16 shards loaded in fp32: 5.04 GB of RSS for
-    3.17 GB of weights, 0.38 GB before). Read with pread instead (safetensors'
-    ``backend="pread"``, which transformers itself uses on Windows for this reason), each tensor's
-    bytes are read, converted and freed: 3.62 GB, the same outputs. Where the dtypes agree the
-    mapping stays: there the tensors are the mapped pages themselves, no copy at all, and the
-    actors of one node share them.
-
-    The switch is transformers' module-level ``safe_open``, for this load only (an actor loads one
-    model, in one thread); a transformers without it loads as it does by itself."""
-    import transformers.modeling_utils as mu
-
-    folder = Path(model)
-    weights = checkpoint_weights(folder) if folder.is_dir() else None
-    wanted = str(dtype).removeprefix("torch.")
-    opener = getattr(mu, "safe_open", None)
-    if weights is None or weights.mostly_stored_in(wanted) or opener is None:
-        yield
-        return
-
-    def read_not_mapped(filename: Any, framework: str = "pt", device: Any = "cpu", backend: Any = None) -> Any:
-        return opener(filename, framework=framework, device=device, backend="pread")
-
-    mu.safe_open = read_not_mapped
-    try:
-        yield
-    finally:
-        mu.safe_open = opener
 
 
 WEIGHTS_SHARE = 0.6
