@@ -8,6 +8,26 @@ import random
 from rayinfer.run.coordinator import Coordinator, crash_pieces
 
 
+
+def test_a_process_that_dies_loading_the_model_counts_as_a_worker_death_once():
+    """Ray restarts a dead actor under its id; its next process tells the coordinator it loads.
+    A process that died before it registered (loaded) is a death only the coordinator sees; one
+    that died while running a unit is counted by the unit's restart, not twice."""
+    c = Coordinator()
+    assert c.loading("a", "n1", 10) == 0 and c.loading("b", "n1", 11) == 0
+    c.register("b", None, "n1", "n1:11")  # b loaded
+    assert c.ended() == [] and c.worker_deaths() == 0
+    assert c.loading("a", "n1", 12) == 1  # a's first process died loading
+    assert c.loading("a", "n1", 13) == 2
+    c.register("a", None, "n1", "n1:13")
+    assert c.ended() == [{"node": "n1", "pid": 10, "ready": False, "address": ""},
+                         {"node": "n1", "pid": 12, "ready": False, "address": ""}]
+    c.start("u")
+    c.start("u")  # b died running u: the unit's restart counts it
+    assert c.loading("b", "n1", 14) == 0  # and b's next process knows no load death
+    assert c.ended()[-1] == {"node": "n1", "pid": 11, "ready": True, "address": ""}
+    assert c.worker_deaths() == 3
+
 def test_a_unit_started_again_counts_a_death_and_pins_it_on_the_batch_in_flight():
     c = Coordinator()
     first = c.start("f:0-100")

@@ -62,10 +62,16 @@ class MemoryNeed:
     runtime_bytes: int
     working_bytes: int
     on_gpu: bool = False  # the weights and working memory are on the GPU: the host holds the runtime only
+    gpu_working_bytes: int = 0  # on a GPU: working memory besides a decode loop's KV cache (that fits what is left)
 
     @property
     def host_bytes(self) -> int:
         return self.runtime_bytes + (0 if self.on_gpu else self.weights_bytes + self.working_bytes)
+
+    def gpu_bytes(self, gpus: float) -> int:
+        """What each GPU of an actor on ``gpus`` GPUs must hold: its share of the weights (a model
+        across several GPUs is split by layers) and the working memory."""
+        return int(self.weights_bytes / max(1.0, gpus)) + self.gpu_working_bytes
 
     def summary(self) -> dict[str, Any]:
         """What the manifest records (``actor_memory_need``)."""
@@ -203,4 +209,5 @@ def actor_memory(folder: str | Path, config: dict[str, Any] | None, dtype: str, 
     size = TORCH_BYTES.get(name, 4)
     work = working_bytes(config or {}, size, batch_tokens, batch_tokens if decodes else 0, full_logits,
                          weights.params if decodes and not on_gpu else 0)
-    return MemoryNeed(weights, name, weights.params * size, RUNTIME_MB * 10**6, work, on_gpu)
+    gpu_work = working_bytes(config or {}, size, batch_tokens, 0, full_logits) if on_gpu else 0
+    return MemoryNeed(weights, name, weights.params * size, RUNTIME_MB * 10**6, work, on_gpu, gpu_work)

@@ -28,6 +28,7 @@ from rayinfer.task.runner import TaskRunner
 log = logging.getLogger("rayinfer")
 
 DEVICE_FAILURE_EXIT = 75  # the exit status of an actor process ended by a sticky device error
+LOAD_DEATHS_MAX = 3  # an actor whose processes died this often while loading the model ends the run
 
 
 class TaskActor:
@@ -45,6 +46,14 @@ class TaskActor:
         gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         where = f"{runtime.get_node_id()[:12]}:{os.getpid()}"
         self.where, self.node, self.run_id = where, node, str(settings.provenance.get("run_id", "run"))
+        if coordinator is not None:  # before the load: a process that dies in it is known by the next one
+            died = self._call("loading", runtime.get_actor_id(), runtime.get_node_id(), os.getpid(), node)
+            if died >= LOAD_DEATHS_MAX:  # Ray would start it again, forever: one line instead
+                self.failure = RunFailed(
+                    f"an actor's process died {died} times on {node} while it loaded the model (the lines above say "
+                    f"how; most often Ray's memory monitor kills it): the run stops rather than load it again; "
+                    f"{settings.memory_hint}")
+                return
         try:
             context = actor_context(context, gpu_ids, node)  # device: auto follows the GPUs Ray gave it
             task = task_cls(task_cls.Options.model_validate(options), context)

@@ -15,7 +15,8 @@ from typing import Any
 
 from rayinfer.errors import InputError, RunError
 from rayinfer.io.location import local_path
-from rayinfer.models.memory import gb
+from rayinfer.models.load import WEIGHTS_SHARE
+from rayinfer.models.memory import MemoryNeed, gb, params_text
 from rayinfer.plan.job import Plan
 
 log = logging.getLogger("rayinfer")
@@ -89,18 +90,109 @@ def check_memory(plan: Plan, nodes: list[dict[str, float]]) -> None:
     largest = max(n.get("memory", 0.0) for n in nodes)
     if largest >= need.host_bytes or not any("memory" in n for n in nodes):
         return
-    fixes = []
-    if not rt.num_gpus and need.working_bytes > need.weights_bytes:
-        fixes.append(f"a smaller runtime.max_batch_tokens (its working memory: {gb(need.working_bytes)})")
-    if not rt.num_gpus and need.dtype == "float32" and need.weights_bytes >= need.working_bytes:
-        fixes.append("runtime.dtype: bfloat16 (half the weights; fast where the CPU has avx512_bf16 or AMX: "
-                     + ("this one has)" if _cpu_has_bf16() else "this one has not)"))
-    if not rt.num_gpus:
-        fixes.append("a GPU (runtime.num_gpus: 1: the weights and working memory go to it)")
-    fixes.append("a node with more memory (Ray offers its tasks what `ray start --memory` gives, by default most "
-                 "of the node's)")
+    fixes = memory_fixes(plan, need) + [
+        "a node with more memory (Ray offers its tasks what `ray start --memory` gives, by default most of the node's)"]
     raise RunError(f"no node can hold one actor: it needs about {gb(need.host_bytes)} of memory ({need.parts()}), "
                    f"the largest node offers {gb(largest)}. Fixes: {'; '.join(fixes)}")
+
+
+def memory_hint(plan: Plan) -> str:
+    """What a line about an actor's process killed for memory says besides: the actor's need, and
+    what to change if it recurs."""
+    need = plan.memory_need(plan.spec.runtime.num_gpus)
+    fixes = ["fewer actors (runtime.actors)"] + (memory_fixes(plan, need) if need else []) + ["a node with more memory"]
+    said = (f"an actor of this job needs about {gb(need.host_bytes)} of host memory ({need.parts()})" if need else
+            "this job's actor memory is not known before its model is downloaded")
+    return f"{said}; if it recurs: {'; '.join(fixes)}"
+
+
+def memory_fixes(plan: Plan, need: MemoryNeed) -> list[str]:
+    """What makes an actor of ``plan`` need much less host memory (a quarter of it or more), the one
+    that helps most first."""
+    rt = plan.spec.runtime
+    fixes = []
+    if rt.num_gpus or need.weights_bytes + need.working_bytes < need.host_bytes / 4:
+        return fixes  # the runtime is most of it
+    if need.working_bytes > need.weights_bytes:
+        fixes.append(f"a smaller runtime.max_batch_tokens (its working memory: {gb(need.working_bytes)})")
+    if need.dtype == "float32" and need.weights_bytes >= need.working_bytes:
+        fixes.append("runtime.dtype: bfloat16 (half the weights; fast where the CPU has avx512_bf16 or AMX: "
+                     + ("this one has)" if _cpu_has_bf16() else "this one has not)"))
+    fixes.append("a GPU (runtime.num_gpus: 1: the weights and working memory go to it)")
+    return fixes
+
+
+GPU_ROOM = 0.9  # of a GPU's memory, what an actor's weights and working memory may take (CUDA's context, the allocator)
+GPU_PROBE_TIMEOUT_S = 60.0  # how long the run waits for a GPU to say its memory (every GPU busy: not checked)
+GPU_SURE_FIT = 8e9  # a need under this share of a GPU fits any data-centre GPU: no probe
+
+
+def check_gpu_memory(plan: Plan, gpu: tuple[str, int] | None) -> None:
+    """One line, before any weights load, when one actor's model does not fit the GPU memory it is
+    given: ``gpu`` is a GPU of the cluster, (its name, its total bytes), from ``probe_gpu``."""
+    rt = plan.spec.runtime
+    need = plan.memory_need(rt.num_gpus)
+    if not rt.num_gpus or need is None or not need.on_gpu or gpu is None:
+        return
+    name, total = gpu
+    share, gpus = min(1.0, rt.num_gpus), max(1.0, rt.num_gpus)
+    per_gpu, usable = need.gpu_bytes(rt.num_gpus), total * min(1.0, rt.num_gpus) * GPU_ROOM
+    if per_gpu <= usable and (gpus == 1 or need.weights_bytes / gpus <= total * WEIGHTS_SHARE):
+        return
+    fixes = []
+    if need.dtype == "float32":
+        fixes.append("runtime.dtype: bfloat16 (half the weights)")
+    if share < 1:
+        fixes.append("a whole GPU per actor (runtime.num_gpus: 1)")
+    spread = max(2, -(-need.weights_bytes // int(total * WEIGHTS_SHARE)))  # placement fills each to WEIGHTS_SHARE
+    if gpus < spread <= 8:
+        fixes.append(f"runtime.num_gpus: {spread} (the model across {spread} GPUs of a node)")
+    if need.gpu_working_bytes > 0.2 * per_gpu:
+        fixes.append(f"a smaller runtime.max_batch_tokens (its working memory: {gb(need.gpu_working_bytes)})")
+    fixes.append("GPUs with more memory")
+    given = f"{share:g} of a GPU" if share < 1 else ("each of its GPUs" if gpus > 1 else "its GPU")
+    raise RunError(
+        f"one actor's model does not fit the GPU memory it gets: it needs about {gb(per_gpu)} per GPU (weights "
+        f"{gb(need.weights_bytes / gpus)} ({params_text(need.weights.params)} parameters in {need.dtype}"
+        f"{f', across {gpus:g} GPUs' if gpus > 1 else ''}), working memory {gb(need.gpu_working_bytes)}), and "
+        f"{given} holds {gb(usable)} ({name}, {gb(total)}; {GPU_ROOM:.0%} usable"
+        f"{f', weights up to {WEIGHTS_SHARE:.0%} of each' if gpus > 1 else ''}). Fixes: " + "; ".join(fixes))
+
+
+def probe_gpu(plan: Plan) -> tuple[str, int] | None:
+    """A GPU of the cluster, (its name, its total memory in bytes), asked of a GPU node by a Ray task
+    that takes one GPU, before any actor loads weights; None where the need is small enough for any
+    GPU, or no GPU answers within GPU_PROBE_TIMEOUT_S (all busy), or torch there sees no CUDA (the
+    actor's load says why). A cluster of several GPU kinds answers for one of them."""
+    import ray
+
+    rt = plan.spec.runtime
+    need = plan.memory_need(rt.num_gpus)
+    if (not rt.num_gpus or need is None or not need.on_gpu
+            or need.gpu_bytes(rt.num_gpus) <= GPU_SURE_FIT * min(1.0, rt.num_gpus)):
+        return None
+    ref = ray.remote(num_gpus=1, num_cpus=0)(gpu_properties).remote()
+    ready, _ = ray.wait([ref], timeout=GPU_PROBE_TIMEOUT_S)
+    if not ready:
+        ray.cancel(ref, force=True)
+        log.warning("rayinfer: note: no GPU was free within %.0f s to say its memory: the model's fit is not checked "
+                    "before it loads", GPU_PROBE_TIMEOUT_S)
+        return None
+    try:
+        return ray.get(ref)
+    except Exception as exc:  # noqa: BLE001 - a probe: the actors' own load reports what is wrong
+        log.debug("rayinfer: GPU probe: %s", exc)
+        return None
+
+
+def gpu_properties() -> tuple[str, int] | None:
+    """This process's first CUDA device: (name, total memory in bytes); None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, int(props.total_memory)
 
 
 def _cpu_has_bf16() -> bool:

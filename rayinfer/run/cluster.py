@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from rayinfer.plan.job import Plan
 from rayinfer.run.actor import TaskActor
-from rayinfer.run.admission import actor_need
+from rayinfer.run.admission import actor_need, memory_hint
 from rayinfer.run.coordinator import Coordinator
 from rayinfer.run.unit import UnitSettings
 from rayinfer.spec import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
@@ -104,6 +104,7 @@ def actor_args(plan: Plan, out_dir: str, run_id: str) -> dict[str, Any]:
             schema=plan.output_schema, provenance=plan.provenance(run_id), part_bytes=spec.output.part_bytes,
             batch_size=rt.batch_size, on_unreadable=spec.input.on_unreadable, prefetch=bool(rt.num_gpus),
             crash_retries=rt.worker_crash_retries, max_worker_deaths=rt.max_worker_deaths,
+            memory_hint=memory_hint(plan),
         ),
     )
 

@@ -31,11 +31,12 @@ from rayinfer.io.ranges import covered_count
 from rayinfer.io.store import Store
 from rayinfer.plan.job import Plan
 from rayinfer.plan.work import make_units, unit_rows
-from rayinfer.run.admission import check_paths_visible, check_resources, gpu_choice, placed, pool_size
+from rayinfer.run.admission import (check_gpu_memory, check_paths_visible, check_resources, gpu_choice, memory_hint,
+                                    placed, pool_size, probe_gpu)
 from rayinfer.run.cluster import build_dataset, data_context, init_ray, start_coordinator
 from rayinfer.run.failures import PoolLost, reports, run_failure
 from rayinfer.run.progress import RunTotals, TerminalProgress
-from rayinfer.run.watchers import LoadWatcher, NodeWatcher, StopWatcher, wait_for_node_death
+from rayinfer.run.watchers import DeathWatcher, LoadWatcher, NodeWatcher, StopWatcher, wait_for_node_death
 from rayinfer.version import __version__
 
 POOL_RESTARTS = 3  # times a run goes on with a new pool after losing workers Ray could not bring back
@@ -145,6 +146,8 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
     work = units(pool)
     pool = (max(1, min(pool[0], len(work))), max(1, min(pool[1], len(work))))  # no actor loads a model for no unit
     check_resources(plan, cluster, [n["Resources"] for n in alive], pool[0], can_grow=not local)
+    if not after_loss:
+        check_gpu_memory(plan, probe_gpu(plan))
     check_paths_visible(plan, out_dir)
     channel = TerminalProgress() if progress is True else (progress or None)
     coordinator = start_coordinator()
@@ -152,7 +155,8 @@ def run_units(plan: Plan, address: str | None, out_dir: str, run_id: str,
     last, lock = 0.0, threading.Lock()
     try:
         with (data_context(rt.actor_start_timeout_s), watcher, NodeWatcher(coordinator),
-              LoadWatcher(channel, coordinator, pool[0], totals, lock)):
+              LoadWatcher(channel, coordinator, pool[0], totals, lock),
+              DeathWatcher(coordinator, totals, memory_hint(plan))):
             for report in reports(build_dataset(plan, work, out_dir, run_id, pool, coordinator), plan, pool[0]):
                 totals.add(report)
                 if rt.max_error_rate is not None and totals.rows >= min(totals.todo, ERROR_RATE_MIN_ROWS):
@@ -222,6 +226,7 @@ def finish(
         "rows_this_run": totals.rows,
         "rows_resumed": resumed_rows,
         "worker_deaths": totals.worker_deaths,
+        "worker_memory_kills": totals.memory_kills,
         "errors": errors,
         "errors_this_run_by_kind": dict(totals.error_kinds),
         "rows_per_s": round(totals.rows / duration, 2) if duration > 0 else None,

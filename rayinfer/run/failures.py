@@ -61,6 +61,34 @@ def run_failure(exc: BaseException, run_id: str, out_dir: str) -> RayInferError:
     return RunFailed(f"the run failed: {type(origin).__name__}: {first_line(origin)}; {kept}; {where}")
 
 
+def worker_exits(processes: set[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """How Ray says these worker processes ended, by (node id, pid): ``NODE_OUT_OF_MEMORY`` (its
+    memory monitor killed it), ``SYSTEM_ERROR`` (killed or crashed), ``USER_ERROR``... Processes
+    still alive, or not in the table yet, are left out.
+
+    Read from the GCS's worker table (typed exit fields, not Ray's message text). Ray's public
+    state API (``ray.util.state.list_workers``) needs the dashboard, which the embedded Ray does
+    not start, so this uses the accessor ``ray.nodes()`` itself uses; where that fails (another
+    Ray version), the answer is empty and rayinfer's lines say "not known"."""
+    if not processes:
+        return {}
+    try:
+        from ray._private.state import state
+        from ray.core.generated import common_pb2, gcs_pb2
+
+        table = state._connect_and_get_accessor().get_worker_table()
+        out = {}
+        for raw in table:
+            worker = gcs_pb2.WorkerTableData.FromString(raw)
+            key = (worker.worker_address.node_id.hex(), int(worker.pid))
+            if key in processes and not worker.is_alive:
+                out[key] = common_pb2.WorkerExitType.Name(worker.exit_type)
+        return out
+    except Exception as exc:  # noqa: BLE001 - a private accessor: any failure means "not known"
+        logging.getLogger("rayinfer").debug("rayinfer: reading Ray's worker table: %s", exc)
+        return {}
+
+
 def log_traceback(exc: BaseException, name: str, node: str = "") -> str:
     """Write ``exc``'s full traceback to rayinfer's log folder (on this node) as NAME.log; returns
     how the user's line names it."""

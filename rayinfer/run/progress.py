@@ -67,7 +67,8 @@ class RunTotals:
     padded_tokens: int = 0
     parts: int = 0
     committed_rows: int = 0
-    worker_deaths: int = 0  # actors that died mid-unit (set at the end from the coordinator)
+    worker_deaths: int = 0  # actor processes that died mid-unit or loading (set at the end from the coordinator)
+    memory_kills: int = 0  # of those, the ones Ray's memory monitor killed (watchers.DeathWatcher)
     first_commit_at: float | None = None
     actor_rows: Counter = field(default_factory=Counter)
     actor_busy_s: Counter = field(default_factory=Counter)

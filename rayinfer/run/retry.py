@@ -65,6 +65,7 @@ def _retry(plan: Plan, manifest: dict[str, Any], store: Store, run_id: str, lock
         "overrides": list(overrides),
         "changed": {k: v for k, v in plan.identity().items() if then.get(k) != v},
         "worker_deaths": totals.worker_deaths,
+        "worker_memory_kills": totals.memory_kills,
     })
     manifest["errors"] = errors
     manifest["rows"] = out_rows

@@ -55,6 +55,7 @@ class UnitSettings:
     prefetch: bool = False  # read and tokenize on a second thread (GPU actors)
     crash_retries: int = 1
     max_worker_deaths: int = 30
+    memory_hint: str = ""  # an actor's memory need and the fixes (admission.memory_hint), for lines about deaths
 
 
 def local_coordinator() -> Callable[..., Any]:

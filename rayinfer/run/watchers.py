@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any, TypeVar
 
+from rayinfer.run.failures import worker_exits
+
 log = logging.getLogger("rayinfer")
 
 NODE_CHECK_S = 5.0  # how often the driver looks for nodes that died under the pool
@@ -142,3 +144,62 @@ class LoadWatcher(_Watcher):
                 if not self.totals.actor_ready_at and not self.done.is_set():
                     loading = {"actors": self.actors, "ready": ready, "for_s": time.monotonic() - start}
                     self.channel({**self.totals.snapshot(), "loading": loading})
+
+
+DEATH_TICK_S = 1.0  # how often the driver looks for pool processes that died
+EXIT_WAIT_S = 10.0  # how long a death waits for Ray's worker table to say how the process ended
+
+
+class DeathWatcher(_Watcher):
+    """While a run is on: a pool actor's process that died (Ray starts another under the same
+    actor, which tells the coordinator) is named in one rayinfer line where it matters: killed by
+    Ray's memory monitor (the worker table's exit type NODE_OUT_OF_MEMORY), while loading the model
+    or running rows, with the actor's memory need and the fixes (``hint``); any other death while
+    loading, with how it ended. (A process that died running rows otherwise is the unit loop's:
+    ``rayinfer.run.coordinator``.) ``totals.memory_kills`` counts the memory kills."""
+
+    name = "rayinfer-deaths"
+
+    def __init__(self, coordinator: Any, totals: Any, hint: str) -> None:
+        self.coordinator, self.totals, self.hint = coordinator, totals, hint
+        self.seen, self.pending = 0, []  # deaths not reported yet, with when they were seen
+        super().__init__()
+
+    def _watch(self) -> None:
+        while not self.done.wait(DEATH_TICK_S):
+            self.look()
+        self.look(final=True)
+
+    def look(self, final: bool = False) -> None:
+        import ray
+
+        try:
+            ended = ray.get(self.coordinator.ended.remote(), timeout=5)
+        except Exception as exc:  # Ray going down with the run: the main thread says why
+            log.debug("rayinfer: death watch: %s", exc)
+            return
+        now = time.monotonic()
+        self.pending += [(life, now) for life in ended[self.seen:]]
+        self.seen = len(ended)
+        if not self.pending:
+            return
+        exits = worker_exits({(life["node"], life["pid"]) for life, _ in self.pending})
+        waiting = []
+        for life, since in self.pending:
+            how = exits.get((life["node"], life["pid"]))
+            if how is None and not final and now - since < EXIT_WAIT_S:
+                waiting.append((life, since))
+            else:
+                self.report(life, how)
+        self.pending = waiting
+
+    def report(self, life: dict[str, Any], how: str | None) -> None:
+        doing = "while it ran rows" if life["ready"] else "while it loaded the model"
+        where = f"{life.get('address') or 'node ' + life['node'][:12]} (pid {life['pid']})"
+        if how == "NODE_OUT_OF_MEMORY":
+            self.totals.memory_kills += 1
+            log.warning("rayinfer: Ray killed an actor's process on %s for memory %s: the node's memory passed Ray's "
+                        "memory-monitor threshold. Ray starts the actor again; %s", where, doing, self.hint)
+        elif not life["ready"]:
+            log.warning("rayinfer: an actor's process on %s died %s (%s); Ray starts the actor again", where, doing,
+                        f"Ray's exit type: {how}" if how else "how it ended is not known")
