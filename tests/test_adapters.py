@@ -105,8 +105,20 @@ def job(tmp_path, model, adapter, task="classify", options=None):
 
 
 def test_validate_accepts_a_fitting_adapter(tmp_path, rayinfer_bert_classifier, cls_adapter):
+    """... and counts its parameters in an actor's memory (from its safetensors header)."""
+    import math
+
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
     plan = plan_job(job(tmp_path, rayinfer_bert_classifier, cls_adapter))
     assert plan.adapter is not None and plan.adapter.config["task_type"] == "SEQ_CLS"
+    with safe_open(str(cls_adapter / "adapter_model.safetensors"), framework="pt") as f:
+        lora = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    base = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(rayinfer_bert_classifier).parameters())
+    need = plan.memory_need(0)
+    assert lora > 0 and need.adapter_params == lora and need.weights_bytes == 4 * (base + lora)
+    assert "parameters and an adapter of " in need.describe()
 
 
 def test_validate_refuses_an_adapter_for_another_base_model(tmp_path, rayinfer_models_dir, cls_adapter):

@@ -63,6 +63,7 @@ class MemoryNeed:
     working_bytes: int
     on_gpu: bool = False  # the weights and working memory are on the GPU: the host holds the runtime only
     gpu_working_bytes: int = 0  # on a GPU: working memory besides a decode loop's KV cache (that fits what is left)
+    adapter_params: int = 0  # a PEFT adapter's, counted in weights_bytes (merged or not, it is loaded whole)
 
     @property
     def host_bytes(self) -> int:
@@ -92,7 +93,9 @@ class MemoryNeed:
         total = (f"; an actor holds about {gb(self.host_bytes)} of host memory (the runtime "
                  f"{gb(self.runtime_bytes)}" + ("" if self.on_gpu else f", working memory {gb(self.working_bytes)}")
                  + ")")
-        return f"model: {params_text(self.weights.params)} parameters, {gb(self.weights_bytes)} in {self.dtype} {where}{total}"
+        adapter = f" and an adapter of {params_text(self.adapter_params)}" if self.adapter_params else ""
+        return (f"model: {params_text(self.weights.params)} parameters{adapter}, {gb(self.weights_bytes)} in {self.dtype} "
+                f"{where}{total}")
 
 
 def gb(n: float) -> str:
@@ -198,10 +201,12 @@ def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int:
 
 
 def actor_memory(folder: str | Path, config: dict[str, Any] | None, dtype: str, on_gpu: bool, batch_tokens: int,
-                 decodes: bool = False, full_logits: bool = False) -> MemoryNeed | None:
+                 decodes: bool = False, full_logits: bool = False, adapter: str | Path | None = None
+                 ) -> MemoryNeed | None:
     """One actor's memory for the model in ``folder`` (None: the folder tells nothing, e.g. a hub
     id not downloaded yet). ``decodes``: a decode loop, whose KV cache ``batch_tokens`` bounds and
-    which on CPUs keeps its weights prepacked too; ``full_logits``: the task scores every token."""
+    which on CPUs keeps its weights prepacked too; ``full_logits``: the task scores every token;
+    ``adapter``: a PEFT adapter's local folder."""
     weights = checkpoint_weights(folder, config)
     if weights is None:
         return None
@@ -210,4 +215,6 @@ def actor_memory(folder: str | Path, config: dict[str, Any] | None, dtype: str, 
     work = working_bytes(config or {}, size, batch_tokens, batch_tokens if decodes else 0, full_logits,
                          weights.params if decodes and not on_gpu else 0)
     gpu_work = working_bytes(config or {}, size, batch_tokens, 0, full_logits) if on_gpu else 0
-    return MemoryNeed(weights, name, weights.params * size, RUNTIME_MB * 10**6, work, on_gpu, gpu_work)
+    extra = checkpoint_weights(adapter) if adapter is not None and Path(adapter).is_dir() else None
+    added = extra.params if extra else 0
+    return MemoryNeed(weights, name, (weights.params + added) * size, RUNTIME_MB * 10**6, work, on_gpu, gpu_work, added)

@@ -198,19 +198,21 @@ def plan_job(
         warnings=warnings,
         tokenizer=tokenizer,
         duplicate_id_rows=duplicate_id_rows,
-        memory=actor_memories(spec, task_cls, model),
+        memory=actor_memories(spec, task_cls, model, adapter),
     )
 
 
-def actor_memories(spec: JobSpec, task_cls: type[Task], model: ModelLocation) -> dict[str, MemoryNeed]:
+def actor_memories(spec: JobSpec, task_cls: type[Task], model: ModelLocation,
+                   adapter: ModelLocation | None = None) -> dict[str, MemoryNeed]:
     """An actor's memory on CPUs and on a GPU, from the model's files (a local folder: a hub id is
-    known only once downloaded), the runtime's dtype and the task's working memory."""
+    known only once downloaded) and the adapter's, the runtime's dtype and the task's working memory."""
     if model.kind != "local":
         return {}
     rt = spec.runtime
     out: dict[str, MemoryNeed | None] = {}
     cpu_tokens = rt.max_batch_tokens or task_cls.cpu_batch_tokens or CPU_BATCH_TOKENS
-    traits = {"decodes": task_cls.decodes, "full_logits": task_cls.full_logits}
+    traits = {"decodes": task_cls.decodes, "full_logits": task_cls.full_logits,
+              "adapter": adapter.ref if adapter is not None and adapter.kind == "local" else None}
     if not rt.num_gpus:  # 0, or unset: CPU actors on a cluster without GPUs
         out["cpu"] = actor_memory(model.ref, model.config, rt.dtype, False, cpu_tokens, **traits)
     if rt.device != "cpu" and rt.num_gpus != 0:
