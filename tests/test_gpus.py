@@ -34,7 +34,7 @@ def gpu_node():
     try:
         head = subprocess.run(
             [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=2",
+             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=2", "--memory=4000000000",
              f"--temp-dir={temp}", "--node-ip-address=127.0.0.1", *agent_ports()],
             env=env, capture_output=True, text=True, timeout=180,
         )
@@ -70,6 +70,22 @@ def pool_actors(node, manifest):
     assert listed.returncode == 0, listed.stderr[-2000:]
     return [a for a in json.loads(listed.stdout)
             if f"{(a.get('node_id') or '')[:12]}:{a.get('pid')}" in manifest["actor_gpu_ids"]]
+
+
+def test_a_node_that_offers_less_memory_than_one_actor_needs_refuses_the_job_in_one_line(gpu_node, tmp_path,
+                                                                                       rayinfer_bert):
+    """The node offers Ray's tasks 4 GB (`ray start --memory`); one actor of this job would hold
+    about 6.9 GB (a 2M-token pass budget): refused before any weights load, in one line naming the
+    need, the node's memory and the fixes; nothing is written."""
+    code, err, manifest = run_on(gpu_node, tmp_path, rayinfer_bert, device="cpu", num_gpus=0,
+                                 max_batch_tokens=2_000_000)
+    errors = [ln for ln in err.splitlines() if ln.startswith("rayinfer: error:")]
+    assert code == 3 and len(errors) == 1 and manifest is None, err[-3000:]
+    assert errors[0].startswith("rayinfer: error: no node can hold one actor: it needs about 6.9 GB of memory "
+                                "(working memory 6.1 GB, the runtime 0.8 GB, weights 0 MB (55K parameters in float32)), "
+                                "the largest node offers 4.0 GB. Fixes: a smaller runtime.max_batch_tokens"), errors[0]
+    assert "a node with more memory (Ray offers its tasks what `ray start --memory` gives" in errors[0]
+    assert not list((tmp_path / "out").glob("part-*"))
 
 
 def test_half_a_gpu_each_places_four_actors_two_per_gpu(gpu_node, tmp_path, rayinfer_bert):
