@@ -20,12 +20,13 @@ def test_a_process_that_dies_loading_the_model_counts_as_a_worker_death_once():
     assert c.loading("a", "n1", 12) == 1  # a's first process died loading
     assert c.loading("a", "n1", 13) == 2
     c.register("a", None, "n1", "n1:13")
-    assert c.ended() == [{"node": "n1", "pid": 10, "ready": False, "address": ""},
-                         {"node": "n1", "pid": 12, "ready": False, "address": ""}]
+    assert c.ended() == [{"node": "n1", "pid": 10, "ready": False, "address": "", "actor": "a"},
+                         {"node": "n1", "pid": 12, "ready": False, "address": "", "actor": "a"}]
     c.start("u")
     c.start("u")  # b died running u: the unit's restart counts it
     assert c.loading("b", "n1", 14) == 0  # and b's next process knows no load death
-    assert c.ended()[-1] == {"node": "n1", "pid": 11, "ready": True, "address": ""}
+    assert c.ended()[-1] == {"node": "n1", "pid": 11, "ready": True, "address": "", "actor": "b"}
+    assert c.loading("a", "n1", 15) == 2 and c.ended()[-1]["pid"] == 13  # in the order seen, whichever actor
     assert c.worker_deaths() == 3
 
 def test_a_unit_started_again_counts_a_death_and_pins_it_on_the_batch_in_flight():

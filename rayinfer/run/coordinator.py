@@ -33,29 +33,31 @@ class Coordinator:
         self.gpus: dict[str, list[str]] = {}  # actor (node:pid, as reports name it) -> Ray's GPU ids for it
         self.devices: dict[str, dict[str, Any]] = {}  # actor -> what it computes on (models.load.device_report)
         self.failures: list[dict[str, str]] = []  # sticky device errors that ended an actor
-        self.lives: dict[str, list[dict[str, Any]]] = {}  # actor id -> its processes in order (``loading``)
+        self.lives: dict[str, dict[str, Any]] = {}  # actor id -> its process now (``loading``)
+        self.deaths: list[dict[str, Any]] = []  # the pool's processes that died, in the order that was seen
 
     def loading(self, actor: str, node: str, pid: int, address: str = "") -> int:
         """A pool actor's process starts loading the model: the actor's first, or one Ray started
         after the last one died (Ray restarts an actor under the same id), on ``node`` (its id; its IP
         ``address``). Returns how many of the actor's processes died while loading it."""
-        lives = self.lives.setdefault(actor, [])
-        lives.append({"node": node, "pid": pid, "ready": False, "address": address})
-        return sum(not life["ready"] for life in lives[:-1])
+        if actor in self.lives:
+            self.deaths.append({**self.lives[actor], "actor": actor})
+        self.lives[actor] = {"node": node, "pid": pid, "ready": False, "address": address}
+        return sum(not d["ready"] for d in self.deaths if d["actor"] == actor)
 
     def ended(self) -> list[dict[str, Any]]:
-        """The pool's processes that died, in order of their actors: each followed by another of
-        the same actor. ``ready``: it had loaded the model (a death while it ran a unit is counted
-        by ``start`` too; one while loading only here)."""
-        return [life for lives in self.lives.values() for life in lives[:-1]]
+        """The pool's processes that died (each followed by another of the same actor), in the
+        order that was seen. ``ready``: it had loaded the model (a death while it ran a unit is
+        counted by ``start`` too; one while loading only here)."""
+        return list(self.deaths)
 
     def register(self, actor: str, handle: Any, node: str, where: str = "", gpu_ids: list[str] | None = None,
                  device: dict[str, Any] | None = None) -> None:
         """A pool actor (re)started on ``node``; ``where`` names it in the manifest, ``gpu_ids``
         are the GPUs Ray gave it (``ray.get_gpu_ids()``), ``device`` what it computes on."""
         self.actors[actor] = (handle, node)
-        if self.lives.get(actor):
-            self.lives[actor][-1]["ready"] = True
+        if actor in self.lives:
+            self.lives[actor]["ready"] = True
         if where:
             self.gpus[where] = list(gpu_ids or [])
             if device is not None:
@@ -105,7 +107,7 @@ class Coordinator:
 
     def worker_deaths(self) -> int:
         """Processes that died running a unit (its restarts) or loading the model."""
-        return sum(u["deaths"] for u in self.units.values()) + sum(not life["ready"] for life in self.ended())
+        return sum(u["deaths"] for u in self.units.values()) + sum(not d["ready"] for d in self.deaths)
 
     def device_failure(self, actor: str, error: str) -> None:
         """An actor hit a sticky device error and ends its process (Ray starts a new one)."""
