@@ -1,5 +1,10 @@
 """embed's levers, no Ray, one process, one run: rayinfer's task runner against
-``SentenceTransformer.encode`` at its best batch size, fp32 and bfloat16.
+``SentenceTransformer.encode`` at its best batch size, fp32 and bfloat16, and on ONNX Runtime
+(``runtime.engine: onnxruntime``: the transformer exported once, then run by onnxruntime with the
+same 2 threads; the export is not timed, as a job reads it from rayinfer's cache after the first).
+``SentenceTransformer(backend="onnx")`` is not measured: it needs optimum-onnx, whose 0.1.0 pins
+transformers<5 (installing it here downgraded transformers to 4.57.6, which sentence-transformers
+6 and rayinfer cannot run with).
 
     python -m benchmarks.embed                 # ~4 minutes on 2 cores
     python -m benchmarks.embed --rows 3000 --rounds 3
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 THREADS = 2
 
@@ -36,7 +42,7 @@ def main() -> None:
 
     from rayinfer.models import catalog
     from rayinfer.models.load import LoadContext
-    from rayinfer.models.locate import locate_model
+    from rayinfer.models.locate import fingerprint_folder, locate_model
     from rayinfer.task.runner import TaskRunner
     from rayinfer.testing import english_paragraphs
 
@@ -46,14 +52,17 @@ def main() -> None:
     texts = [paras[i % len(paras)] for i in range(args.rows)]
     st = SentenceTransformer(model, device="cpu")
     runners = {}
-    for dtype in ("float32", "bfloat16"):
+    key = fingerprint_folder(Path(model))
+    for name, dtype, engine in (("float32", "float32", "torch"), ("bfloat16", "bfloat16", "torch"),
+                                ("onnxruntime", "float32", "onnxruntime")):
         options = EmbedTask.options_for_model(EmbedTask.Options(), locate_model(model))
-        task = EmbedTask(options, LoadContext(model=model, dtype=dtype))
+        task = EmbedTask(options, LoadContext(model=model, dtype=dtype, engine=engine, fingerprint=key,
+                                              num_threads=THREADS))
         task.load()
-        runners[dtype] = task
+        runners[name] = task
     st.encode(texts[:128], batch_size=32)
-    TaskRunner(runners["float32"]).run({"text": texts[:128]})
-    TaskRunner(runners["bfloat16"]).run({"text": texts[:128]})
+    for task in runners.values():
+        TaskRunner(task).run({"text": texts[:128]})
 
     def encode(bs: int) -> tuple[float, np.ndarray]:
         t = time.perf_counter()
@@ -81,6 +90,8 @@ def main() -> None:
             peers[f"rayinfer fp32, max_batch_tokens {budget}{default}"] = ours("float32", budget)
         peers[f"rayinfer bf16 (runtime.dtype: bfloat16), {EmbedTask.cpu_batch_tokens}"] = ours(
             "bfloat16", EmbedTask.cpu_batch_tokens)
+        for budget in map(int, args.budgets.split(",")):
+            peers[f"rayinfer onnxruntime (runtime.engine), max_batch_tokens {budget}"] = ours("onnxruntime", budget)
         for name, (rate, vectors) in peers.items():
             cos = (vectors * reference).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
             print(f"| {r + 1} | {name} | {rate:.1f} | {rate / best_rate:.2f} | {np.abs(vectors - reference).max():.1e} "

@@ -123,6 +123,9 @@ class RuntimeSpec(_Strict):
         "auto", description="auto: bfloat16 on GPUs, float32 on CPUs."
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    engine: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="What computes the model: torch; or onnxruntime (CPU, float32) for the tasks that "
+        "offer it (embed): the model is exported to ONNX once per model and versions, into rayinfer's cache.")
     max_error_rate: float | None = Field(
         None, ge=0, le=1, description="Abort when the fraction of rows with an error passes this (judged once 1000 rows, "
         "or all, are done). Unset: never."

@@ -211,3 +211,133 @@ def test_bfloat16_vectors_point_where_fp32_encode_does(request, model, least_cos
     assert cosine.min() >= least_cosine and np.abs(got - want).max() > 1e-4
     if model != "cls_dense_query":  # the two stacks that end in Normalize
         assert np.abs(np.linalg.norm(got, axis=1) - 1).max() <= 1e-5
+
+
+def unique_copy(folder, into):
+    """``folder`` copied with a file of its own, so that its fingerprint (and ONNX cache entry) is
+    this test's alone: the export below is this run's, not one an earlier session left."""
+    import shutil
+    import uuid
+
+    shutil.copytree(folder, into)
+    (into / "rayinfer_test_nonce.json").write_text(f'{{"nonce": "{uuid.uuid4()}"}}')
+    return into
+
+
+def onnx_entries(manifest):
+    import shutil
+    from pathlib import Path
+
+    files = {d["onnx_file"] for d in manifest["actor_devices"].values()}
+    return files, lambda: [shutil.rmtree(Path(f).parent, ignore_errors=True) for f in files]
+
+
+@pytest.mark.parametrize("stack, prompt_name", [("cls_dense_query", "query"), ("mean_without_prompt", "query"),
+                                                ("lasttoken", "query")])
+def test_the_onnxruntime_engine_equals_encode(request, stack, prompt_name, tmp_path):
+    """The stack's transformer through ONNX Runtime, its pooling, Dense and Normalize as they are:
+    the vectors within 1e-5 of SentenceTransformer.encode (a decoder's last token too)."""
+    folder = unique_copy(request.getfixturevalue(stack), tmp_path / "stack")
+    want = SentenceTransformer(str(folder), device="cpu").encode(PARAGRAPHS[:120], prompt_name=prompt_name)
+    _, got = embed(folder, PARAGRAPHS[:120], {"prompt_name": prompt_name}, max_batch_tokens=512,
+                   engine="onnxruntime")  # no plan: the export is named by the folder's own fingerprint
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5
+
+
+@NEEDS_MINILM
+@pytest.mark.slow
+def test_all_minilm_on_onnxruntime_equals_encode():
+    """The issue's model: 300 paragraphs (some cut at its 256 tokens) within 1e-5 of encode."""
+    from rayinfer.models.locate import fingerprint_folder
+
+    folder = str(catalog.model_dir(MINILM))
+    _, got = embed(folder, PARAGRAPHS, engine="onnxruntime", fingerprint=fingerprint_folder(catalog.model_dir(MINILM)))
+    assert np.abs(got - SentenceTransformer(folder, device="cpu").encode(PARAGRAPHS)).max() <= 1e-5
+
+
+def test_an_export_is_named_by_the_weights_it_holds(rayinfer_bert, rayinfer_llama, tmp_path):
+    """The cache key: the plan's fingerprint; else the folders' (the adapter's too, and whether it
+    is merged); else a digest of the loaded weights. Two models never share an export."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rayinfer.models.load import LoadContext
+    from rayinfer.models.onnx import weights_identity
+
+    small, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    assert weights_identity(LoadContext(model=str(rayinfer_bert), fingerprint="f"), small) == "f|merged=None"
+    local = weights_identity(LoadContext(model=str(rayinfer_bert)), small)
+    assert local == weights_identity(LoadContext(model=str(rayinfer_bert)), other)  # the files say, not the object
+    assert local != weights_identity(LoadContext(model=str(rayinfer_llama)), small)
+    adapted = weights_identity(LoadContext(model=str(rayinfer_bert), adapter=str(rayinfer_llama)), small)
+    assert adapted != local and adapted != weights_identity(
+        LoadContext(model=str(rayinfer_bert), adapter=str(rayinfer_llama), merge_adapter=False), small)
+    hub = SimpleNamespace(fingerprint=None, model="org/encoder", adapter=None, merge_adapter=True)
+    assert weights_identity(hub, small) != weights_identity(hub, other)  # the weights themselves
+
+
+def test_two_actors_export_once_and_a_second_job_reads_the_export(tmp_path, cls_dense_query, ray_session):
+    """A job of two actors on ONNX Runtime: one exports the model (the other waits for it and
+    reads it), the vectors equal encode's; a second job of the same model exports nothing."""
+    from rayinfer.api import run_job
+
+    folder = unique_copy(cls_dense_query, tmp_path / "stack")
+    pq.write_table(pa.table({"doc": list(range(80)), "body": PARAGRAPHS[:80]}), tmp_path / "docs.parquet")
+    want = SentenceTransformer(str(folder), device="cpu").encode(PARAGRAPHS[:80])
+    cleanups = []
+    try:
+        for run, expected in (("first", ["exported"]), ("second", ["read from the cache"] * 2)):
+            spec = {"task": "embed", "model": str(folder), "input": {"path": str(tmp_path / "docs.parquet"),
+                    "id_column": "doc", "columns": {"text": "body"}}, "output": {"path": str(tmp_path / run)},
+                    "runtime": {"engine": "onnxruntime", "actors": 2, "num_cpus": 1}}
+            manifest = run_job(spec)
+            files, cleanup = onnx_entries(manifest)
+            cleanups.append(cleanup)
+            said = sorted(d["onnx"].split(" in ")[0] for d in manifest["actor_devices"].values())
+            if run == "first":  # one export, the other actor read it
+                assert said == ["exported", "read from the cache"], manifest["actor_devices"]
+            else:
+                assert said == expected, manifest["actor_devices"]
+            assert len(files) == 1 and all(d["engine"] == "onnxruntime" for d in manifest["actor_devices"].values())
+            rows = {r["doc"]: r["embedding"] for r in pq.read_table(tmp_path / run).to_pylist()}
+            assert sorted(rows) == list(range(80)) and len(manifest["actors"]) == 2
+            assert np.abs(np.array([rows[i] for i in range(80)]) - want).max() <= 1e-5
+    finally:
+        for cleanup in cleanups:
+            cleanup()
+
+
+def test_the_onnxruntime_engine_is_refused_where_it_does_not_apply(tmp_path, rayinfer_bert, cls_dense_query):
+    """Before Ray starts: a task that runs on torch only, a dtype other than float32; in the
+    actor, before any row: a stack whose transformer hands every layer's states on."""
+    import json
+    import shutil
+
+    from rayinfer.api import plan_job
+    from rayinfer.errors import ModelError
+
+    pq.write_table(pa.table({"id": [1], "text": ["a b"]}), tmp_path / "in.parquet")
+
+    def spec(task, model, **runtime):
+        return {"task": task, "model": str(model), "input": {"path": str(tmp_path / "in.parquet"), "id_column": "id"},
+                "output": {"path": str(tmp_path / "out")}, "runtime": {"engine": "onnxruntime", **runtime}}
+
+    with pytest.raises(SpecError, match=r"^runtime.engine onnxruntime: task 'fill-mask' runs on torch only$"):
+        plan_job(spec("fill-mask", rayinfer_bert))
+    from click.testing import CliRunner
+
+    from rayinfer.cli import main
+
+    shown = {t: CliRunner().invoke(main, ["tasks", "show", t]).output.splitlines()[-1] for t in ("embed", "generate")}
+    assert shown == {"embed": "engines (runtime.engine): torch, onnxruntime", "generate": "engines (runtime.engine): torch"}
+    with pytest.raises(SpecError, match=r"^runtime.engine onnxruntime computes in float32 on CPUs: leave runtime.dtype"):
+        plan_job(spec("embed", cls_dense_query, dtype="bfloat16"))
+    plan_job(spec("embed", cls_dense_query))
+    layers = shutil.copytree(cls_dense_query, tmp_path / "layers")
+    config = json.loads((layers / "config.json").read_text())
+    (layers / "config.json").write_text(json.dumps({**config, "output_hidden_states": True}))
+    with pytest.raises(ModelError, match=r"^runtime.engine onnxruntime: the first module of .* \(Transformer\) is not "
+                                         r"a text transformer whose last hidden states feed the rest; run it with "
+                                         r"runtime.engine: torch$"):
+        embed(layers, ["a b"], engine="onnxruntime")

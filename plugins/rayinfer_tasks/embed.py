@@ -16,6 +16,7 @@ Outputs match ``SentenceTransformer.encode`` with the same prompt, ``truncate_di
 from __future__ import annotations
 
 import importlib.util
+import time
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -41,6 +42,7 @@ class EmbedTask(Task):
                    "last-token pooling, Dense, Normalize, query/document prompts); a fixed-size vector per row.")
     inputs = {"text": InputColumn("The text to embed (a query or a document: see prompt_name).")}
     cpu_batch_tokens = 1024  # measured (benchmarks/embed.py): smaller passes stay in cache
+    engines = ("torch", "onnxruntime")
 
     class Options(TaskOptions):
         prompt_name: str | None = Field(
@@ -162,6 +164,9 @@ class EmbedTask(Task):
         else:
             name = o.prompt_name or st.default_prompt_name
             self.prompt = st.prompts.get(name) if name else None
+        self.onnx = None
+        if ctx.engine == "onnxruntime":
+            *self.onnx, self.engine_report = onnx_encoder(st, ctx)
         self.model_normalizes = any(type(m).__name__ == "Normalize" for m in st)  # (normalize false removed it)
         # every component of a unit vector, truncated or not, lies in -1..1
         unit = o.normalize is True or self.model_normalizes
@@ -199,7 +204,13 @@ class EmbedTask(Task):
 
         side = getattr(self.tokenizer, "padding_side", "right")
         features = collate(items, self.tokenizer, self.st.device, side=side) | items[0]["extras"]
-        pooled = self.st(features)["sentence_embedding"]
+        if self.onnx is not None:  # the transformer through ONNX Runtime, the rest of the stack as it is
+            session, names, output = self.onnx
+            hidden = session.run(None, {n: features[n].numpy() for n in names})[0]
+            features[output] = torch.from_numpy(hidden)
+            for module in list(self.st)[1:]:
+                features = module(features)
+        pooled = features["sentence_embedding"] if self.onnx is not None else self.st(features)["sentence_embedding"]
         vectors = pooled.float()
         if self.model_normalizes and pooled.dtype != torch.float32:  # a bf16 Normalize is off by up to 0.4%
             vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
@@ -224,6 +235,45 @@ class EmbedTask(Task):
 
             vectors = quantize_embeddings(vectors, precision=precision, ranges=self.ranges)
         return {"embedding": list(vectors), "truncated": [t for _, t in outputs]}
+
+
+def onnx_encoder(st: Any, ctx: Any) -> tuple[Any, list[str], str, dict[str, str]]:
+    """The stack's transformer exported to ONNX (once per model and versions: rayinfer.models.onnx)
+    and a session over it: (session, its input names, the feature it makes, what the manifest says
+    of it: exported here or read from the cache). Refused in one line
+    where the stack's first module is not a plain text transformer whose hidden states feed the
+    rest (another modality, hidden states of every layer)."""
+    import inspect
+
+    from rayinfer.models.onnx import cache_key, exported, session, weights_identity
+
+    first = st[0]
+    model = getattr(first, "model", None)
+    text = (getattr(first, "modality_config", None) or {}).get("text") or {}
+    output = text.get("method_output_name")
+    if (type(first).__name__ != "Transformer" or model is None or text.get("method") != "forward"
+            or output not in ("last_hidden_state", ["last_hidden_state"], ("last_hidden_state",))
+            or getattr(model.config, "output_hidden_states", False)):
+        raise ModelError(f"runtime.engine onnxruntime: the first module of {ctx.model!r} ({type(first).__name__}) is "
+                         "not a text transformer whose last hidden states feed the rest; run it with runtime.engine: "
+                         "torch")
+    accepted = set(inspect.signature(model.forward).parameters)
+    example = st.tokenizer(["an example to export with", "and a longer one, so that the two differ in length"],
+                           padding=True, return_tensors="pt")
+    names = [n for n in ENCODED_KEYS if n in example and n in accepted]
+    started = time.perf_counter()
+    key = cache_key(weights_identity(ctx, model), f"{type(model).__name__}.last_hidden_state.eager", names)
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in (None, "eager"):  # ONNX Runtime runs attention written out faster than SDPA's export:
+        model.set_attn_implementation("eager")  # all-MiniLM, same process, 1.24x torch against 1.12x
+    try:
+        path, made = exported(model, {n: example[n] for n in names}, "last_hidden_state", key)
+    finally:
+        if attention not in (None, "eager"):
+            model.set_attn_implementation(attention)
+    report = {"engine": "onnxruntime", "onnx_file": str(path),
+              "onnx": f"exported in {time.perf_counter() - started:.1f} s" if made else "read from the cache"}
+    return session(path, ctx.num_threads), names, getattr(first, "module_output_name", "token_embeddings"), report
 
 
 def output_dimensions(options: EmbedTask.Options) -> int | None:

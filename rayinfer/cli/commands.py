@@ -238,6 +238,7 @@ def tasks_show(name: str, as_json: bool) -> None:
     click.echo("\noutput columns (plus the id column and input.keep columns):")
     for o in info["outputs"]:
         click.echo(f"  {o['name']}: {o['type']}")
+    click.echo(f"\nengines (runtime.engine): {', '.join(info['engines'])}")
 
 
 @main.command()

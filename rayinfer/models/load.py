@@ -29,6 +29,8 @@ class LoadContext:
     trust_remote_code: bool = False
     num_threads: int | None = None  # intra-op threads; None leaves torch's default
     gpu_share: float = 1.0  # the share of its GPU's memory the actor holds (runtime.num_gpus, up to 1)
+    engine: str = "torch"  # torch | onnxruntime (runtime.engine)
+    fingerprint: str | None = None  # what identifies the model's weights (and the adapter's): an export cache key
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -8,6 +8,7 @@ that a resume can refuse to mix two jobs' rows.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -77,6 +78,9 @@ class Plan:
             trust_remote_code=self.spec.trust_remote_code,
             num_threads=num_threads,
             gpu_share=min(1.0, rt.num_gpus) if rt.num_gpus else 1.0,
+            engine=rt.engine,
+            fingerprint="+".join(f for f in (self.model.fingerprint, self.adapter.fingerprint if self.adapter else None)
+                                 if f) or None,
         )
 
     def identity(self) -> dict[str, Any]:
@@ -151,6 +155,7 @@ def plan_job(
         check_tokenizer(tokenizer or model, spec.tokenizer or spec.model, "tokenizer" if tokenizer else "model")
     elif tokenizer is not None:
         raise SpecError(f"tokenizer: is set, but task {spec.task!r} uses no tokenizer; remove it")
+    check_engine(task_cls, spec)
     options = task_cls.options_for_model(options, model)
     if model.config is not None:
         task_cls.check_model_config(model.config, options)
@@ -219,6 +224,20 @@ def actor_memories(spec: JobSpec, task_cls: type[Task], model: ModelLocation,
         out["gpu"] = actor_memory(model.ref, model.config, rt.dtype, True, rt.max_batch_tokens or GPU_BATCH_TOKENS,
                                   **traits)
     return {k: v for k, v in out.items() if v is not None}
+
+
+def check_engine(task_cls: type[Task], spec: JobSpec) -> None:
+    """``runtime.engine``: one the task offers, installed here, in float32 on CPUs."""
+    rt = spec.runtime
+    if rt.engine == "torch":
+        return
+    if rt.engine not in task_cls.engines:
+        raise SpecError(f"runtime.engine {rt.engine}: task {spec.task!r} runs on {' or '.join(task_cls.engines)} only")
+    if any(importlib.util.find_spec(m) is None for m in ("onnxruntime", "onnx", "onnxscript")):
+        raise SpecError(f"runtime.engine {rt.engine} needs onnxruntime, onnx and onnxscript: pip install 'rayinfer[onnx]'")
+    if rt.dtype not in ("auto", "float32") or rt.device not in ("auto", "cpu") or rt.num_gpus:
+        raise SpecError(f"runtime.engine {rt.engine} computes in float32 on CPUs: leave runtime.dtype, runtime.device "
+                        "and runtime.num_gpus unset (or float32, cpu, 0)")
 
 
 def validate_options(task_cls: type[Task], spec: JobSpec) -> TaskOptions:

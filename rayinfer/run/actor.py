@@ -58,7 +58,7 @@ class TaskActor:
             context = actor_context(context, gpu_ids, node)  # device: auto follows the GPUs Ray gave it
             task = task_cls(task_cls.Options.model_validate(options), context)
             task.load()
-            device = device_report(context)
+            device = device_report(context) | (task.engine_report or {})
         except Exception as exc:
             self.failure = load_failure(exc, context, node, self.run_id)
             return

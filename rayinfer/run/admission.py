@@ -32,7 +32,8 @@ def placed(plan: Plan, nodes: list[dict[str, float]]) -> Plan:
     cores beats several decoding small ones on one each."""
     rt = plan.spec.runtime
     update: dict[str, float] = {}
-    gpus = rt.num_gpus if rt.num_gpus is not None else default_gpus(rt.device, nodes)
+    device = rt.device if rt.engine == "torch" else "cpu"  # onnxruntime computes on CPUs
+    gpus = rt.num_gpus if rt.num_gpus is not None else default_gpus(device, nodes)
     if rt.num_gpus is None:
         update["num_gpus"] = gpus
     if rt.num_cpus is None:

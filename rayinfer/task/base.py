@@ -141,6 +141,14 @@ class Task(ABC):
     """(tokens, rows) a pass may hold: the runner's ``max_batch_tokens`` and ``max_batch_rows``,
     set when a runner takes the task. A ``schedules`` task keeps its passes within them."""
 
+    engines: ClassVar[tuple[str, ...]] = ("torch",)
+    """The ``runtime.engine`` values the task runs on (``self.context.engine`` says which one the
+    actor loads for); a spec asking another is refused before Ray starts."""
+
+    engine_report: dict[str, Any] | None = None
+    """Set in ``load`` by a task on another engine than torch: what the manifest's ``actor_devices``
+    says of it for this actor (e.g. whether it exported the model or read the export)."""
+
     cpu_batch_tokens: ClassVar[int | None] = None
     """The token budget per forward pass on CPU actors when the spec sets none (None: 2048, good
     for encoders; generation tasks set more, since a decode step costs about the same for many rows)."""
@@ -263,6 +271,7 @@ class Task(ABC):
                        for k, v in cls.inputs.items()},
             "options": options,
             "outputs": outputs + [{"name": "error", "type": "string"}],
+            "engines": list(cls.engines),
         }
 
 
