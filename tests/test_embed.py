@@ -234,9 +234,10 @@ def onnx_entries(manifest):
 
 @pytest.mark.parametrize("stack, prompt_name", [("cls_dense_query", "query"), ("mean_without_prompt", "query"),
                                                 ("lasttoken", "query")])
-def test_the_onnxruntime_engine_equals_encode(request, stack, prompt_name, tmp_path):
+def test_the_onnxruntime_engine_equals_encode(request, stack, prompt_name, tmp_path, monkeypatch):
     """The stack's transformer through ONNX Runtime, its pooling, Dense and Normalize as they are:
     the vectors within 1e-5 of SentenceTransformer.encode (a decoder's last token too)."""
+    monkeypatch.setenv("RAYINFER_HOME", str(tmp_path / "home"))  # the export cache: this test's own
     folder = unique_copy(request.getfixturevalue(stack), tmp_path / "stack")
     want = SentenceTransformer(str(folder), device="cpu").encode(PARAGRAPHS[:120], prompt_name=prompt_name)
     _, got = embed(folder, PARAGRAPHS[:120], {"prompt_name": prompt_name}, max_batch_tokens=512,
