@@ -164,9 +164,10 @@ class EmbedTask(Task):
         else:
             name = o.prompt_name or st.default_prompt_name
             self.prompt = st.prompts.get(name) if name else None
-        self.onnx = None
+        self.onnx = None  # (session, input names, the feature it makes): the transformer on ONNX Runtime
         if ctx.engine == "onnxruntime":
-            *self.onnx, self.engine_report = onnx_encoder(st, ctx)
+            session, names, made, self.engine_report = onnx_encoder(st, ctx)
+            self.onnx = (session, names, made, list(st)[1:])  # ... and the rest of the stack, as it is
         self.model_normalizes = any(type(m).__name__ == "Normalize" for m in st)  # (normalize false removed it)
         # every component of a unit vector, truncated or not, lies in -1..1
         unit = o.normalize is True or self.model_normalizes
@@ -204,13 +205,14 @@ class EmbedTask(Task):
 
         side = getattr(self.tokenizer, "padding_side", "right")
         features = collate(items, self.tokenizer, self.st.device, side=side) | items[0]["extras"]
-        if self.onnx is not None:  # the transformer through ONNX Runtime, the rest of the stack as it is
-            session, names, output = self.onnx
-            hidden = session.run(None, {n: features[n].numpy() for n in names})[0]
-            features[output] = torch.from_numpy(hidden)
-            for module in list(self.st)[1:]:
+        if self.onnx is None:
+            features = self.st(features)
+        else:
+            session, names, made, rest = self.onnx
+            features[made] = torch.from_numpy(session.run(None, {n: features[n].numpy() for n in names})[0])
+            for module in rest:
                 features = module(features)
-        pooled = features["sentence_embedding"] if self.onnx is not None else self.st(features)["sentence_embedding"]
+        pooled = features["sentence_embedding"]
         vectors = pooled.float()
         if self.model_normalizes and pooled.dtype != torch.float32:  # a bf16 Normalize is off by up to 0.4%
             vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)

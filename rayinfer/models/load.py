@@ -178,21 +178,20 @@ def load_model(ctx: LoadContext, auto_class: Any, head: tuple[str, str] | None =
     kwargs.setdefault("attn_implementation", "sdpa")
     kwargs["output_loading_info"] = True
     kwargs.update(placement(device))
-    try:
-        with converting_reads(ctx.model, dtype):
+    with converting_reads(ctx.model, dtype):
+        try:
             model, info = auto_class.from_pretrained(ctx.model, dtype=dtype, trust_remote_code=ctx.trust_remote_code,
                                                      **kwargs)
-    except (ValueError, TypeError) as exc:
-        if "attn_implementation" in str(exc) or "sdpa" in str(exc).lower():
-            kwargs.pop("attn_implementation", None)
-            with converting_reads(ctx.model, dtype):
+        except (ValueError, TypeError) as exc:
+            if "attn_implementation" in str(exc) or "sdpa" in str(exc).lower():
+                kwargs.pop("attn_implementation", None)
                 model, info = auto_class.from_pretrained(
                     ctx.model, dtype=dtype, trust_remote_code=ctx.trust_remote_code, **kwargs
                 )
-        else:
-            raise ModelError(f"cannot load {ctx.model!r} as {auto_class.__name__}: {exc}") from None
-    except OSError as exc:
-        raise ModelError(f"cannot load {ctx.model!r}: {exc}") from None
+            else:
+                raise ModelError(f"cannot load {ctx.model!r} as {auto_class.__name__}: {exc}") from None
+        except OSError as exc:
+            raise ModelError(f"cannot load {ctx.model!r}: {exc}") from None
     check_missing_weights(ctx.model, auto_class.__name__, info.get("missing_keys", ()), head,
                           bare=getattr(model, "base_model", model) is model)
     if ctx.adapter:

@@ -158,9 +158,9 @@ def _safetensors_header(path: Path, dtypes: dict[str, int]) -> tuple[int, int]:
             continue
         size = info["data_offsets"][1] - info["data_offsets"][0]
         params, stored = params + math.prod(info["shape"]), stored + size
-        if info.get("dtype") in SAFETENSORS_FLOATS:
-            name = SAFETENSORS_FLOATS[info["dtype"]]
-            dtypes[name] = dtypes.get(name, 0) + size
+        kind = SAFETENSORS_FLOATS.get(info.get("dtype", ""))
+        if kind is not None:
+            dtypes[kind] = dtypes.get(kind, 0) + size
     return params, stored
 
 
